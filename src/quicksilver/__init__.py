@@ -1,0 +1,17 @@
+"""QuickSilver: token-level runtime savings for frozen Hugging Face causal LMs.
+
+Python API::
+
+    from quicksilver import load_model, load_corpus, evaluate_model
+    model, tokenizer = load_model("smollm2-135m")
+    corpus = load_corpus("wiki", split="test")
+    result = evaluate_model("smollm2-135m", "wiki", max_tokens=4096)
+"""
+
+from .corpora import Corpus, load_corpus
+from .errors import QuicksilverError
+from .evaluate import evaluate_model, window_plan
+from .models import load_model
+
+__all__ = ["Corpus", "QuicksilverError", "evaluate_model", "load_corpus", "load_model", "window_plan"]
+__version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""One adapter per model family; the registry maps HF ``model_type`` to it."""
+
+from __future__ import annotations
+
+from ..errors import QuicksilverError
+from . import gemma3, gpt2, llama
+from .base import ArchSpec, FamilyAdapter, LayerParams, Linear
+
+_SPECS = {"gpt2": gpt2.arch_spec, "llama": llama.arch_spec, "gemma3_text": gemma3.arch_spec, "gemma3": gemma3.arch_spec}
+_ADAPTERS = {"gpt2": gpt2.GPT2Adapter, "llama": llama.LlamaAdapter}
+
+ENGINE_FAMILIES = tuple(_ADAPTERS)
+
+
+def arch_spec(config) -> ArchSpec:
+    """Shape of a model from its HF config; a clear error for a family we do not know."""
+    kind = getattr(config, "model_type", None)
+    if kind not in _SPECS:
+        raise QuicksilverError(f"model family {kind!r} is not supported (supported: {', '.join(sorted(_SPECS))})")
+    return _SPECS[kind](config)
+
+
+def adapter_for(model) -> FamilyAdapter:
+    """The engine adapter for a loaded HF causal LM (GPT-2 or Llama family)."""
+    kind = getattr(model.config, "model_type", None)
+    if kind not in _ADAPTERS:
+        raise QuicksilverError(
+            f"the token-level engine supports the {' and '.join(ENGINE_FAMILIES)} families, not {kind!r}"
+        )
+    return _ADAPTERS[kind](model)
+
+
+__all__ = ["ArchSpec", "FamilyAdapter", "LayerParams", "Linear", "adapter_for", "arch_spec", "ENGINE_FAMILIES"]

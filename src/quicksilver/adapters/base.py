@@ -1,0 +1,127 @@
+"""What the engine needs from a model family: its shape (ArchSpec) and its primitives.
+
+An adapter reads the weights of the Hugging Face modules in place (views, never
+copies) and exposes them as plain tensors, so the engine runs any supported family
+with one family-independent loop. Only modules in this package import transformers'
+modeling code or read its module attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shape facts that the FLOP ledger and the engine need.
+
+    ``attn_windows[l]`` is the sliding-window size of layer l's attention, or None for
+    full causal attention (Gemma-3 alternates them; GPT-2 and Llama use None).
+    """
+
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    gated_mlp: bool
+    vocab_size: int
+    max_positions: int
+    attn_windows: tuple[int | None, ...] = field(default=())
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+@dataclass
+class Linear:
+    """A linear map y = x @ weight.T + bias; ``weight`` is (out, in), often a view."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class LayerParams:
+    """One decoder layer as the engine sees it.
+
+    ``mlp_linears`` is (gate, up, down) for a gated MLP, (fc, proj) otherwise.
+    """
+
+    attn_norm: Callable[[torch.Tensor], torch.Tensor]
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    mlp_norm: Callable[[torch.Tensor], torch.Tensor]
+    mlp_linears: tuple[Linear, ...]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    attn_scale: float
+
+    def linears(self) -> dict[str, Linear]:
+        """Every decoder linear of the layer by name (what weight quantization replaces)."""
+        names = ("gate", "up", "down") if len(self.mlp_linears) == 3 else ("fc", "proj")
+        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o, **dict(zip(names, self.mlp_linears))}
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.mlp_linears) == 3:
+            gate, up, down = self.mlp_linears
+            return down(self.act(gate(x)) * up(x))
+        fc, proj = self.mlp_linears
+        return proj(self.act(fc(x)))
+
+
+class FamilyAdapter:
+    """Primitives of one model family; subclasses fill them from a loaded HF model.
+
+    Shapes: token rows are flattened to (N, d) with an explicit ``positions`` (N,).
+    """
+
+    arch: ArchSpec
+    layers: list[LayerParams]
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin), each (N, head_dim), or None for a family without RoPE."""
+        return None
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (N, heads, head_dim) with (N, head_dim) tables, the half-split layout HF uses."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + rotate_half(x) * sin

@@ -1,0 +1,124 @@
+"""The ``quicksilver`` command: a thin layer over the Python API, with one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import QuicksilverError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="QuickSilver: token-level runtime savings for frozen causal LMs, measured honestly.",
+)
+out = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """QuickSilver: token-level runtime savings for frozen causal LMs, measured honestly."""
+
+err = Console(stderr=True)
+
+
+def _progress(description: str):
+    """A rich progress bar on stderr, as a callback ``(done, total)`` plus a context manager."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.4e}"
+    if isinstance(value, int) and abs(value) >= 10**6:
+        return f"{value:.4e}"
+    return str(value)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki, news, wikitext-103, c4."),
+    split: str = typer.Option("test", help="test or calibration (offline corpora)."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate a UTF-8 text file instead of a corpus."),
+    window: int = typer.Option(512, help="Tokens per window (BOS included when the model expects one)."),
+    stride: Optional[int] = typer.Option(None, help="Window step, at most window-1; default window-1 (no overlap)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate only the first N tokens."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
+) -> None:
+    """Perplexity, bits per byte, word perplexity, FLOPs and wall-clock of a model on a corpus."""
+    from .evaluate import evaluate_model
+    from .results_io import check_writable_target, write_json_atomic
+
+    check_writable_target(output)
+    bar, update = _progress("evaluating")
+    with bar:
+        result = evaluate_model(
+            model=model, corpus=corpus, split=split, text_file=str(text_file) if text_file else None,
+            window=window, stride=stride, max_tokens=max_tokens, dtype=dtype, device=device, progress=update,
+        )
+    table = Table(title=f"{result['model']} on {result['corpus']}/{result['split']} ({result['tokens']} tokens)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("perplexity", "bits_per_byte", "word_perplexity", "flops", "flops_per_token", "wall_seconds", "tokens_per_second", "peak_memory_bytes"):
+        table.add_row(key, _fmt(result[key]))
+    out.print(table)
+    if output:
+        write_json_atomic(output, result)
+        err.print(f"wrote {output}")
+
+
+def main() -> None:
+    """Entry point: usage errors and QuicksilverError become one line on stderr and exit 2."""
+    from typer.exceptions import Abort, Exit, TyperException
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] or ["--help"]
+    try:
+        code = command.main(args=args, prog_name="quicksilver", standalone_mode=False)
+    except Exit as e:
+        sys.exit(e.exit_code)
+    except TyperException as e:  # usage errors: bad option, bad value, missing argument
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except QuicksilverError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a bug: still one line, with the traceback only on request
+        if os.environ.get("QUICKSILVER_DEBUG"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {e}); set QUICKSILVER_DEBUG=1 for the traceback", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

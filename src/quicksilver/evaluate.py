@@ -1,0 +1,271 @@
+"""Perplexity with a sliding window, and the three ledgers: quality, FLOPs, wall clock.
+
+Every runner (the stock HF model, the engine with a preset) sees the same windows in
+the same process; windows are interleaved between runners, after one untimed warm-up
+window each, so the wall-clock ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .errors import QuicksilverError
+from .flops import dense_forward_flops
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)`` form the context; targets ``[score_from, end)`` are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def window_plan(n_tokens: int, window: int, stride: int, bos: bool) -> list[Window]:
+    """Sliding windows that score every token exactly once (HF's strided perplexity recipe).
+
+    With ``bos`` each window is BOS plus ``window - 1`` text tokens, and every token is
+    scored; without it the first token has no context and is not scored. Each later
+    window moves by ``stride`` (at most ``window - 1``, so that every scored token has at
+    least one token of context in its window) and scores only tokens no earlier window scored.
+    """
+    ctx = window - (1 if bos else 0)
+    if window < 2:
+        raise QuicksilverError(f"window must be at least 2 tokens, got {window}")
+    if stride < 1:
+        raise QuicksilverError(f"stride must be a positive number of tokens, got {stride}")
+    if stride > window - 1:
+        raise QuicksilverError(f"stride {stride} is longer than window - 1 = {window - 1}: some tokens would be scored without context")
+    if n_tokens < (1 if bos else 2):
+        raise QuicksilverError("the text is too short to score any token")
+    plan, begin, prev_end = [], 0, 0 if bos else 1
+    while True:
+        end = min(begin + ctx, n_tokens)
+        if end > prev_end:
+            plan.append(Window(begin, end, prev_end))
+        prev_end = end
+        if end == n_tokens:
+            return plan
+        begin += stride
+
+
+@dataclass
+class RunOutput:
+    """What a runner returns for one window: logits at the asked rows and what it spent."""
+
+    logits: torch.Tensor  # (n, vocab)
+    flops: int
+    stats: dict = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    name: str
+
+    def __call__(self, input_ids: torch.Tensor, logit_rows: torch.Tensor) -> RunOutput: ...
+
+
+class StockRunner:
+    """The unmodified HF forward pass (the baseline), with its analytic FLOP count."""
+
+    def __init__(self, model, name: str = "baseline"):
+        from .adapters import arch_spec
+
+        self.model, self.name = model, name
+        self.spec = arch_spec(model.config)
+
+    def __call__(self, input_ids, logit_rows):
+        out = self.model(input_ids=input_ids[None], logits_to_keep=logit_rows, use_cache=False)
+        flops = dense_forward_flops(self.spec, input_ids.numel(), head_rows=logit_rows.numel())["total"]
+        return RunOutput(out.logits[0], flops)
+
+
+@dataclass
+class Totals:
+    """Running sums for one runner over all windows."""
+
+    nll: float = 0.0
+    count: int = 0
+    flops: int = 0
+    seconds: float = 0.0
+    kl: float = 0.0  # KL(baseline || this runner), summed over scored tokens
+    top1_agree: int = 0
+    stats: list = field(default_factory=list)
+
+
+def tokenize_documents(tokenizer, documents: Iterable[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of the documents joined by blank lines, capped at ``max_tokens``."""
+    if max_tokens is not None and max_tokens < 1:
+        raise QuicksilverError(f"max-tokens must be at least 1, got {max_tokens}")
+    ids: list[int] = []
+    for i, doc in enumerate(documents):
+        ids.extend(tokenizer(doc if i == 0 else "\n\n" + doc, add_special_tokens=False).input_ids)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    if not ids:
+        raise QuicksilverError("the text is empty after tokenization")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def word_count(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity (whitespace split)."""
+    return len(re.split(r"\s+", text.strip()))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def score_windows(
+    runners: list[Runner],
+    ids: torch.Tensor,
+    window: int,
+    stride: int,
+    bos_id: int | None,
+    device: torch.device | str = "cpu",
+    on_window: Callable[[int, int], None] | None = None,
+    warmup: bool = True,
+) -> list[Totals]:
+    """Run every runner on every window, interleaved; the first runner is the reference for KL/top-1.
+
+    Returns one ``Totals`` per runner. ``on_window(i, n)`` reports progress.
+    """
+    device = torch.device(device)
+    plan = window_plan(ids.numel(), window, stride, bos_id is not None)
+    totals = [Totals() for _ in runners]
+    with torch.inference_mode():
+        for w_i, w in enumerate(plan):
+            ctx = ids[w.begin : w.end]
+            if bos_id is not None:
+                ctx = torch.cat([torch.tensor([bos_id]), ctx])
+            ctx = ctx.to(device)
+            n = w.end - w.score_from
+            # Logit row r (window position) predicts token r+1; targets are the last n tokens.
+            rows = torch.arange(ctx.numel() - 1 - n, ctx.numel() - 1, device=device)
+            targets = ctx[rows + 1]
+            if w_i == 0 and warmup:
+                for r in runners:
+                    r(ctx, rows)
+            order = list(range(len(runners)))
+            if w_i % 2:
+                order.reverse()  # alternate who goes first, so neither always meets a warm cache
+            outs: list[RunOutput | None] = [None] * len(runners)
+            for i in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                outs[i] = runners[i](ctx, rows)
+                _sync(device)
+                totals[i].seconds += time.perf_counter() - t0
+            ref_logp = None
+            for i, out in enumerate(outs):
+                logp = F.log_softmax(out.logits.float(), dim=-1)
+                t = totals[i]
+                t.nll += -logp.gather(1, targets[:, None]).sum().item()
+                t.count += n
+                t.flops += out.flops
+                t.stats.append(out.stats)
+                if ref_logp is None:
+                    ref_logp = logp
+                else:
+                    t.kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+                    t.top1_agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+            if on_window:
+                on_window(w_i + 1, len(plan))
+    return totals
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def metrics(t: Totals, n_bytes: int, n_words: int) -> dict:
+    """Perplexity, bits per byte and word perplexity from summed NLL (nats)."""
+    return {
+        "perplexity": math.exp(t.nll / t.count),
+        "bits_per_byte": t.nll / (n_bytes * math.log(2)),
+        "word_perplexity": math.exp(t.nll / n_words),
+        "nll_per_token": t.nll / t.count,
+        "flops": t.flops,
+        "flops_per_token": t.flops / t.count,
+        "wall_seconds": t.seconds,
+        "tokens_per_second": t.count / t.seconds if t.seconds > 0 else float("inf"),
+    }
+
+
+def evaluate_model(
+    model: str = "smollm2-135m",
+    corpus: str = "wiki",
+    split: str = "test",
+    text_file: str | None = None,
+    window: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    loaded: tuple | None = None,
+) -> dict:
+    """Baseline evaluation of a model on a corpus: the dict that ``quicksilver eval`` writes.
+
+    Parameters
+    ----------
+    model, corpus, split, text_file : see ``load_model`` and ``load_corpus``.
+    window : int
+        Tokens per window, BOS included when the model expects one. Default 512.
+    stride : int, optional
+        How far each window moves; default ``window - 1`` (each window scores
+        ``window - 1`` new tokens, with or without BOS).
+    max_tokens : int, optional
+        Evaluate only the first N tokens of the text.
+    loaded : (model, tokenizer), optional
+        An already loaded model to reuse (``model`` then only names it).
+    """
+    from .corpora import load_corpus
+    from .models import bos_per_window, load_model, parse_device
+
+    dev = parse_device(device)
+    if max_tokens is not None and max_tokens < 1:
+        raise QuicksilverError(f"max-tokens must be at least 1, got {max_tokens}")
+    window_plan(window, window, window - 1 if stride is None else stride, bos=False)  # fail before loading
+    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
+    text = load_corpus(corpus, split, text_file)
+    runner = StockRunner(hf_model)
+    if window > runner.spec.max_positions:
+        raise QuicksilverError(f"window {window} is longer than the model's context of {runner.spec.max_positions} tokens")
+    bos = bos_per_window(model, tokenizer)
+    bos_id = tokenizer.bos_token_id if bos else None
+    if stride is None:
+        stride = window - 1  # no overlap beyond the one context token a window needs
+    ids = tokenize_documents(tokenizer, text.documents, max_tokens)
+    evaluated_text = tokenizer.decode(ids)
+    n_bytes, n_words = len(evaluated_text.encode("utf-8")), word_count(evaluated_text)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    (t,) = score_windows([runner], ids, window, stride, bos_id, dev, on_window=progress)
+    return {
+        "model": model,
+        "corpus": text.name,
+        "split": text.split,
+        "tokens": t.count,
+        "window": window,
+        "stride": stride,
+        "bos_per_window": bos,
+        "dtype": str(hf_model.dtype).removeprefix("torch."),
+        "device": str(dev),
+        **metrics(t, n_bytes, n_words),
+        "peak_memory_bytes": peak_memory_bytes(dev),
+        "config": {"preset": "off"},
+    }

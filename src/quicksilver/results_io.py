@@ -1,0 +1,55 @@
+"""Atomic writes for results files: a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import QuicksilverError
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    An interrupted write leaves any earlier file at ``path`` as it was.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise QuicksilverError(f"output path {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QuicksilverError(f"output folder {parent} does not exist")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Serialize ``obj`` as indented JSON and write it atomically."""
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_writable_target(path: str | os.PathLike | None) -> None:
+    """Fail before long work starts if the output file cannot be written later."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise QuicksilverError(f"output path {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QuicksilverError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise QuicksilverError(f"output folder {parent} is not writable")

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-weight GPT-2 and Llama (milliseconds to build), and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 99
+
+
+def tiny_llama(seed: int = 0, attn: str = "sdpa", **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn))
+    return model.eval().requires_grad_(False)
+
+
+def tiny_gpt2(seed: int = 0, attn: str = "sdpa", **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256)
+    cfg.update(overrides)
+    model = GPT2LMHeadModel(GPT2Config(**cfg, attn_implementation=attn))
+    return model.eval().requires_grad_(False)
+
+
+TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny_model(request):
+    return TINY[request.param]()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real smollm2-135m (converted into the cache once, then under a second to load)."""
+    from quicksilver import load_model
+
+    return load_model("smollm2-135m")
