@@ -63,27 +63,60 @@ def eval_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
+    settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set halting.threshold=0.03 (repeatable)."),
 ) -> None:
-    """Perplexity, bits per byte, word perplexity, FLOPs and wall-clock of a model on a corpus."""
+    """Perplexity, bits per byte, word perplexity, FLOPs and wall-clock of a model on a corpus.
+
+    With a preset other than off, the stock model and the preset run on the same
+    windows in the same process and the output compares them.
+    """
     from .evaluate import evaluate_model
     from .results_io import check_writable_target, write_json_atomic
 
     check_writable_target(output)
+    config = _config(preset, config_file, settings)
     bar, update = _progress("evaluating")
     with bar:
         result = evaluate_model(
             model=model, corpus=corpus, split=split, text_file=str(text_file) if text_file else None,
             window=window, stride=stride, max_tokens=max_tokens, dtype=dtype, device=device, progress=update,
+            config=config,
         )
+    table = _comparison_table(result) if "baseline" in result else _single_table(result)
+    out.print(table)
+    if output:
+        write_json_atomic(output, result)
+        err.print(f"wrote {output}")
+
+
+def _config(preset: str, config_file: Optional[Path], settings: list[str]):
+    from .config import Config
+
+    config = Config.load(config_file) if config_file else Config.preset(preset)
+    return config.with_settings(settings) if settings else config
+
+
+def _single_table(result: dict) -> Table:
     table = Table(title=f"{result['model']} on {result['corpus']}/{result['split']} ({result['tokens']} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("perplexity", "bits_per_byte", "word_perplexity", "flops", "flops_per_token", "wall_seconds", "tokens_per_second", "peak_memory_bytes"):
         table.add_row(key, _fmt(result[key]))
-    out.print(table)
-    if output:
-        write_json_atomic(output, result)
-        err.print(f"wrote {output}")
+    return table
+
+
+def _comparison_table(result: dict) -> Table:
+    base = result["baseline"]
+    table = Table(title=f"{result['model']} on {result['corpus']}/{result['split']} ({result['tokens']} tokens): preset {result['preset']} vs baseline")
+    for col in ("metric", "baseline", result["preset"]):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key in ("perplexity", "bits_per_byte", "word_perplexity", "flops", "flops_per_token", "wall_seconds", "tokens_per_second"):
+        table.add_row(key, _fmt(base[key]), _fmt(result[key]))
+    for key in ("relative_delta_perplexity", "flop_reduction", "speedup", "mean_exit_layer", "kv_fraction", "top1_agreement", "kl_divergence"):
+        table.add_row(key, "", _fmt(result[key]))
+    return table
 
 
 def main() -> None:

@@ -143,6 +143,18 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+def check_corpus_args(name: str, split: str, text_file: str | Path | None = None) -> None:
+    """Reject a bad corpus name, split or text file cheaply, before any long work starts."""
+    if split not in SPLITS:
+        raise QuicksilverError(f"unknown split {split!r} (use {' or '.join(SPLITS)})")
+    if text_file is not None:
+        read_text_file(text_file)
+    elif name not in OFFLINE_CORPORA + HUB_CORPORA:
+        raise QuicksilverError(
+            f"unknown corpus {name!r} (offline: {', '.join(OFFLINE_CORPORA)}; with network: {', '.join(HUB_CORPORA)}; or --text-file)"
+        )
+
+
 def load_corpus(name: str = DEFAULT_CORPUS, split: str = "test", text_file: str | Path | None = None) -> Corpus:
     """Load a corpus split.
 
@@ -157,8 +169,7 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "test", text_file: str 
     text_file : path, optional
         Any UTF-8 text file, used whole.
     """
-    if split not in SPLITS:
-        raise QuicksilverError(f"unknown split {split!r} (use {' or '.join(SPLITS)})")
+    check_corpus_args(name, split, text_file)
     if text_file is not None:
         return Corpus(Path(text_file).name, "file", (read_text_file(text_file),))
     if name == "wiki":
@@ -167,9 +178,5 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "test", text_file: str 
         docs = _news_documents()
     elif name in HUB_CORPORA:
         return Corpus(name, "test" if name == "wikitext-103" else "validation", _hub_documents(name))
-    else:
-        raise QuicksilverError(
-            f"unknown corpus {name!r} (offline: {', '.join(OFFLINE_CORPORA)}; with network: {', '.join(HUB_CORPORA)}; or --text-file)"
-        )
     start = 0 if split == "calibration" else 1
     return Corpus(name, split, docs[start::2])

@@ -88,6 +88,17 @@ class StockRunner:
         return RunOutput(out.logits[0], flops)
 
 
+class EngineRunner:
+    """The QuickSilver engine with a config; its FLOPs are the ledger of what it executed."""
+
+    def __init__(self, engine, name: str = "quicksilver"):
+        self.engine, self.name = engine, name
+
+    def __call__(self, input_ids, logit_rows):
+        out = self.engine(input_ids, logit_rows)
+        return RunOutput(out.logits, out.ledger.total_flops, {"ledger": out.ledger})
+
+
 @dataclass
 class Totals:
     """Running sums for one runner over all windows."""
@@ -217,6 +228,7 @@ def evaluate_model(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     loaded: tuple | None = None,
+    config=None,
 ) -> dict:
     """Baseline evaluation of a model on a corpus: the dict that ``quicksilver eval`` writes.
 
@@ -232,19 +244,31 @@ def evaluate_model(
         Evaluate only the first N tokens of the text.
     loaded : (model, tokenizer), optional
         An already loaded model to reuse (``model`` then only names it).
+    config : Config, optional
+        Mechanisms to run. Unless all are off, the stock model (baseline) and the
+        engine run on the same windows, interleaved, and the result adds the baseline's
+        metrics and the comparisons (``delta_perplexity``, ``flop_reduction``, ``speedup``...).
     """
-    from .corpora import load_corpus
+    from .corpora import check_corpus_args, load_corpus
     from .models import bos_per_window, load_model, parse_device
 
     dev = parse_device(device)
     if max_tokens is not None and max_tokens < 1:
         raise QuicksilverError(f"max-tokens must be at least 1, got {max_tokens}")
     window_plan(window, window, window - 1 if stride is None else stride, bos=False)  # fail before loading
+    check_corpus_args(corpus, split, text_file)
     hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
     text = load_corpus(corpus, split, text_file)
-    runner = StockRunner(hf_model)
-    if window > runner.spec.max_positions:
-        raise QuicksilverError(f"window {window} is longer than the model's context of {runner.spec.max_positions} tokens")
+    from .config import Config
+    from .engine import Engine
+
+    config = config or Config.preset("off")
+    runners: list = [StockRunner(hf_model)]
+    if not config.is_off:
+        runners.append(EngineRunner(Engine(hf_model, config)))
+    spec = runners[0].spec
+    if window > spec.max_positions:
+        raise QuicksilverError(f"window {window} is longer than the model's context of {spec.max_positions} tokens")
     bos = bos_per_window(model, tokenizer)
     bos_id = tokenizer.bos_token_id if bos else None
     if stride is None:
@@ -254,18 +278,47 @@ def evaluate_model(
     n_bytes, n_words = len(evaluated_text.encode("utf-8")), word_count(evaluated_text)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    (t,) = score_windows([runner], ids, window, stride, bos_id, dev, on_window=progress)
-    return {
+    totals = score_windows(runners, ids, window, stride, bos_id, dev, on_window=progress)
+    result = {
         "model": model,
         "corpus": text.name,
         "split": text.split,
-        "tokens": t.count,
+        "tokens": totals[0].count,
         "window": window,
         "stride": stride,
         "bos_per_window": bos,
         "dtype": str(hf_model.dtype).removeprefix("torch."),
         "device": str(dev),
-        **metrics(t, n_bytes, n_words),
+        "preset": config.name,
+        **metrics(totals[-1], n_bytes, n_words),
         "peak_memory_bytes": peak_memory_bytes(dev),
-        "config": {"preset": "off"},
+        "config": config.to_dict(),
+    }
+    if len(totals) == 2:
+        result.update(compare(totals[0], totals[1], n_bytes, n_words))
+    return result
+
+
+def compare(base: Totals, run: Totals, n_bytes: int, n_words: int) -> dict:
+    """The comparison block of a preset against its baseline measured in the same run."""
+    from .engine import Ledger
+
+    b, r = metrics(base, n_bytes, n_words), metrics(run, n_bytes, n_words)
+    ledger = None
+    for s in run.stats:
+        if ledger is None:
+            ledger = Ledger(n_layers=s["ledger"].n_layers)
+        ledger.merge(s["ledger"])
+    stats = ledger.as_dict()
+    return {
+        "baseline": b,
+        "delta_perplexity": r["perplexity"] - b["perplexity"],
+        "relative_delta_perplexity": r["perplexity"] / b["perplexity"] - 1.0,
+        "flop_reduction": 1.0 - r["flops"] / b["flops"],
+        "speedup": b["wall_seconds"] / r["wall_seconds"],
+        "mean_exit_layer": stats["mean_exit_layer"],
+        "kv_fraction": stats["kv_fraction"],
+        "kl_divergence": run.kl / run.count,
+        "top1_agreement": run.top1_agree / run.count,
+        "ledger": stats,
     }

@@ -137,9 +137,18 @@ def _convert_gguf(spec: OfflineModel, target: Path) -> None:
     hf_logging.disable_progress_bar()
 
     gguf = _gguf_path(spec)
-    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s into a safetensors cache at %s (once, about 25 s)", gguf.name, target)
+    # transformers' GGUF reader draws a plain tqdm bar that its own switch does not govern.
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        if previous is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain float32 now

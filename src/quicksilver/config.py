@@ -1,0 +1,121 @@
+"""Config: one dataclass per mechanism, presets by name, JSON files that ``--config`` loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QuicksilverError
+from .mechanisms import DynamicTokenHalting, KVCacheSkipping
+
+MECHANISMS = {"halting": DynamicTokenHalting, "kv": KVCacheSkipping}
+
+# Each preset is the best point of the sweep in docs/RESULTS.md with relative perplexity
+# increase <= 2% on wiki (benchmarks/sweep_engine.py); see there for what each saves.
+PRESETS: dict[str, dict] = {
+    "off": {},
+    "halting": {"halting": {"enabled": True, "threshold": 0.05, "min_layer": 8, "patience": 2, "tail_layers": 4, "skip": "mlp"}},
+    "kvskip": {"kv": {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 1024}},
+}
+
+
+@dataclass
+class Config:
+    """Everything the engine needs to know about the mechanisms; all off by default."""
+
+    halting: DynamicTokenHalting = field(default_factory=DynamicTokenHalting)
+    kv: KVCacheSkipping = field(default_factory=KVCacheSkipping)
+    name: str = "custom"
+
+    @property
+    def is_off(self) -> bool:
+        return not (self.halting.enabled or self.kv.enabled)
+
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        if name not in PRESETS:
+            raise QuicksilverError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+        return cls.from_dict({**PRESETS[name], "name": name})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        if not isinstance(data, dict):
+            raise QuicksilverError("a config must be a JSON object")
+        unknown = set(data) - set(MECHANISMS) - {"name"}
+        if unknown:
+            raise QuicksilverError(f"unknown config section(s): {', '.join(sorted(unknown))} (known: {', '.join(MECHANISMS)})")
+        parts = {}
+        for key, kind in MECHANISMS.items():
+            settings = data.get(key, {}) or {}
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = set(settings) - known
+            if bad:
+                raise QuicksilverError(f"unknown {key} setting(s): {', '.join(sorted(bad))} (known: {', '.join(sorted(known))})")
+            parts[key] = kind(**settings)
+        return cls(**parts, name=data.get("name", "custom"))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **{key: dataclasses.asdict(getattr(self, key)) for key in MECHANISMS}}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise QuicksilverError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise QuicksilverError(f"config file {path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        from .results_io import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
+
+    def with_settings(self, assignments: list[str]) -> "Config":
+        """A copy with ``section.field=value`` assignments applied (the CLI's ``--set``).
+
+        Values are parsed by the field's type; setting any field of a mechanism enables it
+        unless ``enabled`` is given explicitly.
+        """
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot or section not in MECHANISMS:
+                raise QuicksilverError(f"--set expects SECTION.FIELD=VALUE with SECTION in {', '.join(MECHANISMS)}, got {item!r}")
+            fields = {f.name: f for f in dataclasses.fields(MECHANISMS[section])}
+            if name not in fields:
+                raise QuicksilverError(f"unknown {section} setting {name!r} (known: {', '.join(sorted(fields))})")
+            data[section][name] = _parse_value(raw.strip(), fields[name].default, item)
+            if name != "enabled" and not any(a.strip().startswith(f"{section}.enabled") for a in assignments):
+                data[section]["enabled"] = True
+        return Config.from_dict(data)
+
+    def with_overrides(self, **sections: dict) -> "Config":
+        """A copy with some settings changed, e.g. ``with_overrides(halting={"threshold": 0.1})``."""
+        data = self.to_dict()
+        for key, settings in sections.items():
+            data.setdefault(key, {}).update(settings)
+        return Config.from_dict(data)
+
+
+def _parse_value(raw: str, default, item: str):
+    """Parse a --set value like the field's default: bool, int, float, str, or none."""
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, int) or default is None:
+            return int(raw) if default is not None or raw.lstrip("-").isdigit() else raw
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise QuicksilverError(f"--set {item!r}: {raw!r} is not a valid {type(default).__name__}") from None
+    return raw

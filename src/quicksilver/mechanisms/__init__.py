@@ -1,0 +1,7 @@
+"""One module per mechanism. Each is a dataclass: its fields are its settings, checked on
+construction; its decision rule is a pure function on tensors that can be tested alone."""
+
+from .halting import DynamicTokenHalting
+from .kv_skip import KVCacheSkipping
+
+__all__ = ["DynamicTokenHalting", "KVCacheSkipping"]
