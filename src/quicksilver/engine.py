@@ -16,7 +16,7 @@ import torch
 from . import flops as F_
 from .adapters import adapter_for
 from .adapters.base import apply_rotary
-from .attention import _sdpa, attend
+from .attention import _sdpa, attend, block_plan
 from .config import Config
 
 
@@ -120,8 +120,9 @@ class Engine:
         under = torch.zeros(T, dtype=torch.long, device=dev)
         exit_layer = torch.full((T,), L, dtype=torch.long, device=dev)
         ledger = Ledger(n_layers=L, tokens=T)
+        self._plans = {}  # block plans of windowed attention over all rows, shared by layers
         for l in range(L):
-            if l >= tail_start or bool(computing.all()):
+            if halting is None or not halting.may_skip(l, L) or bool(computing.all()):
                 attn_rows = mlp_rows = None  # None: every row
             else:
                 mlp_rows = computing.nonzero().squeeze(1)
@@ -169,7 +170,13 @@ class Engine:
         q, k, v = self._qkv(l, x_kv, q_in_kv, pos_q, pos_k, rope)
         window = kv.window_at(l)
         full = attn_rows is None and kv_rows is None and window is None
-        a, pairs = attend(q, k, v, pos_q, pos_k, p.attn_scale, lambda qp, kp: kv.visible(qp, kp, l), window, kv.sink_tokens, full)
+        visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
+        plan = None
+        if window is not None and attn_rows is None and kv_rows is None:
+            if window not in self._plans:
+                self._plans[window] = block_plan(pos_q, pos_k, visible, window, kv.sink_tokens)
+            plan = self._plans[window]
+        a, pairs = attend(q, k, v, pos_q, pos_k, p.attn_scale, visible, window, kv.sink_tokens, full, plan)
         h = _add(h, attn_rows, p.o(a))
         h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows))))
         self._count(ledger, T, attn_rows, kv_rows, mlp_rows, pairs, l)

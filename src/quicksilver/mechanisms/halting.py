@@ -58,6 +58,10 @@ class DynamicTokenHalting:
         The last layers run for every token; 0 sends a halted state straight to the head.
     skip : {"layer", "mlp"}, default "layer"
         What a halted token skips before the tail: the whole layer, or only the MLP.
+    skippable_layers : list of int or None, default None
+        The only layers a halted token skips (it still computes the others); None: every
+        layer before the tail. With ``threshold=2`` and ``min_layer=1`` every token halts at
+        once and this is static depth reduction.
     """
 
     enabled: bool = False
@@ -68,6 +72,7 @@ class DynamicTokenHalting:
     protect_first: int = 4
     tail_layers: int = 4
     skip: str = "layer"
+    skippable_layers: list[int] | None = None
 
     def __post_init__(self):
         check_choice("halting", "signal", self.signal, SIGNALS)
@@ -77,6 +82,10 @@ class DynamicTokenHalting:
         check_range("halting", "patience", self.patience, 1, integer=True)
         check_range("halting", "protect_first", self.protect_first, 0, integer=True)
         check_range("halting", "tail_layers", self.tail_layers, 0, integer=True)
+        if self.skippable_layers is not None:
+            self.skippable_layers = sorted(set(self.skippable_layers))
+            for layer in self.skippable_layers:
+                check_range("halting", "skippable_layers[]", layer, 0, integer=True)
 
     def check_model(self, n_layers: int) -> None:
         from ..errors import QuicksilverError
@@ -85,6 +94,14 @@ class DynamicTokenHalting:
             raise QuicksilverError(f"halting.tail_layers={self.tail_layers} leaves no layer to skip in a {n_layers}-layer model")
         if self.enabled and self.min_layer >= n_layers:
             raise QuicksilverError(f"halting.min_layer={self.min_layer} is past the model's last layer ({n_layers - 1})")
+        if self.enabled and self.skippable_layers and self.skippable_layers[-1] >= n_layers:
+            raise QuicksilverError(f"halting.skippable_layers names layer {self.skippable_layers[-1]}, past the model's last layer ({n_layers - 1})")
+
+    def may_skip(self, layer: int, n_layers: int) -> bool:
+        """Whether a halted token skips ``layer`` (it is before the tail and allowed)."""
+        if layer >= n_layers - self.tail_layers:
+            return False
+        return self.skippable_layers is None or layer in self.skippable_layers
 
     def drift(self, h_new: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
         """The halting signal of each row; (N, d), (N, d) -> (N,)."""

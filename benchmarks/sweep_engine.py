@@ -1,0 +1,122 @@
+"""Sweep halting and KV-skipping variants on the default model; write tables for docs/RESULTS.md.
+
+Every row is measured against the stock HF model on the same windows in the same run
+(quicksilver.evaluate_model interleaves them). Usage:
+
+    python benchmarks/sweep_engine.py [--tokens 8192] [--out docs/results]
+
+Writes ``engine_sweep.json`` and ``engine_sweep.md`` (a markdown table per sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from quicksilver import load_model
+from quicksilver.config import Config
+from quicksilver.evaluate import evaluate_model
+from quicksilver.results_io import write_atomic, write_json_atomic
+
+
+def halting_variants() -> list[tuple[str, dict]]:
+    """Every halting variant we tried, in the order of the search (see RESULTS.md for why)."""
+    v = []
+    # The paper's literal design: a halted token exits straight to the head.
+    v.append(("exit to head (tail 0), thr 0.2, patience 2", {"threshold": 0.2, "min_layer": 8, "patience": 2, "tail_layers": 0, "skip": "layer"}))
+    # SkipDecode-style: halted tokens skip the middle, the last layers run for everyone.
+    v.append(("skip layer, tail 2, thr 0.2, patience 2", {"threshold": 0.2, "min_layer": 4, "patience": 2, "tail_layers": 2, "skip": "layer"}))
+    # MLP-only skipping: halted tokens still attend and write K/V.
+    for thr in (0.2, 0.1):
+        v.append((f"skip mlp, tail 2, thr {thr}, patience 2", {"threshold": thr, "min_layer": 4, "patience": 2, "tail_layers": 2, "skip": "mlp"}))
+    v.append(("cosine 0.01, skip mlp, tail 2, patience 2", {"signal": "cosine", "threshold": 0.01, "min_layer": 4, "patience": 2, "tail_layers": 2, "skip": "mlp"}))
+    for thr in (0.13, 0.16):
+        v.append((f"skip mlp, tail 5, min layer 10, thr {thr}, patience 3", {"threshold": thr, "min_layer": 10, "patience": 3, "tail_layers": 5, "skip": "mlp"}))
+    # Halted tokens skip only the MLPs that cost least when skipped (layers 11, 12, 17; single-layer scan).
+    for thr in (0.2, 0.25):
+        v.append((f"skip mlp of layers 11,12,17 only, thr {thr}, patience 1",
+                  {"threshold": thr, "min_layer": 4, "patience": 1, "tail_layers": 2, "skip": "mlp", "skippable_layers": [11, 12, 17]}))
+    # Static depth reduction (every token from position 4 skips the MLP of layer 12): the matched baseline.
+    v.append(("static: every token skips MLP 12", {"threshold": 2.0, "min_layer": 2, "patience": 1, "tail_layers": 2, "skip": "mlp", "skippable_layers": [12]}))
+    return [(name, {"halting": {"enabled": True, **s}}) for name, s in v]
+
+
+def kv_variants() -> list[tuple[str, dict]]:
+    v = []
+    for w in (2048, 1024, 512, 256):
+        v.append((f"sinks 4 + recent {w}", {"kv": {"enabled": True, "sink_tokens": 4, "recent_window": w}}))
+    v.append(("recent 512 from layer 2 (first 2 layers full)", {"kv": {"enabled": True, "sink_tokens": 4, "recent_window": 512, "layers_from": 2}}))
+    return v
+
+
+COLUMNS = ("perplexity", "relative_delta_perplexity", "flop_reduction", "speedup", "mean_exit_layer", "kv_fraction", "top1_agreement")
+
+
+def row(name: str, r: dict) -> dict:
+    return {"variant": name, **{k: r[k] for k in COLUMNS}, "baseline_perplexity": r["baseline"]["perplexity"], "config": r["config"]}
+
+
+def markdown(title: str, rows: list[dict], baseline_ppl: float) -> str:
+    lines = [f"#### {title}", "", f"Baseline perplexity {baseline_ppl:.3f}.", "",
+             "| variant | PPL | rel. ΔPPL | FLOP reduction | speedup | mean exit layer | kv_fraction | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['perplexity']:.3f} | {r['relative_delta_perplexity'] * 100:+.2f}% | {r['flop_reduction'] * 100:.1f}% "
+            f"| {r['speedup']:.2f}x | {r['mean_exit_layer']:.1f} | {r['kv_fraction']:.3f} | {r['top1_agreement'] * 100:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--corpus", default="wiki")
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--only", choices=["halting", "kv"], default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model("smollm2-135m")
+    sweeps = []
+    plan = []
+    if args.only in (None, "halting"):
+        plan.append(("halting", 1024, halting_variants()))
+    if args.only in (None, "kv"):
+        plan += [("kv", 1024, kv_variants()[1:4]), ("kv", 4096, kv_variants())]
+    for kind, window, variants in plan:
+        rows = []
+        for name, data in variants:
+            t0 = time.time()
+            r = evaluate_model("smollm2-135m", args.corpus, max_tokens=args.tokens, window=window,
+                               config=Config.from_dict({**data, "name": name}), loaded=loaded)
+            rows.append(row(name, r))
+            print(f"[{kind} w={window}] {name}: rel {r['relative_delta_perplexity'] * 100:+.2f}% "
+                  f"flops -{r['flop_reduction'] * 100:.1f}% speedup {r['speedup']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        sweeps.append({"kind": kind, "window": window, "rows": rows})
+    meta = {
+        "command": "python benchmarks/sweep_engine.py " + " ".join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "corpus": args.corpus,
+    }
+    write_json_atomic(out / "engine_sweep.json", {"meta": meta, "sweeps": sweeps})
+    md = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+          f"model smollm2-135m float32, `{args.corpus}` test split, first {args.tokens} tokens.", ""]
+    for s in sweeps:
+        title = f"{'Dynamic Token Halting' if s['kind'] == 'halting' else 'KV Cache Skipping'}, {s['window']}-token windows"
+        md.append(markdown(title, s["rows"], s["rows"][0]["baseline_perplexity"]))
+    write_atomic(out / "engine_sweep.md", "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
