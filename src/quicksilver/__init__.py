@@ -8,10 +8,12 @@ Python API::
     result = evaluate_model("smollm2-135m", "wiki", max_tokens=4096)
 """
 
+from .config import Config
 from .corpora import Corpus, load_corpus
+from .engine import Engine
 from .errors import QuicksilverError
 from .evaluate import evaluate_model, window_plan
 from .models import load_model
 
-__all__ = ["Corpus", "QuicksilverError", "evaluate_model", "load_corpus", "load_model", "window_plan"]
+__all__ = ["Config", "Engine", "Corpus", "QuicksilverError", "evaluate_model", "load_corpus", "load_model", "window_plan"]
 __version__ = "0.1.0"

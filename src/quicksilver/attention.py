@@ -28,6 +28,11 @@ def _sdpa(q, k, v, scale, mask=None, is_causal=False):
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
+def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean visibility -> additive mask (0 or -inf) in the query dtype; faster than boolean masks in CPU SDPA."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,25 +45,32 @@ def attend(
     sinks: int,
     full_causal: bool,
     plan: list | None = None,
+    bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Attention output (Tq, H*hd) and the number of (query, key) pairs actually seen.
 
     ``q_pos`` and ``k_pos`` are sorted true positions. ``full_causal`` says that queries
     and keys are the same complete sequence with no window (the fast path). ``plan`` is a
-    precomputed ``block_plan`` for these positions and window.
+    precomputed ``block_plan`` for these positions and window. ``bias(q_pos, k_pos)`` adds
+    to the scores of visible keys (fusion's log group size).
     """
     tq = q.shape[0]
     if full_causal:
         return _sdpa(q, k, v, scale, is_causal=tq > 1), tq * (tq + 1) // 2
     if window is None:
-        mask = visible(q_pos, k_pos)
-        return _sdpa(q, k, v, scale, mask=mask), int(mask.sum())
-    plan = plan if plan is not None else block_plan(q_pos, k_pos, visible, window, sinks)
+        seen = visible(q_pos, k_pos)
+        if bias is None and bool(seen.all()):  # e.g. one decode query that sees its whole cache
+            return _sdpa(q, k, v, scale), seen.numel()
+        mask = _additive(seen, q.dtype)
+        if bias is not None:
+            mask = mask + bias(q_pos, k_pos).to(q.dtype)
+        return _sdpa(q, k, v, scale, mask=mask), int(seen.sum())
+    plan = plan if plan is not None else block_plan(q_pos, k_pos, visible, window, sinks, q.dtype, bias)
     outs = [_sdpa(q[qs], k[ks], v[ks], scale, mask=mask) for qs, ks, mask, _ in plan]
     return torch.cat(outs), sum(p[3] for p in plan)
 
 
-def block_plan(q_pos, k_pos, visible, window: int, sinks: int) -> list:
+def block_plan(q_pos, k_pos, visible, window: int, sinks: int, dtype: torch.dtype = torch.float32, bias=None) -> list:
     """Per query block: (query slice, key index, additive float mask, pairs seen).
 
     Each block gathers the sinks and the contiguous range of recent keys it can see.
@@ -77,6 +89,8 @@ def block_plan(q_pos, k_pos, visible, window: int, sinks: int) -> list:
         else:
             ks = torch.cat([torch.arange(n_sink, device=k_pos.device), torch.arange(lo, hi, device=k_pos.device)])
         seen = visible(qb, k_pos[ks])
-        mask = torch.zeros(seen.shape, dtype=torch.float32, device=k_pos.device).masked_fill_(~seen, float("-inf"))
+        mask = _additive(seen, dtype)
+        if bias is not None:
+            mask = mask + bias(qb, k_pos[ks]).to(dtype)
         plan.append((qs, ks, mask, int(seen.sum())))
     return plan

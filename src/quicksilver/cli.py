@@ -91,6 +91,69 @@ def eval_cmd(
         err.print(f"wrote {output}")
 
 
+@app.command("generate")
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The prompt text."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
+    settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop once the output contains this string (repeatable)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Generate text with the mechanisms on, streaming tokens as they come, then a one-line summary."""
+    from .engine import Engine
+    from .models import load_model
+
+    config = _config(preset, config_file, settings)
+    if not prompt.strip():
+        raise QuicksilverError("empty prompt")
+    if max_new_tokens < 1:
+        raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    hf_model, tok = load_model(model, dtype=dtype, device=device)
+    engine = Engine(hf_model, config)
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise QuicksilverError(f"model {model!r} has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False).input_ids
+    else:
+        ids = tok(prompt).input_ids
+    shown: list[int] = []
+    printed = 0
+
+    def stream(row: int, token: int) -> None:
+        nonlocal printed
+        shown.append(token)
+        text = tok.decode(shown, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+
+    import torch
+
+    result = engine.generate(
+        torch.tensor(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_token_id=tok.eos_token_id, stop_strings=stop, tokenizer=tok, on_token=stream,
+    )
+    sys.stdout.write("\n")
+    kv_ratio = result.kv_bytes / max(result.kv_full_bytes, 1)
+    err.print(
+        f"{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.time_to_first_token * 1000:.0f} ms, "
+        f"mean exit layer {result.mean_exit_layer:.1f}/{engine.spec.n_layers}, KV {result.kv_bytes / 2**20:.2f} MiB "
+        f"of {result.kv_full_bytes / 2**20:.2f} MiB full ({kv_ratio:.0%}), stop: {result.stop_reasons[0]}",
+        highlight=False,
+    )
+
+
 def _config(preset: str, config_file: Optional[Path], settings: list[str]):
     from .config import Config
 

@@ -8,9 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QuicksilverError
-from .mechanisms import DynamicTokenHalting, KVCacheSkipping
+from .mechanisms import AdaptiveMatryoshkaQuantization, ContextualTokenFusion, DynamicTokenHalting, KVCacheSkipping
 
-MECHANISMS = {"halting": DynamicTokenHalting, "kv": KVCacheSkipping}
+MECHANISMS = {
+    "halting": DynamicTokenHalting,
+    "kv": KVCacheSkipping,
+    "fusion": ContextualTokenFusion,
+    "amq": AdaptiveMatryoshkaQuantization,
+}
 
 # Each preset is the best point of the sweep in docs/RESULTS.md with relative perplexity
 # increase <= 2% on wiki (benchmarks/sweep_engine.py); see there for what each saves.
@@ -18,6 +23,10 @@ PRESETS: dict[str, dict] = {
     "off": {},
     "halting": {"halting": {"enabled": True, "threshold": 0.05, "min_layer": 8, "patience": 2, "tail_layers": 4, "skip": "mlp"}},
     "kvskip": {"kv": {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 1024}},
+    # Uniform weight-quantization baselines: int8 through the real int8 kernel; int4 slices (no fast kernel).
+    "int8": {"amq": {"enabled": True, "uniform_bits": 8}},
+    "int4": {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}},
+    "amq": {"amq": {"enabled": True, "decision_layer": 8, "int4_below": 0.2}},
 }
 
 
@@ -27,11 +36,13 @@ class Config:
 
     halting: DynamicTokenHalting = field(default_factory=DynamicTokenHalting)
     kv: KVCacheSkipping = field(default_factory=KVCacheSkipping)
+    fusion: ContextualTokenFusion = field(default_factory=ContextualTokenFusion)
+    amq: AdaptiveMatryoshkaQuantization = field(default_factory=AdaptiveMatryoshkaQuantization)
     name: str = "custom"
 
     @property
     def is_off(self) -> bool:
-        return not (self.halting.enabled or self.kv.enabled)
+        return not any(getattr(self, key).enabled for key in MECHANISMS)
 
     @classmethod
     def preset(cls, name: str) -> "Config":

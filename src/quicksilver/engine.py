@@ -34,6 +34,10 @@ class Ledger:
     pairs_full: int = 0  # the same with every causal pair
     exit_layer_sum: int = 0
     halted_tokens: int = 0
+    bit_linear_flops: float = 0.0  # linear FLOPs x bits/16 (unquantized linears count at 16)
+    weight_bytes: int = 0  # bytes of decoder weights read by the linears that ran
+    bits_hist: dict = field(default_factory=lambda: {8: 0, 4: 0, 2: 0, 16: 0})  # token-layers per precision
+    fused_tokens: int = 0  # tokens that joined an earlier token's path
 
     @property
     def total_flops(self) -> int:
@@ -50,13 +54,21 @@ class Ledger:
             "mlp_layer_fraction": self.mlp_rows / slots,
             "kv_written_fraction": self.kv_written / slots,
             "kv_fraction": self.pairs_seen / max(self.pairs_full, 1),
+            "bit_weighted_flops": self.total_flops - self.flops["projections"] - self.flops["mlp"] + self.bit_linear_flops,
+            "weight_bytes": self.weight_bytes,
+            "bits_per_token": _mean_bits(self.bits_hist),
+            "bits_histogram": {str(k): v for k, v in self.bits_hist.items() if v},
+            "fused_fraction": self.fused_tokens / max(self.tokens, 1),
         }
 
     def merge(self, other: "Ledger") -> None:
         for k in self.flops:
             self.flops[k] += other.flops[k]
-        for name in ("tokens", "attn_rows", "mlp_rows", "kv_written", "pairs_seen", "pairs_full", "exit_layer_sum", "halted_tokens"):
+        for name in ("tokens", "attn_rows", "mlp_rows", "kv_written", "pairs_seen", "pairs_full", "exit_layer_sum",
+                     "halted_tokens", "bit_linear_flops", "weight_bytes", "fused_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k in self.bits_hist:
+            self.bits_hist[k] += other.bits_hist[k]
 
 
 @dataclass
@@ -65,12 +77,55 @@ class EngineOutput:
     ledger: Ledger
 
 
+def _mean_bits(hist: dict) -> float:
+    n = sum(hist.values())
+    return sum(k * v for k, v in hist.items()) / n if n else 0.0
+
+
 def _n(rows: torch.Tensor | None, total: int) -> int:
     return total if rows is None else rows.numel()
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
+
+
+def _rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Row indices of a mask; None (every row) when there is no mask or it is all true."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _positions_in(sub: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Where the rows ``sub`` sit inside ``rows`` (both sorted, sub within rows); None: all of them."""
+    if sub is None:
+        return None
+    if rows is None:
+        return sub
+    if sub.numel() == rows.numel():
+        return None
+    return torch.searchsorted(rows, sub)
+
+
+def _group_size_bias(rep: torch.Tensor, members: torch.Tensor, pos: torch.Tensor):
+    """Fusion's attention bias: log(1 + members of the key's group at or before the query).
+
+    One sequence, rows in position order. Returns ``bias(q_pos, k_pos) -> (Tq, Tk)``.
+    """
+    n = rep.numel()
+    counts = torch.zeros(n, n, device=rep.device)  # counts[r, t]: members of r at position t
+    m_idx = members.nonzero().squeeze(1)
+    counts[rep[m_idx], pos[m_idx]] = 1.0
+    log_size = torch.log1p(counts.cumsum(dim=1))  # (key row, query position)
+    return lambda q_pos, k_pos: log_size[k_pos][:, q_pos].T
+
+
+def _bounds(rows: torch.Tensor | None, a: int, b: int) -> tuple[int, int]:
+    """The index range, within a sorted row list, of the rows in [a, b)."""
+    if rows is None:
+        return a, b
+    return int(torch.searchsorted(rows, a)), int(torch.searchsorted(rows, b))
 
 
 def _add(h: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
@@ -91,7 +146,19 @@ class Engine:
         self.adapter = adapter_for(model)
         self.spec = self.adapter.arch
         self.config = config or Config()
-        self.config.halting.check_model(self.spec.n_layers)
+        spec = self.spec
+        self.config.halting.check_model(spec.n_layers)
+        self.config.amq.check_model(spec.n_layers, spec.d_model, spec.d_ff)
+        self.config.fusion.check_model(spec.n_layers)
+        self._linears = [p.linears() for p in self.adapter.layers]
+        self._shapes = {n: m.weight.shape for n, m in self._linears[0].items()}
+        self._elem = self._linears[0]["q"].weight.element_size()
+        self._quant = None
+        if self.config.amq.enabled:
+            from .quant import QuantizedLinear
+
+            gs = self.config.amq.group_size
+            self._quant = [{n: QuantizedLinear(m.weight, m.bias, gs) for n, m in lins.items()} for lins in self._linears]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, logit_rows: torch.Tensor | None = None, compact: bool = True) -> EngineOutput:
@@ -109,82 +176,166 @@ class Engine:
         return EngineOutput(logits, ledger)
 
     def _forward(self, ids: torch.Tensor, logit_rows: torch.Tensor | None, compact: bool):
+        T = ids.numel()
+        return self.run(ids, torch.arange(T, device=ids.device), [(0, T)], [None], logit_rows, compact)
+
+    def run(self, ids, pos, segments, caches, logit_rows=None, compact: bool = True):
+        """The layer loop over rows that may come from several sequences.
+
+        Parameters
+        ----------
+        ids, pos : (N,) token ids and their true positions; rows of one sequence are
+            contiguous and in order.
+        segments : list of (start, stop) row ranges, one per sequence.
+        caches : list of SequenceCache or None, one per segment: earlier entries that the
+            segment's queries also see; the segment's new K/V are appended (prefill/decode).
+        logit_rows : (n,) rows whose logits are returned; None: every row.
+
+        Returns (logits (n, vocab), Ledger).
+        """
         A, spec, cfg = self.adapter, self.spec, self.config
-        L, T, dev = spec.n_layers, ids.numel(), ids.device
+        L, N, dev = spec.n_layers, ids.numel(), ids.device
+        if not compact and (len(segments) > 1 or any(c is not None for c in caches)):
+            raise ValueError("the masked reference path runs one sequence without a cache")
         halting = cfg.halting if cfg.halting.enabled else None
         tail_start = L - halting.tail_layers if halting else L
-        pos = torch.arange(T, device=dev)
-        h = A.embed(ids, pos)  # (T, d)
+        h = A.embed(ids, pos)  # (N, d)
         rope = A.rotary(pos)
-        computing = torch.ones(T, dtype=torch.bool, device=dev)
-        under = torch.zeros(T, dtype=torch.long, device=dev)
-        exit_layer = torch.full((T,), L, dtype=torch.long, device=dev)
-        ledger = Ledger(n_layers=L, tokens=T)
-        self._plans = {}  # block plans of windowed attention over all rows, shared by layers
+        computing = torch.ones(N, dtype=torch.bool, device=dev)
+        under = torch.zeros(N, dtype=torch.long, device=dev)
+        exit_layer = torch.full((N,), L, dtype=torch.long, device=dev)
+        amq = cfg.amq if cfg.amq.enabled else None
+        bits = torch.full((N,), amq.initial_bits() if amq else 16, dtype=torch.long, device=dev)
+        ledger = Ledger(n_layers=L, tokens=N)
+        full_pairs = int((pos + 1).sum())  # every query sees its whole past in the stock model
+        plans: dict = {}  # block plans of windowed attention, shared by layers with the same window
+        layer = self._layer_compact if compact else self._layer_masked
+        # Fusion applies to one sequence without a cache (a forward pass or a prefill-free eval).
+        fusion = cfg.fusion if cfg.fusion.enabled and len(segments) == 1 and caches[0] is None else None
+        alive = rep = h_at_fusion = bias = None  # set once fusion has decided
+        propagate = not cfg.kv.enabled or cfg.kv.policy == "propagate"
         for l in range(L):
-            if halting is None or not halting.may_skip(l, L) or bool(computing.all()):
-                attn_rows = mlp_rows = None  # None: every row
-            else:
-                mlp_rows = computing.nonzero().squeeze(1)
-                attn_rows = None if halting.skip == "mlp" else mlp_rows
-            propagate = not cfg.kv.enabled or cfg.kv.policy == "propagate"
-            kv_rows = None if (attn_rows is None or propagate) else attn_rows
-            h_before = _take(h, mlp_rows)
-            layer = self._layer_compact if compact else self._layer_masked
-            h = layer(l, h, pos, rope, attn_rows, kv_rows, mlp_rows, ledger)
+            skipping = halting is not None and halting.may_skip(l, L) and not bool(computing.all())
+            mlp_m = computing if skipping else None
+            attn_m = computing if skipping and halting.skip == "layer" else None
+            kv_m = None if propagate else attn_m  # propagate: skipped rows still get K/V
+            if alive is not None:  # fused members compute nothing and write no K/V
+                mlp_m, attn_m, kv_m = (alive if m is None else m & alive for m in (mlp_m, attn_m, kv_m))
+            mlp_rows, attn_rows, kv_rows = _rows(mlp_m), _rows(attn_m), _rows(kv_m)
+            h_in, h_before = h, _take(h, mlp_rows)  # layers return new tensors: h_in stays intact
+            h, pairs = layer(l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias)
+            self._count(ledger, N, attn_rows, kv_rows, mlp_rows, pairs, full_pairs, bits)
             if halting and l + 1 < tail_start:
-                rows = mlp_rows if mlp_rows is not None else pos
+                rows = mlp_rows if mlp_rows is not None else torch.arange(N, device=dev)
                 drift = halting.drift(_take(h, mlp_rows), h_before)
                 ledger.flops["probes"] += halting.probe_flops(rows.numel(), spec.d_model)
-                under_r, halt_r = halting.decide(drift, under[rows], l + 1, rows)
+                under_r, halt_r = halting.decide(drift, under[rows], l + 1, pos[rows])
                 under[rows] = under_r
                 newly = rows[halt_r]
                 computing[newly] = False
                 exit_layer[newly] = l + 1
+            if amq and amq.adaptive and l + 1 == amq.decision_layer:
+                from .mechanisms.halting import relative_drift
+
+                bits = amq.bits_for(relative_drift(h, h_in), pos)
+                ledger.flops["probes"] += amq.probe_flops(N, spec.d_model)
+            if fusion and l + 1 == fusion.layer:
+                rep = fusion.representatives(h, pos)
+                ledger.flops["probes"] += fusion.probe_flops(N, spec.d_model)
+                members = rep != torch.arange(N, device=dev)
+                if bool(members.any()):
+                    alive, h_at_fusion = ~members, h
+                    bias = _group_size_bias(rep, members, pos)
+                    exit_layer[members] = torch.minimum(exit_layer[members], torch.full_like(exit_layer[members], l + 1))
+                    ledger.fused_tokens = int(members.sum())
+        if alive is not None:  # a member's final state comes from its representative
+            m_idx = (~alive).nonzero().squeeze(1)
+            r_idx = rep[m_idx]
+            if fusion.output == "delta":
+                final = h_at_fusion[m_idx] + (h[r_idx] - h_at_fusion[r_idx])
+            else:
+                final = h[r_idx]
+            h = h.index_copy(0, m_idx, final)
+        for (a, b), cache in zip(segments, caches):
+            if cache is not None:
+                cache.length = int(pos[b - 1]) + 1
+                cache.note_peak()
         ledger.exit_layer_sum = int(exit_layer.sum())
         ledger.halted_tokens = int((~computing).sum())
         hx = A.final_norm(_take(h, logit_rows))
         ledger.flops["head"] += F_.head_flops(spec, hx.shape[0])
         return A.head(hx), ledger
 
-    def _qkv(self, l, x_kv, q_in_kv, pos_q, pos_k, rope):
-        """Projections of the rows with K/V (x_kv) and of the query rows among them."""
-        p, spec = self.adapter.layers[l], self.spec
-        k = p.k(x_kv).view(-1, spec.n_kv_heads, spec.head_dim)  # (Tk, Hkv, hd)
-        v = p.v(x_kv).view(-1, spec.n_kv_heads, spec.head_dim)
-        q = p.q(_take(x_kv, q_in_kv)).view(-1, spec.n_heads, spec.head_dim)  # (Tq, H, hd)
+    def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
+        """Autoregressive generation with this engine's mechanisms; see ``quicksilver.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    def _lin(self, l, name, x, rows, bits):
+        """Linear ``name`` of layer l on rows ``rows`` (None: all), each at its bit-width."""
+        if self._quant is None:
+            return self._linears[l][name](x)
+        return self._quant[l][name](x, _take(bits, rows))
+
+    def _lin_fn(self, l, rows, bits):
+        return lambda name, x: self._lin(l, name, x, rows, bits)
+
+    def _qkv(self, l, x_kv, q_in_kv, q_rows, k_rows, rope, bits):
+        """Projections of the rows with K/V (x_kv) and of the query rows among them.
+
+        ``rope`` holds per-row (cos, sin) tables; ``q_rows``/``k_rows`` pick the rows (None: all).
+        """
+        spec = self.spec
+        k = self._lin(l, "k", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)  # (Nk, Hkv, hd)
+        v = self._lin(l, "v", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)
+        q = self._lin(l, "q", _take(x_kv, q_in_kv), q_rows, bits).view(-1, spec.n_heads, spec.head_dim)  # (Nq, H, hd)
         if rope is not None:
             cos, sin = rope
-            q = apply_rotary(q, cos[pos_q], sin[pos_q])
-            k = apply_rotary(k, cos[pos_k], sin[pos_k])
+            q = apply_rotary(q, _take(cos, q_rows), _take(sin, q_rows))
+            k = apply_rotary(k, _take(cos, k_rows), _take(sin, k_rows))
         return q, k, v
 
-    def _layer_compact(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, ledger):
-        p, spec, kv, T = self.adapter.layers[l], self.spec, self.config.kv, h.shape[0]
-        x_kv = p.attn_norm(_take(h, kv_rows))  # (Tk, d)
-        # Query rows are a subset of the K/V rows (a row that computes writes its K/V).
-        q_in_kv = None
-        if attn_rows is not None and kv_rows is None:
-            q_in_kv = attn_rows
+    def _layer_compact(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
+        p, kv = self.adapter.layers[l], self.config.kv
+        x_kv = p.attn_norm(_take(h, kv_rows))  # (Nk, d)
+        q_in_kv = _positions_in(attn_rows, kv_rows)
         pos_q, pos_k = _take(pos, attn_rows), _take(pos, kv_rows)
-        q, k, v = self._qkv(l, x_kv, q_in_kv, pos_q, pos_k, rope)
+        q, k, v = self._qkv(l, x_kv, q_in_kv, attn_rows, kv_rows, rope, bits)
         window = kv.window_at(l)
-        full = attn_rows is None and kv_rows is None and window is None
         visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
-        plan = None
-        if window is not None and attn_rows is None and kv_rows is None:
-            if window not in self._plans:
-                self._plans[window] = block_plan(pos_q, pos_k, visible, window, kv.sink_tokens)
-            plan = self._plans[window]
-        a, pairs = attend(q, k, v, pos_q, pos_k, p.attn_scale, visible, window, kv.sink_tokens, full, plan)
-        h = _add(h, attn_rows, p.o(a))
-        h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows))))
-        self._count(ledger, T, attn_rows, kv_rows, mlp_rows, pairs, l)
-        return h
+        outs, pairs = [], 0
+        for (a, b), cache in zip(segments, caches):
+            qa, qb = _bounds(attn_rows, a, b)
+            ka, kb = _bounds(kv_rows, a, b)
+            keys, values, k_pos = k[ka:kb], v[ka:kb], pos_k[ka:kb]
+            past = cache.get(l) if cache is not None else None
+            if past is not None:
+                keys, values, k_pos = torch.cat([past.k, keys]), torch.cat([past.v, values]), torch.cat([past.pos, k_pos])
+            if qb > qa:
+                whole = past is None and attn_rows is None and kv_rows is None
+                plan = None
+                if window is not None and whole and len(segments) == 1:
+                    if window not in plans:
+                        plans[window] = block_plan(pos_q, k_pos, visible, window, kv.sink_tokens, q.dtype)
+                    plan = plans[window]
+                out, seen = attend(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, visible, window,
+                                   kv.sink_tokens, whole and window is None, plan, bias)
+                outs.append(out)
+                pairs += seen
+            if cache is not None:
+                cache.append(l, k[ka:kb], v[ka:kb], pos_k[ka:kb])
+                if window is not None:
+                    cache.evict(l, int(pos[b - 1]) + 1, window, kv.sink_tokens)
+        if outs:  # a decode step whose only row halted has no query here
+            h = _add(h, attn_rows, self._lin(l, "o", torch.cat(outs), attn_rows, bits))
+        if mlp_rows is None or mlp_rows.numel():
+            h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits)))
+        return h, pairs
 
-    def _layer_masked(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, ledger):
+    def _layer_masked(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
         """Reference: compute every row, then keep updates only where the compact path computes."""
-        p, spec, kv, T = self.adapter.layers[l], self.spec, self.config.kv, h.shape[0]
+        p, kv, T = self.adapter.layers[l], self.config.kv, h.shape[0]
 
         def mask_of(rows):
             m = torch.zeros(T, dtype=torch.bool, device=h.device)
@@ -192,17 +343,18 @@ class Engine:
             return m
 
         is_q, has_kv, is_mlp = mask_of(attn_rows), mask_of(kv_rows), mask_of(mlp_rows)
-        q, k, v = self._qkv(l, p.attn_norm(h), None, pos, pos, rope)
+        q, k, v = self._qkv(l, p.attn_norm(h), None, None, None, rope, bits)
         mask = kv.visible(pos, pos, l) & has_kv[None, :]
         mask |= torch.eye(T, dtype=torch.bool, device=h.device) & ~is_q[:, None]  # rows whose output is discarded
-        a = _sdpa(q, k, v, p.attn_scale, mask=mask)
-        h = torch.where(is_q[:, None], h + p.o(a), h)
-        h = torch.where(is_mlp[:, None], h + p.mlp(p.mlp_norm(h)), h)
-        pairs = int((mask & is_q[:, None]).sum())
-        self._count(ledger, T, attn_rows, kv_rows, mlp_rows, pairs, l)
-        return h
+        scores_bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        if bias is not None:
+            scores_bias = scores_bias + bias(pos, pos).to(q.dtype)
+        a = _sdpa(q, k, v, p.attn_scale, mask=scores_bias)
+        h = torch.where(is_q[:, None], h + self._lin(l, "o", a, None, bits), h)
+        h = torch.where(is_mlp[:, None], h + p.mlp(p.mlp_norm(h), self._lin_fn(l, None, bits)), h)
+        return h, int((mask & is_q[:, None]).sum())
 
-    def _count(self, ledger, T, attn_rows, kv_rows, mlp_rows, pairs, l):
+    def _count(self, ledger, T, attn_rows, kv_rows, mlp_rows, pairs, full_pairs, bits):
         spec = self.spec
         nq, nk, nm = _n(attn_rows, T), _n(kv_rows, T), _n(mlp_rows, T)
         ledger.flops["projections"] += F_.q_proj_flops(spec, nq) + F_.kv_proj_flops(spec, nk) + F_.o_proj_flops(spec, nq)
@@ -212,4 +364,29 @@ class Engine:
         ledger.mlp_rows += nm
         ledger.kv_written += nk
         ledger.pairs_seen += pairs
-        ledger.pairs_full += T * (T + 1) // 2
+        ledger.pairs_full += full_pairs
+        # Precision ledger: linear FLOPs weighted by bits/16 and the weight bytes each call reads.
+        parts = (("q", attn_rows, F_.q_proj_flops(spec, 1)), ("k", kv_rows, F_.kv_proj_flops(spec, 1)),
+                 ("o", attn_rows, F_.o_proj_flops(spec, 1)), ("mlp", mlp_rows, F_.mlp_flops(spec, 1)))
+        for name, rows, per_row in parts:
+            b = _take(bits, rows)
+            if b.numel() == 0:
+                continue
+            ledger.bit_linear_flops += per_row * float(b.sum()) / 16
+            for present in torch.unique(b).tolist():  # each precision group reads its weights once
+                for n in _LINEAR_GROUPS[name]:
+                    if n in self._shapes:
+                        ledger.weight_bytes += self._weight_bytes(n, present)
+        for b_val, count in zip(*torch.unique(_take(bits, mlp_rows), return_counts=True)):
+            ledger.bits_hist[int(b_val)] += int(count)
+
+    def _weight_bytes(self, name: str, bits: int) -> int:
+        from .quant import weight_bytes
+
+        shape = self._shapes[name]
+        if bits == 16:  # unquantized: the weights in the model's own dtype
+            return shape[0] * shape[1] * self._elem
+        return weight_bytes(shape, bits, self.config.amq.group_size)
+
+
+_LINEAR_GROUPS = {"q": ("q",), "k": ("k", "v"), "o": ("o",), "mlp": ("gate", "up", "down", "fc", "proj")}

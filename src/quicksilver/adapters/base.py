@@ -85,12 +85,14 @@ class LayerParams:
         names = ("gate", "up", "down") if len(self.mlp_linears) == 3 else ("fc", "proj")
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o, **dict(zip(names, self.mlp_linears))}
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, lin: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The MLP; ``lin(name, x)`` replaces the plain linears (e.g. quantized ones)."""
+        if lin is None:
+            linears = self.linears()
+            lin = lambda name, t: linears[name](t)  # noqa: E731
         if len(self.mlp_linears) == 3:
-            gate, up, down = self.mlp_linears
-            return down(self.act(gate(x)) * up(x))
-        fc, proj = self.mlp_linears
-        return proj(self.act(fc(x)))
+            return lin("down", self.act(lin("gate", x)) * lin("up", x))
+        return lin("proj", self.act(lin("fc", x)))
 
 
 class FamilyAdapter:

@@ -1,0 +1,129 @@
+"""Decode benchmark: each preset against HF ``generate`` on the same prompts, in the same run.
+
+For batch sizes 1 and 8 and 128 new tokens on 8 prompts from the wiki test split:
+tokens/s of each side and their ratio, time to first token, KV-cache bytes (the engine's
+peak against the full cache HF keeps), and greedy agreement with HF's greedy output
+(fraction of identical tokens, and the first step where they differ). HF and the engine
+alternate prompt by prompt after a warm-up. EOS does not stop either side, so both
+produce exactly ``--new-tokens`` tokens. Usage:
+
+    python benchmarks/bench_decode.py [--new-tokens 128] [--out docs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from quicksilver import load_corpus, load_model
+from quicksilver.config import PRESETS, Config
+from quicksilver.engine import Engine
+from quicksilver.results_io import write_atomic, write_json_atomic
+
+
+def prompts_from_corpus(tok, n: int = 8) -> list[list[int]]:
+    """The opening paragraph of n test articles, cut to 24..64 tokens (varied lengths)."""
+    out = []
+    for i, doc in enumerate(load_corpus("wiki", "test").documents[:n]):
+        ids = tok(doc.split("\n\n", 2)[1], add_special_tokens=False).input_ids
+        out.append(ids[: 24 + (i * 5) % 41])
+    return out
+
+
+def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int):
+    """HF greedy generate on a left-padded batch; returns (tokens per row, seconds, ttft seconds)."""
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    seconds = time.perf_counter() - t0
+    return out[:, width:].tolist(), seconds, ttft
+
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int | None]:
+    same = total = 0
+    first = None
+    for a, b in zip(ours, ref):
+        for step, (x, y) in enumerate(zip(a, b)):
+            same += x == y
+            total += 1
+            if x != y and (first is None or step < first):
+                first = step
+    return same / max(total, 1), first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    args = ap.parse_args()
+    model, tok = load_model("smollm2-135m")
+    model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
+    prompts = prompts_from_corpus(tok)
+    spec = Engine(model).spec
+    rows = []
+    for batch in (1, 8):
+        groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+        hf_generate(model, tok, groups[0], 4)  # warm-up
+        for name in args.presets.split(","):
+            engine = Engine(model, Config.preset(name))
+            engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up
+            hf_tokens, hf_s, hf_ttft, qs_tokens, qs_s, qs_ttft, kv, kv_full = [], 0.0, 0.0, [], 0.0, 0.0, 0, 0
+            for group in groups:  # alternate HF and the engine group by group
+                toks, s, ttft = hf_generate(model, tok, group, args.new_tokens)
+                hf_tokens += toks
+                hf_s += s
+                hf_ttft += ttft
+                r = engine.generate([torch.tensor(p) for p in group], args.new_tokens)
+                qs_tokens += r.tokens
+                qs_s += r.total_seconds
+                qs_ttft += r.time_to_first_token
+                kv += r.kv_bytes
+                kv_full += r.kv_full_bytes
+            n = sum(len(t) for t in qs_tokens)
+            agree, first = agreement(qs_tokens, hf_tokens)
+            row = {
+                "preset": name, "batch": batch, "new_tokens": n,
+                "hf_tokens_per_s": sum(len(t) for t in hf_tokens) / hf_s, "tokens_per_s": n / qs_s,
+                "hf_ttft_ms": 1000 * hf_ttft / len(groups), "ttft_ms": 1000 * qs_ttft / len(groups),
+                "kv_bytes": kv, "kv_full_bytes": kv_full, "greedy_agreement": agree, "first_divergence": first,
+            }
+            row["speed_ratio"] = row["tokens_per_s"] / row["hf_tokens_per_s"]
+            rows.append(row)
+            print(f"batch {batch} {name}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
+                  f"({row['speed_ratio']:.2f}x), agreement {agree:.1%}, first divergence {first}", file=sys.stderr, flush=True)
+    meta = {
+        "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU", "torch": torch.__version__,
+        "n_layers": spec.n_layers,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "decode.json", {"meta": meta, "rows": rows})
+    lines = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+             f"smollm2-135m float32, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy.", "",
+             "| batch | preset | tok/s | HF tok/s | ratio | TTFT ms | HF TTFT ms | KV bytes vs full | greedy agreement | first divergence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['preset']} | {r['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} | {r['speed_ratio']:.2f}x "
+                     f"| {r['ttft_ms']:.0f} | {r['hf_ttft_ms']:.0f} | {r['kv_bytes'] / max(r['kv_full_bytes'], 1):.1%} "
+                     f"| {r['greedy_agreement']:.1%} | {r['first_divergence'] if r['first_divergence'] is not None else 'none'} |")
+    write_atomic(out / "decode.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Autoregressive generation with the engine: prefill, then one token per step per row.
+
+Each row has its own SequenceCache holding only the K/V entries that were written, so
+KV skipping shrinks the cache for real. Mechanisms apply to every new token exactly as
+they apply to that token in a full forward pass (decisions are per token and causal),
+so decoding with the cache equals recomputing the prefix each step. Rows of a batch
+share the projections and MLP of each step (one matmul over the rows that compute) and
+attend to their own caches. Contextual Token Fusion, once added, applies to prefill only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .cache import SequenceCache
+from .errors import QuicksilverError
+
+
+@dataclass
+class GenerationResult:
+    """Generated tokens per row (prompt excluded) and what generating them cost."""
+
+    tokens: list[list[int]]
+    prompt_tokens: list[int]
+    stop_reasons: list[str]
+    time_to_first_token: float
+    decode_seconds: float
+    total_seconds: float
+    kv_bytes: int  # peak bytes of the engine's caches, summed over rows
+    kv_full_bytes: int  # what a full cache of the same tokens would hold
+    mean_exit_layer: float  # over generated tokens (decode steps)
+    ledger: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else float("inf")
+
+
+def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
+    """A function (logits (N, V), rows' tokens so far) -> next tokens (N,); greedy at temperature 0.
+
+    Warping uses transformers' public logits processors (temperature, top-k, top-p).
+    """
+    if temperature < 0:
+        raise QuicksilverError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise QuicksilverError(f"top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise QuicksilverError(f"top-p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return lambda logits: logits.argmax(-1)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    gen = torch.Generator()
+    gen.manual_seed(0 if seed is None else seed)
+
+    def sample(logits):
+        scores = warpers(None, logits.float())
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits.device)
+
+    return sample
+
+
+def _check_prompts(prompts, max_new_tokens: int, max_positions: int) -> list[torch.Tensor]:
+    if max_new_tokens < 1:
+        raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    if isinstance(prompts, torch.Tensor):
+        prompts = [prompts] if prompts.dim() == 1 else list(prompts)
+    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    if not rows:
+        raise QuicksilverError("no prompt given")
+    for r in rows:
+        if r.numel() == 0:
+            raise QuicksilverError("empty prompt: give at least one token")
+        if r.numel() + max_new_tokens > max_positions:
+            raise QuicksilverError(
+                f"prompt of {r.numel()} tokens plus {max_new_tokens} new tokens exceeds the model's context of {max_positions}"
+            )
+    return rows
+
+
+def prefill(engine, prompt: torch.Tensor, cache: SequenceCache):
+    """Run the prompt through every layer, filling ``cache``; logits of the last position (1, V)."""
+    T = prompt.numel()
+    pos = torch.arange(T, device=prompt.device)
+    return engine.run(prompt, pos, [(0, T)], [cache], logit_rows=torch.tensor([T - 1], device=prompt.device))
+
+
+def decode_one_token(engine, tokens: torch.Tensor, caches: Sequence[SequenceCache]):
+    """One step for several rows: ``tokens`` (B,) at each cache's next position; logits (B, V)."""
+    pos = torch.tensor([c.length for c in caches], device=tokens.device)
+    segments = [(i, i + 1) for i in range(len(caches))]
+    return engine.run(tokens, pos, segments, list(caches))
+
+
+@torch.inference_mode()
+def generate(
+    engine,
+    prompts,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Generate continuations of one or more prompts with the engine's mechanisms.
+
+    Parameters
+    ----------
+    prompts : (T,) or (B, T) tensor, or a list of 1-D token sequences (ragged is fine).
+    max_new_tokens : int, default 64
+    temperature, top_k, top_p, seed : sampling; temperature 0 (default) is greedy.
+    eos_token_id : int or list of int; a row stops after emitting one.
+    stop_strings : a row stops once its decoded continuation contains one (needs ``tokenizer``).
+    on_token : called as ``on_token(row, token_id)`` for every generated token (streaming).
+    """
+    from .engine import Ledger
+
+    spec = engine.spec
+    rows = _check_prompts(prompts, max_new_tokens, spec.max_positions)
+    if stop_strings and tokenizer is None:
+        raise QuicksilverError("stop strings need a tokenizer to decode with")
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    sample = make_sampler(temperature, top_k, top_p, seed)
+    device = next(engine.model.parameters()).device
+    caches = [SequenceCache(spec.n_layers) for _ in rows]
+    out: list[list[int]] = [[] for _ in rows]
+    reasons = ["length"] * len(rows)
+    decode_ledger = Ledger(n_layers=spec.n_layers)
+    total = Ledger(n_layers=spec.n_layers)
+
+    t0 = time.perf_counter()
+    last = []
+    for i, prompt in enumerate(rows):
+        logits, ledger = prefill(engine, prompt.to(device), caches[i])
+        total.merge(ledger)
+        last.append(logits[0])
+    next_tokens = sample(torch.stack(last))
+    ttft = time.perf_counter() - t0
+    active = list(range(len(rows)))
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        still = []
+        for j, i in enumerate(active):
+            tok = int(next_tokens[j])
+            out[i].append(tok)
+            if on_token:
+                on_token(i, tok)
+            if tok in eos:
+                reasons[i] = "eos"
+            elif stop_strings and any(s in tokenizer.decode(out[i]) for s in stop_strings):
+                reasons[i] = "stop_string"
+            elif step + 1 < max_new_tokens:
+                still.append((j, i))
+        if not still:
+            break
+        active = [i for _, i in still]
+        feed = next_tokens[torch.tensor([j for j, _ in still], device=next_tokens.device)]
+        logits, ledger = decode_one_token(engine, feed, [caches[i] for i in active])
+        decode_ledger.merge(ledger)
+        total.merge(ledger)
+        next_tokens = sample(logits)
+    end = time.perf_counter()
+    elem = next(engine.model.parameters()).element_size()
+    full_bytes = sum((r.numel() + len(o) - 1) * spec.n_layers * 2 * spec.kv_dim * elem for r, o in zip(rows, out))
+    stats = total.as_dict()
+    return GenerationResult(
+        tokens=out,
+        prompt_tokens=[r.numel() for r in rows],
+        stop_reasons=reasons,
+        time_to_first_token=ttft,
+        decode_seconds=end - t1,
+        total_seconds=end - t0,
+        kv_bytes=sum(c.peak_bytes for c in caches),
+        kv_full_bytes=full_bytes,
+        mean_exit_layer=decode_ledger.as_dict()["mean_exit_layer"] if decode_ledger.tokens else float(spec.n_layers),
+        ledger=stats,
+    )

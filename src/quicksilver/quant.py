@@ -1,0 +1,161 @@
+"""Quantization primitives: one int8 copy of a weight, and its nested int4/int2 slices.
+
+Weights are quantized once, symmetrically, to signed int8 codes q in [-127, 127] with one
+scale per output channel (``group_size=None``) or per group of ``group_size`` input
+channels. A lower precision r is MatQuant's slicing operator (Nair et al. 2025,
+"Matryoshka Quantization", Eq. 2) applied to the same codes, here in its signed form:
+
+    S(q, r) = clamp(round(q / 2^(8-r)), -2^(r-1), 2^(r-1) - 1) * 2^(8-r)
+
+(round half away from zero), so int4 and int2 keep the most significant bits of the int8
+codes and one stored copy serves all three precisions. ``dequantize`` maps codes back to
+floats; only ``Int8Kernel`` computes with integer arithmetic (see there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (8, 4, 2)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Signed int8 codes (out, in) and float scales (out, groups)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    group_size: int | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """Symmetric int8 codes of a (out, in) weight, per output channel or per input group."""
+    w = weight.detach().float()
+    out_f, in_f = w.shape
+    g = in_f if group_size is None else group_size
+    if in_f % g:
+        raise ValueError(f"group_size {g} does not divide the {in_f} input channels")
+    grouped = w.reshape(out_f, in_f // g, g)
+    scales = grouped.abs().amax(dim=-1).clamp_min(1e-12) / 127.0  # (out, groups)
+    codes = torch.round(grouped / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(codes.reshape(out_f, in_f), scales, group_size)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def slice_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """MatQuant's slicing S(q, r): the ``bits`` most significant bits, back on the int8 grid."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if bits == 8:
+        return codes
+    step = 2 ** (8 - bits)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    sliced = _round_half_away(codes.to(torch.int32).float() / step).clamp_(lo, hi) * step
+    return sliced.to(torch.int16)  # +-128 does not fit int8
+
+
+def dequantize(qw: QuantizedWeight, bits: int = 8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float weight (out, in) of the ``bits``-bit slice."""
+    codes = slice_codes(qw.codes, bits).float()
+    out_f, in_f = codes.shape
+    g = in_f if qw.group_size is None else qw.group_size
+    w = codes.reshape(out_f, in_f // g, g) * qw.scales[..., None]
+    return w.reshape(out_f, in_f).to(dtype)
+
+
+def weight_bytes(shape: torch.Size, bits: int, group_size: int | None) -> int:
+    """Bytes a kernel must read for one pass over the weight at ``bits`` (codes plus fp16 scales)."""
+    out_f, in_f = shape
+    groups = 1 if group_size is None else in_f // group_size
+    return out_f * in_f * bits // 8 + out_f * groups * 2
+
+
+def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``reference``, in decibels."""
+    noise = (reference.float() - approx.float()).pow(2).mean()
+    return float(10 * torch.log10(reference.float().pow(2).mean() / noise.clamp_min(1e-30)))
+
+
+class Int8Kernel:
+    """A real int8 matmul: x86/fbgemm dynamic quantized linear over per-channel int8 codes.
+
+    fbgemm quantizes activations with one range per tensor, which would make a token's
+    output depend on the other rows of the matmul (later tokens included: not causal, and
+    a batch would differ from its rows alone). So each row is first scaled to abs-max 1 and
+    two guard rows (all +1, all -1) are appended: the tensor's range is then always exactly
+    [-1, 1], every row is quantized alone, and its output is scaled back. The product runs in
+    integer arithmetic (``torch.ops.quantized.linear_dynamic``); the same codes, not a copy of
+    different ones, are packed.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        if qw.group_size is not None:
+            raise ValueError("the int8 kernel needs per-channel scales (group_size=None)")
+        scales = qw.scales[:, 0].double()
+        qweight = torch._make_per_channel_quantized_tensor(
+            qw.codes, scales, torch.zeros_like(scales, dtype=torch.long), 0
+        )
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if bias is None else bias.float()
+        guard = torch.ones(2, qw.shape[1])
+        guard[1] = -1.0
+        self.guard = guard
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        row_max = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (n, 1)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([xf / row_max, self.guard]), self.packed)[:-2] * row_max
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+class QuantizedLinear:
+    """One decoder linear at 8, 4 and 2 bits from one int8 copy; rows run grouped by bit-width.
+
+    int8 rows run ``Int8Kernel`` when the scales are per channel. Every other precision
+    (and int8 with group scales) has no fast kernel on this hardware: it runs a float
+    matmul over the dequantized slice (cached once per precision), which saves no time,
+    and the ledger says so (``fast_bits``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int | None):
+        self.qw = quantize_int8(weight, group_size)
+        self.bias = bias
+        self.dtype = weight.dtype
+        self._run: dict[int, object] = {}
+        self.fast_bits = {8} if group_size is None else set()
+
+    def executor(self, bits: int):
+        if bits not in self._run:
+            if bits in self.fast_bits:
+                import warnings
+
+                with warnings.catch_warnings():  # torch's quantized tensors are deprecated in favour of torchao
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._run[bits] = Int8Kernel(self.qw, self.bias)
+            else:
+                w = dequantize(self.qw, bits, self.dtype)
+                bias = self.bias
+                self._run[bits] = lambda x, w=w, b=bias: torch.nn.functional.linear(x, w, b)
+        return self._run[bits]
+
+    def __call__(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """``x`` (n, in) with ``bits`` (n,) per row -> (n, out)."""
+        present = torch.unique(bits).tolist()
+        if len(present) == 1:
+            return self.executor(present[0])(x)
+        out = torch.empty(x.shape[0], self.qw.shape[0], dtype=x.dtype, device=x.device)
+        for b in present:
+            rows = (bits == b).nonzero().squeeze(1)
+            out[rows] = self.executor(b)(x.index_select(0, rows))
+        return out
