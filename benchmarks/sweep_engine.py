@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from quicksilver import load_model
-from quicksilver.config import Config
+from quicksilver.config import PRESETS, Config
 from quicksilver.evaluate import evaluate_model
 from quicksilver.results_io import write_atomic, write_json_atomic
 
@@ -59,8 +59,43 @@ def kv_variants() -> list[tuple[str, dict]]:
 COLUMNS = ("perplexity", "relative_delta_perplexity", "flop_reduction", "speedup", "mean_exit_layer", "kv_fraction", "top1_agreement")
 
 
+def ablation_rows() -> list[tuple[str, dict]]:
+    """The paper's ablation: each mechanism alone, the cumulative stack, and uniform baselines."""
+    P = PRESETS
+    return [
+        ("Dynamic Token Halting alone", P["halting"]),
+        ("KV Cache Skipping alone", P["kvskip"]),
+        ("Contextual Token Fusion alone", P["fusion"]),
+        ("Adaptive Matryoshka Quantization alone", P["amq"]),
+        ("halting + KV skipping", {**P["halting"], **P["kvskip"]}),
+        ("halting + KV skipping + fusion", {**P["halting"], **P["kvskip"], **P["fusion"]}),
+        ("halting + KV skipping + fusion + AMQ (all)", P["all"]),
+        ("uniform int8 (real int8 kernel)", P["int8"]),
+        ("uniform int4 (MSB slice, group 32; no fast kernel)", P["int4"]),
+    ]
+
+
 def row(name: str, r: dict) -> dict:
-    return {"variant": name, **{k: r[k] for k in COLUMNS}, "baseline_perplexity": r["baseline"]["perplexity"], "config": r["config"]}
+    ledger = r["ledger"]
+    return {
+        "variant": name, **{k: r[k] for k in COLUMNS}, "baseline_perplexity": r["baseline"]["perplexity"],
+        "bit_flop_reduction": 1.0 - ledger["bit_weighted_flops"] / r["baseline"]["flops"],
+        "bits_per_token": ledger["bits_per_token"], "fused_fraction": ledger["fused_fraction"], "config": r["config"],
+    }
+
+
+def ablation_markdown(title: str, rows: list[dict], baseline_ppl: float) -> str:
+    lines = [f"#### {title}", "",
+             "| configuration | PPL | rel. ΔPPL | FLOP reduction | bit-weighted FLOP reduction | speedup | kv_fraction | bits/token | fused |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| baseline (stock HF, float32) | {baseline_ppl:.3f} | — | — | — | 1.00x | 1.000 | 32 (float32) | 0 |"]
+    for r in rows:
+        bits = f"{r['bits_per_token']:.2f}" if r["bits_per_token"] != 16 else "unquantized"
+        lines.append(
+            f"| {r['variant']} | {r['perplexity']:.3f} | {r['relative_delta_perplexity'] * 100:+.2f}% | {r['flop_reduction'] * 100:.1f}% "
+            f"| {r['bit_flop_reduction'] * 100:.1f}% | {r['speedup']:.2f}x | {r['kv_fraction']:.3f} | {bits} | {r['fused_fraction'] * 100:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(title: str, rows: list[dict], baseline_ppl: float) -> str:
@@ -80,7 +115,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--only", choices=["halting", "kv"], default=None)
+    ap.add_argument("--only", choices=["halting", "kv", "ablation"], default=None)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +126,8 @@ def main() -> None:
         plan.append(("halting", 1024, halting_variants()))
     if args.only in (None, "kv"):
         plan += [("kv", 1024, kv_variants()[1:4]), ("kv", 4096, kv_variants())]
+    if args.only in (None, "ablation"):
+        plan.append(("ablation", 4096, ablation_rows()))
     for kind, window, variants in plan:
         rows = []
         for name, data in variants:
@@ -109,13 +146,23 @@ def main() -> None:
         "tokens": args.tokens,
         "corpus": args.corpus,
     }
-    write_json_atomic(out / "engine_sweep.json", {"meta": meta, "sweeps": sweeps})
-    md = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-          f"model smollm2-135m float32, `{args.corpus}` test split, first {args.tokens} tokens.", ""]
-    for s in sweeps:
-        title = f"{'Dynamic Token Halting' if s['kind'] == 'halting' else 'KV Cache Skipping'}, {s['window']}-token windows"
-        md.append(markdown(title, s["rows"], s["rows"][0]["baseline_perplexity"]))
-    write_atomic(out / "engine_sweep.md", "\n".join(md))
+    header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+              f"model smollm2-135m float32, `{args.corpus}` test split, first {args.tokens} tokens.")
+    stem = "engine_sweep" if args.only is None else f"engine_sweep_{args.only}"
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "sweeps": sweeps})
+    names = {"halting": "Dynamic Token Halting", "kv": "KV Cache Skipping"}
+    for kind in ("halting", "kv", "ablation"):
+        chosen = [s for s in sweeps if s["kind"] == kind]
+        if not chosen:
+            continue
+        md = [header, ""]
+        for s in chosen:
+            base = s["rows"][0]["baseline_perplexity"]
+            if kind == "ablation":
+                md.append(ablation_markdown(f"Ablation, {s['window']}-token windows", s["rows"], base))
+            else:
+                md.append(markdown(f"{names[kind]}, {s['window']}-token windows", s["rows"], base))
+        write_atomic(out / f"sweep_{kind}{'' if args.corpus == 'wiki' else '_' + args.corpus}.md", "\n".join(md))
 
 
 if __name__ == "__main__":

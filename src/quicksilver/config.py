@@ -17,16 +17,24 @@ MECHANISMS = {
     "amq": AdaptiveMatryoshkaQuantization,
 }
 
-# Each preset is the best point of the sweep in docs/RESULTS.md with relative perplexity
-# increase <= 2% on wiki (benchmarks/sweep_engine.py); see there for what each saves.
+# Each preset is the best point of the sweeps in docs/RESULTS.md with relative perplexity
+# increase <= 2% on wiki (benchmarks/sweep_engine.py, scouting on the calibration split).
+# On the default model they save little; RESULTS.md says how little and why.
+HALTING = {"enabled": True, "threshold": 0.13, "min_layer": 10, "patience": 3, "tail_layers": 5, "skip": "mlp"}
+KVSKIP = {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 1024}
+FUSION = {"enabled": True, "layer": 12, "threshold": 0.92, "window": 4, "output": "delta"}
+AMQ = {"enabled": True, "decision_layer": 8, "int4_below": 0.15, "group_size": 32}
 PRESETS: dict[str, dict] = {
     "off": {},
-    "halting": {"halting": {"enabled": True, "threshold": 0.05, "min_layer": 8, "patience": 2, "tail_layers": 4, "skip": "mlp"}},
-    "kvskip": {"kv": {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 1024}},
+    "halting": {"halting": HALTING},
+    "kvskip": {"kv": KVSKIP},
+    "fusion": {"fusion": FUSION},
+    "amq": {"amq": AMQ},
+    # The paper's full stack: halting + KV skipping + fusion + AMQ.
+    "all": {"halting": HALTING, "kv": KVSKIP, "fusion": FUSION, "amq": AMQ},
     # Uniform weight-quantization baselines: int8 through the real int8 kernel; int4 slices (no fast kernel).
     "int8": {"amq": {"enabled": True, "uniform_bits": 8}},
     "int4": {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}},
-    "amq": {"amq": {"enabled": True, "decision_layer": 8, "int4_below": 0.2}},
 }
 
 
