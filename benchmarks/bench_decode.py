@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from quicksilver import load_corpus, load_model
-from quicksilver.config import Config
+from quicksilver.config import PRESETS, Config
 from quicksilver.engine import Engine
+from quicksilver.evaluate import make_engine
 from quicksilver.results_io import write_atomic, write_json_atomic
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--presets", default="off,halting,kvskip,amq,int8,all")  # fusion is prefill-only; int4 has no fast kernel
+    ap.add_argument("--presets", default=",".join(PRESETS))  # fusion runs as off in decode (prefill-only)
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m")
     model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
@@ -79,7 +80,7 @@ def main() -> None:
         groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         hf_generate(model, tok, groups[0], 4)  # warm-up
         for name in args.presets.split(","):
-            engine = Engine(model, Config.preset(name))
+            engine = make_engine(model, tok, Config.preset(name))
             engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up
             hf_tokens, hf_s, hf_ttft, qs_tokens, qs_s, qs_ttft, kv, kv_full = [], 0.0, 0.0, [], 0.0, 0.0, 0, 0
             for group in groups:  # alternate HF and the engine group by group

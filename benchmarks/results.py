@@ -52,6 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.assemble:
         run("sweep_engine.py")
+        run("layer_skip_map.py")
         run("bench_decode.py")
     assemble()
 

@@ -144,3 +144,36 @@ def test_int8_kernel_rows_are_independent_of_each_other():
         kernel = Int8Kernel(quantize_int8(w), b)
     x = torch.randn(9, 32) * torch.rand(9, 1) * 10
     assert torch.equal(kernel(x), torch.cat([kernel(x[i : i + 1]) for i in range(9)]))
+
+
+def test_smoothing_factors_follow_smoothquant_and_preserve_the_product():
+    from quicksilver.quant import smoothing_factors
+
+    w = torch.tensor([[1.0, -4.0], [0.5, 2.0]])
+    a = torch.tensor([9.0, 1.0])
+    s = smoothing_factors(a, w, alpha=0.5)
+    assert torch.allclose(s, torch.tensor([9.0**0.5 / 1.0**0.5, 1.0 / 4.0**0.5]))
+    torch.manual_seed(4)
+    x = torch.randn(16, 64)
+    x[:, 3] *= 50  # an outlier channel, as LLM activations have
+    w = torch.randn(32, 64) * 0.05
+    plain = QuantizedLinear(w, None, None)
+    smooth = QuantizedLinear(w, None, None, smoothing_factors(x.abs().amax(0), w, 0.5))
+    bits = torch.full((16,), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert snr_db(x @ w.T, smooth(x, bits)) > snr_db(x @ w.T, plain(x, bits))
+
+
+def test_smoothing_needs_calibration_text_and_stays_causal():
+    from test_engine import _causality
+
+    model = TINY["llama"]()
+    cfg = Config.from_dict({"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.5}})
+    with pytest.raises(QuicksilverError, match="calibration"):
+        Engine(model, cfg)
+    engine = Engine(model, cfg, calibration_ids=torch.randint(0, 99, (64,)))
+    assert engine.config.amq.smoothing == 0.5 and not engine.config.is_off  # the calibration pass restored the config
+    ids = torch.randint(0, 99, (30,))
+    assert torch.allclose(engine(ids).logits, engine(ids, compact=False).logits, atol=1e-5)
+    _causality(engine, 99)

@@ -88,8 +88,10 @@ def test_aggressive_settings_are_causal(family, name):
 @pytest.mark.real_model
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_is_causal_on_the_default_model(default_model, preset):
-    model, _ = default_model
-    _causality(Engine(model, Config.preset(preset)), model.config.vocab_size, seq_len=96, t=60)
+    from quicksilver.evaluate import make_engine
+
+    model, tok = default_model
+    _causality(make_engine(model, tok, Config.preset(preset)), model.config.vocab_size, seq_len=96, t=60)
 
 
 def test_zero_threshold_never_halts_and_equals_off():

@@ -51,11 +51,13 @@ def test_presets_decode_like_recomputation_on_the_default_model(default_model, p
     """Teacher-forced: every generated token is the full forward's argmax at that step, except
     at a numerical near-tie (a 1-row and a T-row matmul differ by ~1e-6 in float32, which
     quantized activations can round apart)."""
+    from quicksilver.evaluate import make_engine
+
     model, tok = default_model
     config = Config.preset(preset)
-    engine = Engine(model, config)
+    engine = make_engine(model, tok, config)
     # Fusion is prefill-only and generate runs without it: recompute without it too.
-    reference = Engine(model, config.with_settings(["fusion.enabled=false"])) if config.fusion.enabled else engine
+    reference = make_engine(model, tok, config.with_settings(["fusion.enabled=false"])) if config.fusion.enabled else engine
     prompt = tok("Photosynthesis is the process by which", return_tensors="pt").input_ids[0]
     generated = engine.generate(prompt, 12).tokens[0]
     full = reference(torch.cat([prompt, torch.tensor(generated)])).logits[prompt.numel() - 1 : -1]

@@ -63,7 +63,7 @@ def eval_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set halting.threshold=0.03 (repeatable)."),
 ) -> None:
@@ -95,7 +95,7 @@ def eval_cmd(
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4 (fusion is prefill-only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
@@ -109,7 +109,7 @@ def generate_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Generate text with the mechanisms on, streaming tokens as they come, then a one-line summary."""
-    from .engine import Engine
+    from .evaluate import make_engine
     from .models import load_model
 
     config = _config(preset, config_file, settings)
@@ -118,7 +118,9 @@ def generate_cmd(
     if max_new_tokens < 1:
         raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
     hf_model, tok = load_model(model, dtype=dtype, device=device)
-    engine = Engine(hf_model, config)
+    engine = make_engine(hf_model, tok, config)
+    if config.fusion.enabled:
+        err.print("note: Contextual Token Fusion is prefill-only; generate runs without it", highlight=False)
     if chat:
         if not getattr(tok, "chat_template", None):
             raise QuicksilverError(f"model {model!r} has no chat template")
@@ -177,7 +179,8 @@ def _comparison_table(result: dict) -> Table:
         table.add_column(col, justify="left" if col == "metric" else "right")
     for key in ("perplexity", "bits_per_byte", "word_perplexity", "flops", "flops_per_token", "wall_seconds", "tokens_per_second"):
         table.add_row(key, _fmt(base[key]), _fmt(result[key]))
-    for key in ("relative_delta_perplexity", "flop_reduction", "speedup", "mean_exit_layer", "kv_fraction", "top1_agreement", "kl_divergence"):
+    for key in ("relative_delta_perplexity", "flop_reduction", "speedup", "mean_exit_layer", "kv_fraction", "top1_agreement", "kl_divergence",
+                "bits_per_token", "fused_fraction"):
         table.add_row(key, "", _fmt(result[key]))
     return table
 

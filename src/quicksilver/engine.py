@@ -139,9 +139,11 @@ class Engine:
     ----------
     model : a loaded HF causal LM (its weights are used in place, never copied).
     config : Config, default all mechanisms off (then logits equal the stock forward).
+    calibration_ids : (T,) token ids, optional
+        Calibration text for settings that need activation statistics (``amq.smoothing``).
     """
 
-    def __init__(self, model, config: Config | None = None):
+    def __init__(self, model, config: Config | None = None, calibration_ids: torch.Tensor | None = None):
         self.model = model
         self.adapter = adapter_for(model)
         self.spec = self.adapter.arch
@@ -154,11 +156,34 @@ class Engine:
         self._shapes = {n: m.weight.shape for n, m in self._linears[0].items()}
         self._elem = self._linears[0]["q"].weight.element_size()
         self._quant = None
-        if self.config.amq.enabled:
-            from .quant import QuantizedLinear
+        self._record = None  # per (layer, linear): running max |x| of inputs, while calibrating
+        amq = self.config.amq
+        if amq.enabled:
+            from .quant import QuantizedLinear, smoothing_factors
 
-            gs = self.config.amq.group_size
-            self._quant = [{n: QuantizedLinear(m.weight, m.bias, gs) for n, m in lins.items()} for lins in self._linears]
+            smooth = [{n: None for n in lins} for lins in self._linears]
+            if amq.smoothing is not None:
+                if calibration_ids is None:
+                    from .errors import QuicksilverError
+
+                    raise QuicksilverError("amq.smoothing needs calibration text (Engine(..., calibration_ids=...))")
+                absmax = self._activation_absmax(calibration_ids)
+                smooth = [{n: smoothing_factors(absmax[l][n], m.weight, amq.smoothing) for n, m in lins.items()}
+                          for l, lins in enumerate(self._linears)]
+            self._quant = [{n: QuantizedLinear(m.weight, m.bias, amq.group_size, smooth[l][n]) for n, m in lins.items()}
+                           for l, lins in enumerate(self._linears)]
+
+    @torch.inference_mode()
+    def _activation_absmax(self, ids: torch.Tensor, window: int = 512) -> list[dict]:
+        """Per layer and linear, the max |input| per channel over the calibration text (unquantized pass)."""
+        self._record = [{} for _ in self._linears]
+        saved, self.config = self.config, Config()
+        try:
+            for start in range(0, ids.numel(), window):
+                self._forward(ids[start : start + window], None, True)
+            return self._record
+        finally:
+            self._record, self.config = None, saved
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, logit_rows: torch.Tensor | None = None, compact: bool = True) -> EngineOutput:
@@ -275,6 +300,10 @@ class Engine:
     def _lin(self, l, name, x, rows, bits):
         """Linear ``name`` of layer l on rows ``rows`` (None: all), each at its bit-width."""
         if self._quant is None:
+            if self._record is not None:
+                seen = x.detach().abs().amax(dim=0)
+                prev = self._record[l].get(name)
+                self._record[l][name] = seen if prev is None else torch.maximum(prev, seen)
             return self._linears[l][name](x)
         return self._quant[l][name](x, _take(bits, rows))
 

@@ -127,6 +127,25 @@ def tokenize_documents(tokenizer, documents: Iterable[str], max_tokens: int | No
     return torch.tensor(ids, dtype=torch.long)
 
 
+CALIBRATION_TOKENS = 2048
+
+
+def make_engine(model, tokenizer, config, corpus: str = "wiki"):
+    """An Engine for ``config``, given calibration text when a setting needs it (``amq.smoothing``).
+
+    Calibration text is the first 2,048 tokens of the corpus's calibration split (``wiki``'s
+    for corpora without one): never the text being evaluated.
+    """
+    from .corpora import OFFLINE_CORPORA, load_corpus
+    from .engine import Engine
+
+    calibration = None
+    if config.amq.enabled and config.amq.smoothing is not None:
+        source = corpus if corpus in OFFLINE_CORPORA else "wiki"
+        calibration = tokenize_documents(tokenizer, load_corpus(source, "calibration").documents, CALIBRATION_TOKENS)
+    return Engine(model, config, calibration_ids=calibration)
+
+
 def word_count(text: str) -> int:
     """Words as lm-evaluation-harness counts them for word perplexity (whitespace split)."""
     return len(re.split(r"\s+", text.strip()))
@@ -260,12 +279,11 @@ def evaluate_model(
     hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
     text = load_corpus(corpus, split, text_file)
     from .config import Config
-    from .engine import Engine
 
     config = config or Config.preset("off")
     runners: list = [StockRunner(hf_model)]
     if not config.is_off:
-        runners.append(EngineRunner(Engine(hf_model, config)))
+        runners.append(EngineRunner(make_engine(hf_model, tokenizer, config, text.name if text_file is None else "wiki")))
     spec = runners[0].spec
     if window > spec.max_positions:
         raise QuicksilverError(f"window {window} is longer than the model's context of {spec.max_positions} tokens")
@@ -318,6 +336,9 @@ def compare(base: Totals, run: Totals, n_bytes: int, n_words: int) -> dict:
         "speedup": b["wall_seconds"] / r["wall_seconds"],
         "mean_exit_layer": stats["mean_exit_layer"],
         "kv_fraction": stats["kv_fraction"],
+        "bits_per_token": stats["bits_per_token"],
+        "fused_fraction": stats["fused_fraction"],
+        "bit_weighted_flops": stats["bit_weighted_flops"],
         "kl_divergence": run.kl / run.count,
         "top1_agreement": run.top1_agree / run.count,
         "ledger": stats,

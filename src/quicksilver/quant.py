@@ -79,6 +79,17 @@ def weight_bytes(shape: torch.Size, bits: int, group_size: int | None) -> int:
     return out_f * in_f * bits // 8 + out_f * groups * 2
 
 
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors (Xiao et al. 2023, Eq. 4).
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); the linear then computes (x / s) @ (W * s)^T,
+    which equals x @ W^T but moves activation outliers into the (per-channel quantized) weight.
+    """
+    a = act_absmax.float().clamp_min(1e-5)
+    w = weight.detach().float().abs().amax(dim=0).clamp_min(1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp_min(1e-5)
+
+
 def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-noise ratio of ``approx`` against ``reference``, in decibels."""
     noise = (reference.float() - approx.float()).pow(2).mean()
@@ -128,8 +139,10 @@ class QuantizedLinear:
     and the ledger says so (``fast_bits``).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int | None):
-        self.qw = quantize_int8(weight, group_size)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int | None, smooth: torch.Tensor | None = None):
+        # With SmoothQuant factors the one int8 copy holds W * s, and inputs are divided by s.
+        self.qw = quantize_int8(weight if smooth is None else weight.float() * smooth[None, :], group_size)
+        self.inv_smooth = None if smooth is None else (1.0 / smooth).to(weight.dtype)
         self.bias = bias
         self.dtype = weight.dtype
         self._run: dict[int, object] = {}
@@ -151,6 +164,8 @@ class QuantizedLinear:
 
     def __call__(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """``x`` (n, in) with ``bits`` (n,) per row -> (n, out)."""
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
         present = torch.unique(bits).tolist()
         if len(present) == 1:
             return self.executor(present[0])(x)

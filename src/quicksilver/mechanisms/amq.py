@@ -41,6 +41,10 @@ class AdaptiveMatryoshkaQuantization:
         Every token at this precision in every layer (the uniform baselines).
     protect_first : int, default 4
         The first positions (attention sinks) keep 8 bits.
+    smoothing : float or None, default None
+        SmoothQuant's alpha: activation outliers migrate into the weights before they are
+        quantized, with factors from activation ranges on calibration text (the engine
+        needs ``calibration_ids``). Helps the int8 kernel, which quantizes activations.
     """
 
     enabled: bool = False
@@ -50,6 +54,7 @@ class AdaptiveMatryoshkaQuantization:
     int2_below: float = 0.0
     uniform_bits: int | None = None
     protect_first: int = 4
+    smoothing: float | None = None
 
     def __post_init__(self):
         check_range("amq", "group_size", self.group_size, 1, integer=True, allow_none=True)
@@ -57,6 +62,7 @@ class AdaptiveMatryoshkaQuantization:
         check_range("amq", "int4_below", self.int4_below, 0.0, 2.0)
         check_range("amq", "int2_below", self.int2_below, 0.0, 2.0)
         check_range("amq", "protect_first", self.protect_first, 0, integer=True)
+        check_range("amq", "smoothing", self.smoothing, 0.0, 1.0, allow_none=True)
         if self.uniform_bits is not None:
             check_choice("amq", "uniform_bits", self.uniform_bits, BITS)
         if self.int2_below > self.int4_below:
