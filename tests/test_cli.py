@@ -75,3 +75,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         write_json_atomic(p, {"a": object()})
     assert json.loads(p.read_text()) == {"a": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["generate", "   "], "empty prompt"), (["generate", "hi", "-n", "0"], "max-new-tokens"), (["generate", "hi", "--preset", "x"], "unknown preset"),
+     (["generate", "hi", "--temperature", "-1"], "temperature")],
+)
+def test_generate_bad_input(monkeypatch, capsys, args, message):
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.real_model
+def test_generate_streams_text_and_prints_a_one_line_summary(monkeypatch, capsys, default_model):
+    code, out, err = run_cli(monkeypatch, capsys, "generate", "The capital of France is", "-n", "6", "--preset", "kvskip")
+    assert code == 0
+    assert out.strip()  # the streamed continuation
+    summary = [line for line in err.splitlines() if "tokens/s" in line]
+    assert len(summary) == 1 and "6 tokens" in summary[0] and "KV" in summary[0]

@@ -120,7 +120,7 @@ def generate_cmd(
     hf_model, tok = load_model(model, dtype=dtype, device=device)
     engine = make_engine(hf_model, tok, config)
     if config.fusion.enabled:
-        err.print("note: Contextual Token Fusion is prefill-only; generate runs without it", highlight=False)
+        err.print("note: Contextual Token Fusion is prefill-only; generate runs without it", highlight=False, soft_wrap=True)
     if chat:
         if not getattr(tok, "chat_template", None):
             raise QuicksilverError(f"model {model!r} has no chat template")
@@ -153,6 +153,7 @@ def generate_cmd(
         f"mean exit layer {result.mean_exit_layer:.1f}/{engine.spec.n_layers}, KV {result.kv_bytes / 2**20:.2f} MiB "
         f"of {result.kv_full_bytes / 2**20:.2f} MiB full ({kv_ratio:.0%}), stop: {result.stop_reasons[0]}",
         highlight=False,
+        soft_wrap=True,  # one line, whatever the terminal width
     )
 
 
