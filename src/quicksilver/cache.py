@@ -52,9 +52,6 @@ class SequenceCache:
         if not bool(keep.all()):
             self.layers[layer] = LayerKV(e.k[keep], e.v[keep], e.pos[keep])
 
-    def entries(self) -> int:
-        return sum(0 if e is None else e.pos.numel() for e in self.layers)
-
     def nbytes(self) -> int:
         return sum(0 if e is None else e.k.nbytes + e.v.nbytes for e in self.layers)
 

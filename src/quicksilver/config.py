@@ -118,12 +118,6 @@ class Config:
                 data[section]["enabled"] = True
         return Config.from_dict(data)
 
-    def with_overrides(self, **sections: dict) -> "Config":
-        """A copy with some settings changed, e.g. ``with_overrides(halting={"threshold": 0.1})``."""
-        data = self.to_dict()
-        for key, settings in sections.items():
-            data.setdefault(key, {}).update(settings)
-        return Config.from_dict(data)
 
 
 def _parse_value(raw: str, default, item: str):

@@ -16,8 +16,9 @@ import torch
 from . import flops as F_
 from .adapters import adapter_for
 from .adapters.base import apply_rotary
-from .attention import _sdpa, attend, block_plan
+from .attention import _additive, _sdpa, attend, block_plan
 from .config import Config
+from .mechanisms.halting import relative_drift
 
 
 @dataclass
@@ -260,8 +261,6 @@ class Engine:
                 computing[newly] = False
                 exit_layer[newly] = l + 1
             if amq and amq.adaptive and l + 1 == amq.decision_layer:
-                from .mechanisms.halting import relative_drift
-
                 bits = amq.bits_for(relative_drift(h, h_in), pos)
                 ledger.flops["probes"] += amq.probe_flops(N, spec.d_model)
             if fusion and l + 1 == fusion.layer:
@@ -375,7 +374,7 @@ class Engine:
         q, k, v = self._qkv(l, p.attn_norm(h), None, None, None, rope, bits)
         mask = kv.visible(pos, pos, l) & has_kv[None, :]
         mask |= torch.eye(T, dtype=torch.bool, device=h.device) & ~is_q[:, None]  # rows whose output is discarded
-        scores_bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        scores_bias = _additive(mask, q.dtype)
         if bias is not None:
             scores_bias = scores_bias + bias(pos, pos).to(q.dtype)
         a = _sdpa(q, k, v, p.attn_scale, mask=scores_bias)
@@ -397,15 +396,23 @@ class Engine:
         # Precision ledger: linear FLOPs weighted by bits/16 and the weight bytes each call reads.
         parts = (("q", attn_rows, F_.q_proj_flops(spec, 1)), ("k", kv_rows, F_.kv_proj_flops(spec, 1)),
                  ("o", attn_rows, F_.o_proj_flops(spec, 1)), ("mlp", mlp_rows, F_.mlp_flops(spec, 1)))
+        if self._quant is None:  # every row at 16 (nominal): no per-row bookkeeping in the layer loop
+            for name, rows, per_row in parts:
+                n = _n(rows, T)
+                ledger.bit_linear_flops += per_row * n
+                if n:
+                    ledger.weight_bytes += sum(self._weight_bytes(m, 16) for m in _LINEAR_GROUPS[name] if m in self._shapes)
+            ledger.bits_hist[16] += nm
+            return
         for name, rows, per_row in parts:
             b = _take(bits, rows)
             if b.numel() == 0:
                 continue
             ledger.bit_linear_flops += per_row * float(b.sum()) / 16
             for present in torch.unique(b).tolist():  # each precision group reads its weights once
-                for n in _LINEAR_GROUPS[name]:
-                    if n in self._shapes:
-                        ledger.weight_bytes += self._weight_bytes(n, present)
+                for m in _LINEAR_GROUPS[name]:
+                    if m in self._shapes:
+                        ledger.weight_bytes += self._weight_bytes(m, present)
         for b_val, count in zip(*torch.unique(_take(bits, mlp_rows), return_counts=True)):
             ledger.bits_hist[int(b_val)] += int(count)
 

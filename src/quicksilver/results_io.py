@@ -17,11 +17,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     An interrupted write leaves any earlier file at ``path`` as it was.
     """
     path = Path(path)
-    if path.is_dir():
-        raise QuicksilverError(f"output path {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise QuicksilverError(f"output folder {parent} does not exist")
+    check_writable_target(path)
+    parent = path.parent
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
