@@ -122,6 +122,21 @@ def test_window_longer_than_the_sequence_equals_off():
     assert out.ledger.as_dict()["kv_fraction"] == 1.0
 
 
+def test_a_window_that_never_binds_takes_the_plain_causal_path(monkeypatch):
+    import quicksilver.engine as engine_module
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("block plan built for a window that skips nothing")
+
+    monkeypatch.setattr(engine_module, "block_plan", no_plan)
+    model = TINY["llama"]()
+    ids = torch.randint(0, 99, (25,))
+    engine = Engine(model, Config.from_dict({"kv": {"enabled": True, "recent_window": 25}}))
+    assert torch.allclose(engine(ids).logits, Engine(model)(ids).logits, atol=1e-6)
+    result = engine.generate(ids[:20], 5)  # decode steps: every cached key still inside the window
+    assert result.new_tokens == 5
+
+
 def test_window_counts_exactly_the_visible_pairs():
     model = TINY["llama"]()
     T, W, S = 30, 4, 2
