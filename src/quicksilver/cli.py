@@ -157,6 +157,124 @@ def generate_cmd(
     )
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    budget: str = typer.Option(..., "--budget", "-b", help="Allowed relative perplexity increase: 1% or 0.01."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki or news: searched on its calibration split, checked on its test split."),
+    objective: str = typer.Option("flops", help="flops (executed), bitflops (bit-weighted) or time (wall clock)."),
+    output: Path = typer.Option(Path("calibrated.json"), "--output", "-o", help="The config file to write (load it with --config)."),
+    window: int = typer.Option(4096, help="Context length to calibrate for (KV windows only save at long context)."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens of each split to use."),
+    margin: float = typer.Option(0.25, help="Search within budget x (1 - margin) on calibration text, leaving the rest for unseen text."),
+    mechanisms: list[str] = typer.Option([], "--mechanism", help="Only search these (halting, kv, fusion, amq; repeatable)."),
+    heldout: list[str] = typer.Option([], "--heldout", help="Also evaluate the result on this corpus's test split (repeatable)."),
+    journal: Optional[Path] = typer.Option(None, help="Trial journal for resuming; default OUTPUT.trials.jsonl."),
+    report: Optional[Path] = typer.Option(None, help="Also write every trial and the checks as JSON."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Find the cheapest configuration within a perplexity budget; check it on held-out text.
+
+    Searches on the corpus's calibration split (resumable: rerun the same command after an
+    interruption), writes the config, then evaluates it on the test split of the corpus and
+    of every --heldout corpus and says whether the budget held there.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .calibrate import calibrate, parse_budget
+    from .results_io import check_writable_target, write_json_atomic
+
+    value = parse_budget(budget)
+    check_writable_target(output)
+    check_writable_target(report)
+    journal = journal or output.with_name(output.name + ".trials.jsonl")
+    check_writable_target(journal)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    task = bar.add_task("calibrating", total=None)
+
+    def on_trial(done: int, total: int, what: str) -> None:
+        bar.update(task, completed=done, total=total, description=f"trial {done + 1}: {what}"[:70])
+
+    def on_window(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, description="checking on held-out text")
+
+    with bar:
+        config, full = calibrate(
+            value, model=model, corpus=corpus, objective=objective, window=window, max_tokens=max_tokens, margin=margin,
+            mechanisms=mechanisms or None, heldout=heldout, journal=journal, dtype=dtype, device=device,
+            on_trial=on_trial, on_window=on_window,
+        )
+    config.save(output)
+    if report:
+        write_json_atomic(report, full)
+    cal = config.calibration
+    table = Table(title=f"{config.name}: {cal['setting']}")
+    for col in ("text", "rel. ΔPPL", "budget held", "FLOP reduction", "bit-weighted", "speedup"):
+        table.add_column(col, justify="left" if col == "text" else "right")
+    c = cal["calibration_split"]
+    table.add_row(f"{corpus} calibration (searched)", f"{c['relative_delta_perplexity'] * 100:+.2f}%",
+                  "yes" if c["relative_delta_perplexity"] <= value else "no", f"({objective}: {c['saving'] * 100:.1f}%)", "", "")
+    for name, r in cal["test_splits"].items():
+        table.add_row(f"{name} test (held out)", f"{r['relative_delta_perplexity'] * 100:+.2f}%", "yes" if r["within_budget"] else "NO",
+                      f"{r['flop_reduction'] * 100:.1f}%", f"{r['bit_weighted_flop_reduction'] * 100:.1f}%", f"{r['speedup']:.2f}x")
+    out.print(table)
+    if full["resumed_trials"]:
+        err.print(f"resumed {full['resumed_trials']} trials from {journal}", highlight=False)
+    err.print(f"wrote {output} (use it with --config {output})", highlight=False, soft_wrap=True)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    series: list[str] = typer.Option([], "--series", "-s", help="halting, kv, fusion, amq, stack (repeatable; default all)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki, news, wikitext-103, c4."),
+    split: str = typer.Option("test", help="test or calibration (offline corpora)."),
+    window: int = typer.Option(4096, help="Tokens per window."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens to evaluate per row."),
+    output_dir: Path = typer.Option(Path("sweep"), "--output-dir", "-o", help="Folder for sweep.csv, sweep.json and pareto.png."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run each mechanism's matched baseline."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Pareto sweep per mechanism and for the stack, against matched baselines: CSV, JSON and a PNG plot."""
+    from datetime import datetime, timezone
+
+    from .results_io import write_atomic, write_json_atomic
+    from .sweep import SERIES, matched_comparison, plan, plot_pareto, run_sweep, to_csv
+
+    chosen = series or list(SERIES)
+    plan(chosen, window, baselines)  # rejects unknown series before loading anything
+    if output_dir.exists() and not output_dir.is_dir():
+        raise QuicksilverError(f"output folder {output_dir} is a file")
+    if not output_dir.parent.is_dir():
+        raise QuicksilverError(f"folder {output_dir.parent} does not exist")
+    output_dir.mkdir(exist_ok=True)
+    for name in ("sweep.csv", "sweep.json", "pareto.png"):
+        from .results_io import check_writable_target
+
+        check_writable_target(output_dir / name)
+    bar, update = _progress("sweeping")
+    with bar:
+        rows = run_sweep(chosen, model=model, corpus=corpus, split=split, window=window, max_tokens=max_tokens, baselines=baselines,
+                         dtype=dtype, device=device, on_row=lambda i, n, what: update(i, n))
+    matched = matched_comparison(rows)
+    title = f"{model} on {corpus}/{split}, {window}-token windows, {max_tokens} tokens"
+    meta = {"model": model, "corpus": corpus, "split": split, "window": window, "max_tokens": max_tokens, "dtype": dtype,
+            "device": device, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    write_atomic(output_dir / "sweep.csv", to_csv(rows))
+    write_json_atomic(output_dir / "sweep.json", {"meta": meta, "rows": rows, "matched": matched})
+    write_atomic(output_dir / "pareto.png", plot_pareto(rows, title))
+    table = Table(title=f"best within budget: {title}")
+    for col in ("series", "budget", "mechanism", "saving", "baseline", "saving ", "verdict"):
+        table.add_column(col.strip(), justify="right" if col.startswith("saving") or col == "budget" else "left")
+    for m in matched:
+        table.add_row(m["series"], f"{m['budget'] * 100:g}%", m["mechanism"], f"{m['mechanism_value'] * 100:.1f}%", m["baseline"],
+                      f"{m['baseline_value'] * 100:.1f}%", m["verdict"])
+    out.print(table)
+    err.print(f"wrote {output_dir}/sweep.csv, sweep.json, pareto.png", highlight=False, soft_wrap=True)
+
+
 def _config(preset: str, config_file: Optional[Path], settings: list[str]):
     from .config import Config
 
@@ -191,7 +309,7 @@ def main() -> None:
     from typer.exceptions import Abort, Exit, TyperException
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     command = typer.main.get_command(app)

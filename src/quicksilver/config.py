@@ -51,6 +51,7 @@ class Config:
     fusion: ContextualTokenFusion = field(default_factory=ContextualTokenFusion)
     amq: AdaptiveMatryoshkaQuantization = field(default_factory=AdaptiveMatryoshkaQuantization)
     name: str = "custom"
+    calibration: dict | None = None  # provenance written by ``quicksilver calibrate``; not a setting
 
     @property
     def is_off(self) -> bool:
@@ -66,7 +67,7 @@ class Config:
     def from_dict(cls, data: dict) -> "Config":
         if not isinstance(data, dict):
             raise QuicksilverError("a config must be a JSON object")
-        unknown = set(data) - set(MECHANISMS) - {"name"}
+        unknown = set(data) - set(MECHANISMS) - {"name", "calibration"}
         if unknown:
             raise QuicksilverError(f"unknown config section(s): {', '.join(sorted(unknown))} (known: {', '.join(MECHANISMS)})")
         parts = {}
@@ -77,10 +78,16 @@ class Config:
             if bad:
                 raise QuicksilverError(f"unknown {key} setting(s): {', '.join(sorted(bad))} (known: {', '.join(sorted(known))})")
             parts[key] = kind(**settings)
-        return cls(**parts, name=data.get("name", "custom"))
+        calibration = data.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise QuicksilverError("a config's calibration entry must be a JSON object")
+        return cls(**parts, name=data.get("name", "custom"), calibration=calibration)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **{key: dataclasses.asdict(getattr(self, key)) for key in MECHANISMS}}
+        data = {"name": self.name, **{key: dataclasses.asdict(getattr(self, key)) for key in MECHANISMS}}
+        if self.calibration is not None:
+            data["calibration"] = self.calibration
+        return data
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

@@ -1,0 +1,422 @@
+"""Calibration to a quality budget: the cheapest configuration whose perplexity stays within it.
+
+The paper sets its thresholds by hand. ``calibrate`` takes a budget (relative perplexity
+increase, e.g. 1%) and searches the mechanisms' settings on the corpus's *calibration*
+split, then checks the chosen configuration on the *test* split it never saw.
+
+The search, every trial measured (never predicted) before it is accepted:
+
+1. grid: each mechanism alone at each of its levels (``mechanism_levels``);
+2. combine: every combination of levels is predicted from the grid (costs add, savings
+   compose multiplicatively); the best predicted ones that fit are measured, best first;
+3. refine: from the best measured point, move each mechanism one level up or down and
+   keep the best move that still fits, until no move helps.
+
+Search trials run the engine alone on the calibration windows and compare with the stock
+model's totals measured once (FLOPs and perplexity are deterministic); with
+``objective="time"`` each trial also reruns the stock model interleaved, so the speedup
+compares like with like. Every trial is appended to a journal (JSON lines) as it
+finishes, so an interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import MECHANISMS, Config
+from .errors import QuicksilverError
+
+OBJECTIVES = ("flops", "bitflops", "time")
+DEFAULT_MARGIN = 0.25
+
+# Settings every level of a mechanism shares; the levels differ in the knob after them.
+HALTING_BASE = {"min_layer": 10, "patience": 3, "tail_layers": 5, "skip": "mlp"}
+FUSION_BASE = {"window": 4, "output": "delta"}
+AMQ_BASE = {"decision_layer": 8, "group_size": 32}
+# Static depth reduction (the halting baseline): the MLPs that cost least when every token
+# skips them, cheapest first (docs/results/layer_map.md, calibration split).
+STATIC_MLP_ORDER = (12, 11, 17, 5)
+
+
+def mechanism_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
+    """Each mechanism's settings from mildest to most aggressive, as (label, section settings).
+
+    Level 0 (off) is implicit. KV windows are fractions of the context ``window``: a recent
+    window at least as long as the context skips nothing.
+    """
+    kv = []
+    for frac in (2, 4, 8, 16):
+        w = max(window // frac, 16)
+        if w < window and all(w != s["recent_window"] for _, s in kv):
+            kv.append((f"sinks 4 + recent {w}", {"sink_tokens": 4, "recent_window": w}))
+    return {
+        "halting": [(f"drift < {t}", {**HALTING_BASE, "threshold": t}) for t in (0.13, 0.16)],
+        "kv": kv,
+        "fusion": [(f"layer {layer}, cos >= {t}", {**FUSION_BASE, "layer": layer, "threshold": t})
+                   for layer, t in ((24, 0.95), (20, 0.92), (16, 0.92), (12, 0.92))],
+        "amq": [("int8 everywhere", {**AMQ_BASE})]
+        + [(f"int4 below drift {t}", {**AMQ_BASE, "int4_below": t}) for t in (0.15, 0.2, 0.25, 0.3)],
+    }
+
+
+def baseline_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
+    """The matched baselines: static depth reduction, uniform quantization, sinks + recent window."""
+    static = [
+        (f"every token skips MLP {', '.join(map(str, STATIC_MLP_ORDER[:n]))}",
+         {"halting": {"enabled": True, "threshold": 2.0, "min_layer": 1, "patience": 1, "tail_layers": 1, "skip": "mlp",
+                      "skippable_layers": sorted(STATIC_MLP_ORDER[:n])}})
+        for n in range(1, len(STATIC_MLP_ORDER) + 1)
+    ]
+    quant = [
+        ("uniform int8 (int8 kernel, SmoothQuant 0.65)", {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65}}),
+        ("uniform int4 (group 32)", {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}}),
+    ]
+    window_rows = [(label, {"kv": {"enabled": True, **s}}) for label, s in mechanism_levels(window)["kv"]]
+    return {"static depth reduction": static, "uniform quantization": quant, "sinks + recent window": window_rows}
+
+
+def point_config(point: dict[str, int], levels: dict[str, list[tuple[str, dict]]], name: str = "custom") -> Config:
+    """The Config of a point: mechanism -> level (0 off, i the i-th entry of its levels)."""
+    data: dict = {"name": name}
+    for mech, level in point.items():
+        if level:
+            data[mech] = {"enabled": True, **levels[mech][level - 1][1]}
+    return Config.from_dict(data)
+
+
+def config_key(config: Config) -> str:
+    """A canonical key for a config's settings (its name and provenance ignored)."""
+    data = config.to_dict()
+    return json.dumps({k: data[k] for k in MECHANISMS if data[k]["enabled"]}, sort_keys=True)
+
+
+def parse_budget(text: str) -> float:
+    """'1%' -> 0.01, '0.01' -> 0.01; a budget must lie strictly between 0 and 100%."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise QuicksilverError(f"budget {text!r} is not a number: give a percentage like 1% or a fraction like 0.01") from None
+    if not raw.endswith("%") and value >= 1:
+        raise QuicksilverError(f"budget {text!r} is ambiguous: give a percentage like {raw}% or a fraction below 1")
+    if not 0 < value < 1 or math.isnan(value):
+        raise QuicksilverError(f"budget {text!r} must be above 0% and below 100%")
+    return value
+
+
+@dataclass
+class Trial:
+    """One measured configuration on the calibration windows (sums over all scored tokens)."""
+
+    key: str
+    nll: float
+    count: int
+    flops: int
+    bit_flops: float
+    seconds: float
+    base_seconds: float | None = None  # the stock model, interleaved (time objective only)
+
+
+@dataclass
+class Baseline:
+    nll: float
+    count: int
+    flops: int
+    seconds: float
+
+
+class TrialRunner:
+    """Measures configs on fixed calibration windows, with a resumable journal."""
+
+    def __init__(self, model, tokenizer, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str,
+                 objective: str, context: dict, journal: Path | None):
+        from .evaluate import StockRunner, score_windows
+
+        self.model, self.tokenizer, self.ids, self.window, self.bos_id = model, tokenizer, ids, window, bos_id
+        self.corpus, self.objective = corpus, objective
+        self.device = next(model.parameters()).device
+        self.context = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
+        self.journal = journal
+        self.trials: dict[str, Trial] = {}
+        self.resumed = 0
+        if journal is not None and journal.is_file():
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interruption
+                if entry.get("context") == self.context and "trial" in entry:
+                    self.trials[entry["trial"]["key"]] = Trial(**entry["trial"])
+            self.resumed = len(self.trials)
+        base = score_windows([StockRunner(model)], ids, window, window - 1, bos_id, self.device, warmup=objective == "time")[0]
+        self.baseline = Baseline(base.nll, base.count, base.flops, base.seconds)
+
+    def measure(self, config: Config) -> Trial:
+        key = config_key(config)
+        known = self.trials.get(key)
+        if known is not None and (self.objective != "time" or known.base_seconds is not None):
+            return known
+        trial = self._run(config, key)
+        self.trials[key] = trial
+        if self.journal is not None:
+            with open(self.journal, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"context": self.context, "trial": asdict(trial)}) + "\n")
+        return trial
+
+    def _run(self, config: Config, key: str) -> Trial:
+        from .engine import Ledger
+        from .evaluate import EngineRunner, StockRunner, make_engine, score_windows
+
+        if config.is_off:
+            b = self.baseline
+            return Trial(key, b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
+        runners = [EngineRunner(make_engine(self.model, self.tokenizer, config, self.corpus))]
+        if self.objective == "time":
+            runners.insert(0, StockRunner(self.model))
+        totals = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device,
+                               warmup=self.objective == "time")
+        run = totals[-1]
+        ledger = Ledger(n_layers=run.stats[0]["ledger"].n_layers)
+        for s in run.stats:
+            ledger.merge(s["ledger"])
+        return Trial(key, run.nll, run.count, run.flops, float(ledger.as_dict()["bit_weighted_flops"]), run.seconds,
+                     totals[0].seconds if self.objective == "time" else None)
+
+    def cost(self, trial: Trial) -> float:
+        """Relative perplexity increase against the stock model."""
+        return math.exp(trial.nll / trial.count - self.baseline.nll / self.baseline.count) - 1.0
+
+    def gain(self, trial: Trial) -> float:
+        """Fraction of the objective saved: FLOPs, bit-weighted FLOPs, or wall-clock time."""
+        if self.objective == "flops":
+            return 1.0 - trial.flops / self.baseline.flops
+        if self.objective == "bitflops":
+            return 1.0 - trial.bit_flops / self.baseline.flops
+        return 1.0 - trial.seconds / trial.base_seconds
+
+
+@dataclass
+class Step:
+    """One trial as the search saw it (for the report)."""
+
+    phase: str
+    point: dict
+    cost: float
+    gain: float
+    fits: bool
+
+
+def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], target: float,
+           on_trial: Callable[[int, int, str], None] | None = None, max_measured_combos: int = 4) -> tuple[dict, list[Step]]:
+    """Grid, combine, refine (see the module docstring). Returns the best point and every step."""
+    mechs = list(levels)
+    off = {m: 0 for m in mechs}
+    steps: list[Step] = []
+    planned = 1 + sum(len(v) for v in levels.values()) + max_measured_combos + 2 * len(mechs)
+
+    def measure(point: dict, phase: str) -> Step:
+        if on_trial:
+            on_trial(len(steps), max(planned, len(steps) + 1), f"{phase}: {_describe(point, levels)}")
+        trial = runner.measure(point_config(point, levels))
+        c, g = runner.cost(trial), runner.gain(trial)
+        step = Step(phase, dict(point), c, g, c <= target)
+        steps.append(step)
+        return step
+
+    best = measure(off, "grid")
+    alone: dict[str, list[Step]] = {}
+    for m in mechs:
+        alone[m] = [measure({**off, m: i}, "grid") for i in range(1, len(levels[m]) + 1)]
+        for s in alone[m]:
+            if s.fits and s.gain > best.gain:
+                best = s
+
+    # Combine: predictions from the single-mechanism grid, measured best first.
+    def predicted(point):
+        cost, kept = 0.0, 1.0
+        for m, i in point.items():
+            if i:
+                cost += alone[m][i - 1].cost
+                kept *= 1.0 - alone[m][i - 1].gain
+        return cost, 1.0 - kept
+
+    combos = []
+    for combo in itertools.product(*[range(len(levels[m]) + 1) for m in mechs]):
+        point = dict(zip(mechs, combo))
+        if sum(1 for i in combo if i) < 2:
+            continue
+        cost, gain = predicted(point)
+        if cost <= target and gain > best.gain:
+            combos.append((gain, point))
+    combos.sort(key=lambda item: -item[0])
+    for _, point in combos[:max_measured_combos]:
+        s = measure(point, "combine")
+        if s.fits and s.gain > best.gain:
+            best = s
+            break
+
+    # Refine: one-level moves from the best point while one helps.
+    seen = {json.dumps(s.point, sort_keys=True) for s in steps}
+    improved = True
+    while improved:
+        improved = False
+        moves = []
+        for m in mechs:
+            for d in (1, -1):
+                i = best.point[m] + d
+                if 0 <= i <= len(levels[m]):
+                    point = {**best.point, m: i}
+                    if json.dumps(point, sort_keys=True) not in seen:
+                        moves.append(point)
+        candidates = []
+        for point in moves:
+            seen.add(json.dumps(point, sort_keys=True))
+            candidates.append(measure(point, "refine"))
+        fitting = [s for s in candidates if s.fits and s.gain > best.gain]
+        if fitting:
+            best = max(fitting, key=lambda s: s.gain)
+            improved = True
+    return best.point, steps
+
+
+def _describe(point: dict, levels: dict) -> str:
+    parts = [f"{m} {levels[m][i - 1][0]}" for m, i in point.items() if i]
+    return "; ".join(parts) or "off"
+
+
+def calibrate(
+    budget: float,
+    model: str = "smollm2-135m",
+    corpus: str = "wiki",
+    objective: str = "flops",
+    window: int = 4096,
+    max_tokens: int | None = 8192,
+    margin: float = DEFAULT_MARGIN,
+    mechanisms: list[str] | None = None,
+    heldout: list[str] | None = None,
+    journal: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    loaded: tuple | None = None,
+    on_trial: Callable[[int, int, str], None] | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> tuple[Config, dict]:
+    """Search the cheapest config within ``budget`` on the calibration split, then check it on test splits.
+
+    Parameters
+    ----------
+    budget : float
+        Allowed relative perplexity increase (0.01 is 1%).
+    objective : {"flops", "bitflops", "time"}
+        What to minimize: FLOPs executed, bit-weighted FLOPs (quantized linears count at
+        bits/16), or wall-clock time against the stock model.
+    window, max_tokens : int
+        Context length and tokens of each split (calibration and test alike).
+    margin : float
+        The search keeps the calibration increase within ``budget * (1 - margin)``, leaving
+        the rest for the difference between calibration and unseen text.
+    mechanisms : list of str, optional
+        Which mechanisms may be turned on (default all four).
+    heldout : list of str, optional
+        Further corpora whose test split the chosen config is evaluated on (e.g. ``news``).
+    journal : path, optional
+        JSON-lines file of measured trials; a rerun with the same settings resumes from it.
+
+    Returns the chosen Config (its ``calibration`` field holds the provenance and held-out
+    results) and a report dict.
+    """
+    from .corpora import OFFLINE_CORPORA, check_corpus_args, load_corpus
+    from .evaluate import evaluate_model, tokenize_documents, window_plan
+    from .models import bos_per_window, load_model, parse_device
+
+    if objective not in OBJECTIVES:
+        raise QuicksilverError(f"unknown objective {objective!r} (use {', '.join(OBJECTIVES)})")
+    if not 0 <= margin < 1:
+        raise QuicksilverError(f"margin must be in [0, 1), got {margin}")
+    mechanisms = list(mechanisms or MECHANISMS)
+    unknown = [m for m in mechanisms if m not in MECHANISMS]
+    if unknown:
+        raise QuicksilverError(f"unknown mechanism(s) {', '.join(unknown)} (known: {', '.join(MECHANISMS)})")
+    heldout = list(heldout or [])
+    for name in [corpus, *heldout]:
+        if name not in OFFLINE_CORPORA:
+            check_corpus_args(name, "test")
+            raise QuicksilverError(f"calibrate needs corpora with separate calibration and test splits ({', '.join(OFFLINE_CORPORA)}), got {name!r}")
+    if max_tokens is not None and max_tokens < 2:
+        raise QuicksilverError(f"max-tokens must be at least 2, got {max_tokens}")
+    window_plan(window, window, window - 1, bos=False)  # rejects a window below 2 before loading
+    dev = parse_device(device)
+    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
+    from .adapters import arch_spec
+
+    if window > arch_spec(hf_model.config).max_positions:
+        raise QuicksilverError(f"window {window} is longer than the model's context of {arch_spec(hf_model.config).max_positions} tokens")
+    bos = bos_per_window(model, tokenizer)
+    ids = tokenize_documents(tokenizer, load_corpus(corpus, "calibration").documents, max_tokens)
+    all_levels = mechanism_levels(window)
+    # AMQ changes how many bits a multiply-add uses, not how many there are: under the plain
+    # FLOP objective it can only cost perplexity, so it is not searched there.
+    searched = [m for m in mechanisms if all_levels[m] and not (objective == "flops" and m == "amq")]
+    if not searched:
+        raise QuicksilverError(f"nothing to search: {', '.join(mechanisms)} cannot reduce {objective} at window {window}")
+    levels = {m: all_levels[m] for m in searched}
+    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": dtype,
+               "device": str(dev), "levels": levels}
+    runner = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
+                         context, Path(journal) if journal else None)
+    target = budget * (1.0 - margin)
+    point, steps = search(runner, levels, target, on_trial)
+    chosen = next(s for s in steps if s.point == point)
+    config = point_config(point, levels, name=f"calibrated {budget * 100:g}% ({objective})")
+
+    checks = {}
+    for name in [corpus, *[h for h in heldout if h != corpus]]:
+        r = evaluate_model(model, name, "test", window=window, max_tokens=max_tokens, config=config,
+                           loaded=(hf_model, tokenizer), progress=on_window) if not config.is_off else None
+        checks[name] = _check(r, budget)
+    config.calibration = {
+        "budget": budget,
+        "objective": objective,
+        "margin": margin,
+        "search_target": target,
+        "model": model,
+        "corpus": corpus,
+        "window": window,
+        "tokens": int(ids.numel()),
+        "setting": _describe(point, levels),
+        "calibration_split": {"relative_delta_perplexity": chosen.cost, "saving": chosen.gain},
+        "test_splits": checks,
+    }
+    report = {
+        "config": config.to_dict(),
+        "trials": [asdict(s) | {"setting": _describe(s.point, levels)} for s in steps],
+        "resumed_trials": runner.resumed,
+        "baseline": asdict(runner.baseline),
+    }
+    return config, report
+
+
+def _check(result: dict | None, budget: float) -> dict:
+    """The held-out line of a calibrated config: did the budget hold, and what did it save?"""
+    if result is None:  # nothing fits: the config is off and equals the stock model
+        return {"relative_delta_perplexity": 0.0, "flop_reduction": 0.0, "bit_weighted_flop_reduction": 0.0,
+                "speedup": 1.0, "within_budget": True, "tokens": 0}
+    return {
+        "tokens": result["tokens"],
+        "perplexity": result["perplexity"],
+        "baseline_perplexity": result["baseline"]["perplexity"],
+        "relative_delta_perplexity": result["relative_delta_perplexity"],
+        "flop_reduction": result["flop_reduction"],
+        "bit_weighted_flop_reduction": 1.0 - result["bit_weighted_flops"] / result["baseline"]["flops"],
+        "speedup": result["speedup"],
+        "top1_agreement": result["top1_agreement"],
+        "within_budget": result["relative_delta_perplexity"] <= budget,
+    }
