@@ -1,0 +1,177 @@
+"""Calibration to a budget and Pareto sweeps: the search's promises, resumability, outputs, CLI errors."""
+
+import itertools
+import json
+
+import pytest
+
+from quicksilver.calibrate import Trial, calibrate, config_key, mechanism_levels, parse_budget, point_config, search
+from quicksilver.config import Config
+from quicksilver.errors import QuicksilverError
+from quicksilver.sweep import matched_comparison, pareto_front, plan, plot_pareto, to_csv
+
+from test_cli import run_cli
+
+
+@pytest.mark.parametrize("text,value", [("1%", 0.01), ("0.5%", 0.005), ("0.02", 0.02), (" 2% ", 0.02)])
+def test_budget_parses_percentages_and_fractions(text, value):
+    assert parse_budget(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["abc", "0%", "100%", "150%", "1", "-1%", "nan%"])
+def test_bad_budgets_are_rejected(text):
+    with pytest.raises(QuicksilverError):
+        parse_budget(text)
+
+
+# A synthetic search problem: two mechanisms, costs that add plus an interaction, savings that compose.
+LEVELS = {
+    "kv": [(f"w{w}", {"recent_window": w}) for w in (64, 32, 16)],
+    "fusion": [(f"l{l}", {"layer": l, "threshold": 0.9}) for l in (3, 2)],
+}
+COST = {"kv": [0.0, 0.001, 0.004, 0.02], "fusion": [0.0, 0.002, 0.03]}
+GAIN = {"kv": [0.0, 0.1, 0.2, 0.3], "fusion": [0.0, 0.15, 0.4]}
+
+
+class FakeRunner:
+    def __init__(self):
+        self.by_key = {}
+        for combo in itertools.product(range(4), range(3)):
+            point = dict(zip(LEVELS, combo))
+            self.by_key[config_key(point_config(point, LEVELS))] = point
+        self.measured = []
+
+    def measure(self, config):
+        point = self.by_key[config_key(config)]
+        self.measured.append(point)
+        return Trial(json.dumps(point), 0.0, 1, 0, 0.0, 0.0)
+
+    def cost(self, trial):
+        p = json.loads(trial.key)
+        both = 0.001 if p["kv"] and p["fusion"] else 0.0
+        return COST["kv"][p["kv"]] + COST["fusion"][p["fusion"]] + both
+
+    def gain(self, trial):
+        p = json.loads(trial.key)
+        return 1 - (1 - GAIN["kv"][p["kv"]]) * (1 - GAIN["fusion"][p["fusion"]])
+
+
+def brute_force(target):
+    runner = FakeRunner()
+    best, best_gain = None, -1.0
+    for point in runner.by_key.values():
+        t = Trial(json.dumps(point), 0.0, 1, 0, 0.0, 0.0)
+        if runner.cost(t) <= target and runner.gain(t) > best_gain:
+            best, best_gain = point, runner.gain(t)
+    return best
+
+
+@pytest.mark.parametrize("target", [0.0005, 0.005, 0.01, 0.03, 0.06])
+def test_search_finds_the_best_point_that_fits(target):
+    runner = FakeRunner()
+    point, steps = search(runner, LEVELS, target)
+    assert point == brute_force(target)
+    chosen = next(s for s in steps if s.point == point)
+    assert chosen.cost <= target  # measured, not predicted
+    assert all(s.gain <= chosen.gain for s in steps if s.fits)
+
+
+def test_search_with_nothing_that_fits_returns_off():
+    point, _ = search(FakeRunner(), LEVELS, -1.0)
+    assert point == {"kv": 0, "fusion": 0}
+    assert point_config(point, LEVELS).is_off
+
+
+def test_kv_levels_follow_the_window_and_never_exceed_it():
+    for window in (128, 512, 4096):
+        ws = [s["recent_window"] for _, s in mechanism_levels(window)["kv"]]
+        assert ws and all(w < window for w in ws) and ws == sorted(ws, reverse=True)
+
+
+@pytest.mark.real_model
+def test_calibrate_keeps_the_budget_writes_a_loadable_config_and_resumes(tmp_path, default_model):
+    journal = tmp_path / "trials.jsonl"
+    args = dict(window=128, max_tokens=384, mechanisms=["kv", "fusion"], heldout=["news"], journal=journal, loaded=default_model)
+    config, report = calibrate(0.02, **args)
+    cal = config.calibration
+    assert cal["calibration_split"]["relative_delta_perplexity"] <= cal["search_target"] + 1e-12
+    assert set(cal["test_splits"]) == {"wiki", "news"}
+    for r in cal["test_splits"].values():
+        assert r["within_budget"] == (r["relative_delta_perplexity"] <= 0.02)
+    config.save(tmp_path / "c.json")
+    again = Config.load(tmp_path / "c.json")
+    assert config_key(again) == config_key(config) and again.calibration["budget"] == 0.02
+    # A line cut short by an interruption is ignored; every finished trial is reused.
+    with open(journal, "a") as f:
+        f.write('{"context": "x", "tri')
+    config2, report2 = calibrate(0.02, **args)
+    assert report2["resumed_trials"] == len({json.dumps(t["point"], sort_keys=True) for t in report["trials"]})
+    assert config_key(config2) == config_key(config)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budget", "abc"], "not a number"),
+        (["--budget", "150%"], "below 100%"),
+        (["--budget", "1%", "--objective", "speed"], "unknown objective"),
+        (["--budget", "1%", "--corpus", "c4"], "calibration and test splits"),
+        (["--budget", "1%", "--corpus", "nope"], "unknown corpus"),
+        (["--budget", "1%", "--margin", "1.5"], "margin"),
+        (["--budget", "1%", "--mechanism", "warp"], "unknown mechanism"),
+        (["--budget", "1%", "--output", "/no/such/dir/c.json"], "does not exist"),
+        (["--budget", "1%", "--objective", "flops", "--mechanism", "amq"], "nothing to search"),
+    ],
+)
+def test_calibrate_bad_input_is_one_line(monkeypatch, capsys, args, message):
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(0.0, 0.0), (0.1, 0.5), (0.2, 0.4), (0.3, 2.0), (0.25, 3.0), (0.3, 1.0)]
+    assert pareto_front(pts) == [0, 2, 5]
+
+
+def _row(series, kind, label, cost, saving):
+    return {"series": series, "kind": kind, "label": label, "relative_delta_perplexity": cost, "saving": saving,
+            "flop_reduction": saving, "speedup": 1.0 + saving}
+
+
+def test_matched_comparison_reports_losses_as_plainly_as_wins():
+    rows = [_row("halting", "mechanism", "h", 0.004, 0.00), _row("halting", "baseline", "static", 0.004, 0.05),
+            _row("amq", "mechanism", "a", 0.009, 0.40), _row("amq", "baseline", "int8", 0.009, 0.30),
+            _row("kv", "mechanism", "w", 0.001, 0.10)]
+    verdicts = {(m["series"], m["budget"]): m["verdict"] for m in matched_comparison(rows)}
+    assert verdicts[("halting", 0.005)] == "loses"
+    assert verdicts[("amq", 0.01)] == "beats" and verdicts[("amq", 0.005)] == "ties"  # neither fits 0.5%
+    assert verdicts[("kv", 0.02)] == "ties (same policy)"
+
+
+def test_csv_and_png_outputs():
+    rows = [_row("kv", "mechanism", "w, 512", 0.01, 0.2), _row("amq", "baseline", "int8", 0.009, 0.3)]
+    text = to_csv(rows)
+    assert text.splitlines()[0].startswith("series,kind,label") and '"w, 512"' in text
+    assert plot_pareto(rows, "t")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plan_has_matched_baselines_and_rejects_unknown_series():
+    rows = plan(["halting", "amq", "kv"], 4096)
+    kinds = {(s, k) for s, k, _, _ in rows}
+    assert ("halting", "baseline") in kinds and ("amq", "baseline") in kinds and ("kv", "baseline") not in kinds
+    for _, _, label, data in rows:
+        Config.from_dict({**data, "name": label})  # every row is a valid config
+    with pytest.raises(QuicksilverError):
+        plan(["warp"], 4096)
+
+
+@pytest.mark.real_model
+def test_sweep_cli_writes_csv_json_and_png(monkeypatch, capsys, tmp_path, default_model):
+    out = tmp_path / "s"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "sweep", "--series", "kv", "--window", "128", "--max-tokens", "256", "-o", str(out))
+    assert code == 0 and "verdict" in stdout
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["rows"]) == len(mechanism_levels(128)["kv"])
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "sweep.csv").read_text().splitlines()) == len(data["rows"]) + 1
