@@ -1,15 +1,18 @@
-"""Regenerate docs/RESULTS.md: run the benchmarks, then fill the template with their tables.
+"""Regenerate docs/RESULTS.md: run the benchmarks, then fill the template with their tables and plots.
 
-    python benchmarks/results.py            # runs sweep_engine.py and bench_decode.py, then assembles
-    python benchmarks/results.py --assemble  # only assembles from docs/results/*.md
+    python benchmarks/results.py                      # every step below, then assembles (about 1.5 hours on 2 cores)
+    python benchmarks/results.py --only pareto,decode # some steps, then assembles
+    python benchmarks/results.py --assemble           # only assembles from docs/results/
 
 The narrative lives in benchmarks/RESULTS.template.md; every table comes from a file that
-a benchmark command wrote, and each table states the command, machine and date.
+a benchmark command wrote, and each table states the command, machine and date. Nothing
+else may run on the machine meanwhile: wall-clock ratios are measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import sys
@@ -19,10 +22,56 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
+OUT = "docs/results"  # relative, so the commands recorded in the tables read the same on any machine
+BIN = Path(sys.executable).parent
+
+STEPS = {
+    "halting": ["benchmarks/sweep_engine.py", "--only", "halting", "--out", OUT],
+    "kv": ["benchmarks/sweep_engine.py", "--only", "kv", "--out", OUT],
+    "ablation": ["benchmarks/sweep_engine.py", "--only", "ablation", "--out", OUT],
+    "ablation-news": ["benchmarks/sweep_engine.py", "--only", "ablation", "--corpus", "news", "--out", OUT],
+    "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
+    "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
+    "calibration": ["benchmarks/calibrate_budgets.py", "--out", OUT],
+    "decode": ["benchmarks/bench_decode.py", "--out", OUT],
+}
 
 
-def run(script: str, *args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(RESULTS), *args], check=True)
+def run(step: str) -> None:
+    cmd = STEPS[step]
+    argv = [str(BIN / cmd[0]), *cmd[1:]] if cmd[0] == "quicksilver" else [sys.executable, *cmd]
+    print(f"== {step}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(argv, check=True, cwd=ROOT)
+
+
+def pareto_markdown(folder: Path) -> str:
+    """Tables for one ``quicksilver sweep`` output folder, and its plot."""
+    data = json.loads((folder / "sweep.json").read_text())
+    m = data["meta"]
+    cmd = next(" ".join(c) for c in STEPS.values() if c[0] == "quicksilver")
+    lines = [
+        f"Command: `{cmd}` — {m['date']} — smollm2-135m {m['dtype']}, `{m['corpus']}` {m['split']} split, "
+        f"{m['window']}-token windows, first {m['max_tokens']} tokens; every row against the stock model in the same run. "
+        f"Raw rows: `{folder.relative_to(ROOT)}/sweep.csv`.",
+        "",
+        f"![Pareto plot]({folder.relative_to(ROOT / 'docs')}/pareto.png)",
+        "",
+        "Best row within each budget (saving = bit-weighted FLOP reduction; `ties` = within 0.5 points):",
+        "",
+        "| series | budget | mechanism (best row) | saving | matched baseline (best row) | saving | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["matched"]:
+        verdict = f"**{r['verdict']}**" if r["verdict"] == "loses" else r["verdict"]
+        lines.append(f"| {r['series']} | {r['budget'] * 100:g}% | {r['mechanism']} | {r['mechanism_value'] * 100:.1f}% | {r['baseline']} "
+                     f"| {r['baseline_value'] * 100:.1f}% | {verdict} |")
+    lines += ["", "<details><summary>Every row</summary>", "",
+              "| series | kind | setting | rel. ΔPPL | FLOP reduction | bit-weighted | speedup | top-1 agree |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['series']} | {r['kind']} | {r['label']} | {r['relative_delta_perplexity'] * 100:+.2f}% | {r['flop_reduction'] * 100:.1f}% "
+                     f"| {r['saving'] * 100:.1f}% | {r['speedup']:.2f}x | {r['top1_agreement'] * 100:.1f}% |")
+    lines += ["", "</details>"]
+    return "\n".join(lines)
 
 
 def assemble() -> None:
@@ -37,23 +86,29 @@ def assemble() -> None:
     }
     for part in sorted(RESULTS.glob("*.md")):
         fills[part.stem] = part.read_text().strip()
+    for folder in sorted(RESULTS.glob("pareto_*")):
+        if (folder / "sweep.json").is_file():
+            fills[folder.name] = pareto_markdown(folder)
     text = template
     for key, value in fills.items():
         text = text.replace("{{" + key + "}}", value)
-    missing = [line for line in text.splitlines() if "{{" in line]
-    if missing:
+    if "{{" in text:
         text = "\n".join(("_(not generated yet: run `make results`)_" if "{{" in line else line) for line in text.splitlines())
     write_atomic(ROOT / "docs" / "RESULTS.md", text)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assemble", action="store_true", help="only rebuild RESULTS.md from existing tables")
+    ap.add_argument("--only", default=None, help=f"comma-separated steps among: {', '.join(STEPS)}")
     args = ap.parse_args()
+    steps = list(STEPS) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        sys.exit(f"error: unknown step(s) {', '.join(unknown)} (steps: {', '.join(STEPS)})")
     if not args.assemble:
-        run("sweep_engine.py")
-        run("layer_skip_map.py")
-        run("bench_decode.py")
+        for step in steps:
+            run(step)
     assemble()
 
 

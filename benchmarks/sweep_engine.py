@@ -148,7 +148,7 @@ def main() -> None:
     }
     header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
               f"model smollm2-135m float32, `{args.corpus}` test split, first {args.tokens} tokens.")
-    stem = "engine_sweep" if args.only is None else f"engine_sweep_{args.only}"
+    stem = ("engine_sweep" if args.only is None else f"engine_sweep_{args.only}") + ("" if args.corpus == "wiki" else f"_{args.corpus}")
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "sweeps": sweeps})
     names = {"halting": "Dynamic Token Halting", "kv": "KV Cache Skipping"}
     for kind in ("halting", "kv", "ablation"):
