@@ -26,6 +26,7 @@ from quicksilver.config import PRESETS, Config
 from quicksilver.engine import Engine
 from quicksilver.evaluate import make_engine
 from quicksilver.results_io import write_atomic, write_json_atomic
+from sweep_engine import machine
 
 
 def prompts_from_corpus(tok, n: int = 8) -> list[list[int]]:
@@ -41,16 +42,24 @@ def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int):
     """HF greedy generate on a left-padded batch; returns (tokens per row, seconds, ttft seconds)."""
     width = max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    dev = model.device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, **kw)
+    _sync(dev)
     ttft = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    _sync(dev)
     seconds = time.perf_counter() - t0
     return out[:, width:].tolist(), seconds, ttft
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int | None]:
@@ -70,8 +79,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--presets", default=",".join(PRESETS))  # fusion runs as off in decode (prefill-only)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m", dtype=args.dtype, device=args.device)
     model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
     prompts = prompts_from_corpus(tok)
     spec = Engine(model).spec
@@ -109,14 +120,14 @@ def main() -> None:
     meta = {
         "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU", "torch": torch.__version__,
+        "machine": machine(args.device), "torch": torch.__version__,
         "n_layers": spec.n_layers,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "decode.json", {"meta": meta, "rows": rows})
     lines = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-             f"smollm2-135m float32, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy.", "",
+             f"smollm2-135m {args.dtype}, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy.", "",
              "| batch | preset | tok/s | HF tok/s | ratio | TTFT ms | HF TTFT ms | KV bytes vs full | greedy agreement | first divergence |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -13,6 +13,7 @@ Writes ``calibrated/<objective>-<budget>.json`` (configs that ``--config`` loads
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -30,7 +31,8 @@ BUDGETS = (0.005, 0.01, 0.02)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--objectives", nargs="+", default=["flops", "bitflops"], choices=["flops", "bitflops", "time"])
+    ap.add_argument("--objectives", nargs="+", default=["flops"], choices=["flops", "bitflops", "time"],
+                    help="runs of other objectives already in calibration.json are kept")
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", default="docs/results")
@@ -61,15 +63,22 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
         "torch": torch.__version__,
     }
-    write_json_atomic(out / "calibration.json", {"meta": meta, "runs": runs})
-    write_atomic(out / "calibration.md", markdown(meta, runs, args))
+    for r in runs:
+        r["meta"] = meta
+    previous = out / "calibration.json"
+    if previous.is_file():  # keep the runs of objectives this invocation did not run
+        kept = [r for r in json.loads(previous.read_text()).get("runs", []) if r["objective"] not in args.objectives and "meta" in r]
+        runs = kept + runs
+    write_json_atomic(out / "calibration.json", {"runs": runs})
+    write_atomic(out / "calibration.md", markdown(runs, args))
 
 
-def markdown(meta: dict, runs: list[dict], args) -> str:
+def markdown(runs: list[dict], args) -> str:
+    metas = list({r["meta"]["command"]: r["meta"] for r in runs}.values())
     lines = [
-        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; smollm2-135m float32, "
-        f"{args.window}-token windows, first {args.tokens} tokens of each split. Searched on `wiki` calibration within "
-        f"budget x 0.75 (margin 0.25); checked on the `wiki` and `news` test splits, stock model and config interleaved.",
+        "; ".join(f"Command: `{m['command']}` — {m['date']} — {m['machine']} — torch {m['torch']}" for m in metas)
+        + f"; smollm2-135m float32, {args.window}-token windows, first {args.tokens} tokens of each split. Searched on `wiki` "
+        f"calibration within budget x 0.75 (margin 0.25); checked on the `wiki` and `news` test splits, stock model and config interleaved.",
         "",
         "| objective | budget | chosen setting | wiki calibration ΔPPL | wiki test ΔPPL | held? | FLOP reduction | bit-weighted | speedup "
         "| news test ΔPPL | held? | news FLOP reduction | news speedup | trials |",

@@ -46,8 +46,15 @@ def run(step: str) -> None:
 
 def pareto_markdown(folder: Path) -> str:
     """Tables for one ``quicksilver sweep`` output folder, and its plot."""
+    from quicksilver.results_io import write_atomic
+    from quicksilver.sweep import TIE, matched_comparison, plot_pareto
+
     data = json.loads((folder / "sweep.json").read_text())
     m = data["meta"]
+    # Verdicts and plot redrawn from the measured rows with the code as it is now (no re-measuring).
+    data["matched"] = matched_comparison(data["rows"])
+    write_atomic(folder / "pareto.png", plot_pareto(data["rows"], f"smollm2-135m on {m['corpus']}/{m['split']}, "
+                                                                  f"{m['window']}-token windows, {m['max_tokens']} tokens"))
     cmd = next(" ".join(c) for c in STEPS.values() if c[0] == "quicksilver")
     lines = [
         f"Command: `{cmd}` — {m['date']} — smollm2-135m {m['dtype']}, `{m['corpus']}` {m['split']} split, "
@@ -56,7 +63,7 @@ def pareto_markdown(folder: Path) -> str:
         "",
         f"![Pareto plot]({folder.relative_to(ROOT / 'docs')}/pareto.png)",
         "",
-        "Best row within each budget (saving = bit-weighted FLOP reduction; `ties` = within 0.5 points):",
+        f"Best row within each budget (saving = bit-weighted FLOP reduction; `ties` = within {TIE * 100:g} point):",
         "",
         "| series | budget | mechanism (best row) | saving | matched baseline (best row) | saving | verdict |",
         "|---|---|---|---|---|---|---|",

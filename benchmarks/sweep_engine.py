@@ -110,16 +110,25 @@ def markdown(title: str, rows: list[dict], baseline_ppl: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine(device: str) -> str:
+    """The machine line of a table: CPU and threads, or the GPU's name."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--only", choices=["halting", "kv", "ablation"], default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model("smollm2-135m")
+    loaded = load_model("smollm2-135m", dtype=args.dtype, device=args.device)
     sweeps = []
     plan = []
     if args.only in (None, "halting"):
@@ -133,7 +142,7 @@ def main() -> None:
         for name, data in variants:
             t0 = time.time()
             r = evaluate_model("smollm2-135m", args.corpus, max_tokens=args.tokens, window=window,
-                               config=Config.from_dict({**data, "name": name}), loaded=loaded)
+                               config=Config.from_dict({**data, "name": name}), loaded=loaded, device=args.device)
             rows.append(row(name, r))
             print(f"[{kind} w={window}] {name}: rel {r['relative_delta_perplexity'] * 100:+.2f}% "
                   f"flops -{r['flop_reduction'] * 100:.1f}% speedup {r['speedup']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -141,13 +150,13 @@ def main() -> None:
     meta = {
         "command": "python benchmarks/sweep_engine.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "machine": machine(args.device),
         "torch": torch.__version__,
         "tokens": args.tokens,
         "corpus": args.corpus,
     }
     header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-              f"model smollm2-135m float32, `{args.corpus}` test split, first {args.tokens} tokens.")
+              f"model smollm2-135m {args.dtype}, `{args.corpus}` test split, first {args.tokens} tokens.")
     stem = ("engine_sweep" if args.only is None else f"engine_sweep_{args.only}") + ("" if args.corpus == "wiki" else f"_{args.corpus}")
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "sweeps": sweeps})
     names = {"halting": "Dynamic Token Halting", "kv": "KV Cache Skipping"}
@@ -159,7 +168,7 @@ def main() -> None:
         for s in chosen:
             base = s["rows"][0]["baseline_perplexity"]
             if kind == "ablation":
-                md.append(ablation_markdown(f"Ablation, {s['window']}-token windows", s["rows"], base))
+                md.append(ablation_markdown(f"Ablation, `{args.corpus}` test split, {s['window']}-token windows", s["rows"], base))
             else:
                 md.append(markdown(f"{names[kind]}, {s['window']}-token windows", s["rows"], base))
         write_atomic(out / f"sweep_{kind}{'' if args.corpus == 'wiki' else '_' + args.corpus}.md", "\n".join(md))

@@ -142,11 +142,13 @@ def _row(series, kind, label, cost, saving):
 def test_matched_comparison_reports_losses_as_plainly_as_wins():
     rows = [_row("halting", "mechanism", "h", 0.004, 0.00), _row("halting", "baseline", "static", 0.004, 0.05),
             _row("amq", "mechanism", "a", 0.009, 0.40), _row("amq", "baseline", "int8", 0.009, 0.30),
+            _row("fusion", "mechanism", "f", 0.001, 0.01),
             _row("kv", "mechanism", "w", 0.001, 0.10)]
     verdicts = {(m["series"], m["budget"]): m["verdict"] for m in matched_comparison(rows)}
     assert verdicts[("halting", 0.005)] == "loses"
     assert verdicts[("amq", 0.01)] == "beats" and verdicts[("amq", 0.005)] == "ties"  # neither fits 0.5%
     assert verdicts[("kv", 0.02)] == "ties (same policy)"
+    assert verdicts[("fusion", 0.01)] == "no baseline"
 
 
 def test_csv_and_png_outputs():

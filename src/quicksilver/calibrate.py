@@ -53,8 +53,8 @@ def mechanism_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
     window at least as long as the context skips nothing.
     """
     kv = []
-    for frac in (2, 4, 8, 16):
-        w = max(window // frac, 16)
+    for num, den in ((3, 4), (1, 2), (3, 8), (1, 4), (3, 16), (1, 8), (1, 16)):
+        w = max(window * num // den, 16)
         if w < window and all(w != s["recent_window"] for _, s in kv):
             kv.append((f"sinks 4 + recent {w}", {"sink_tokens": 4, "recent_window": w}))
     return {
@@ -368,8 +368,8 @@ def calibrate(
     if not searched:
         raise QuicksilverError(f"nothing to search: {', '.join(mechanisms)} cannot reduce {objective} at window {window}")
     levels = {m: all_levels[m] for m in searched}
-    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": dtype,
-               "device": str(dev), "levels": levels}
+    # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
+    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": dtype, "device": str(dev)}
     runner = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
                          context, Path(journal) if journal else None)
     target = budget * (1.0 - margin)

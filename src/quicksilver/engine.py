@@ -179,6 +179,7 @@ class Engine:
         """Per layer and linear, the max |input| per channel over the calibration text (unquantized pass)."""
         self._record = [{} for _ in self._linears]
         saved, self.config = self.config, Config()
+        ids = ids.to(next(self.model.parameters()).device)
         try:
             for start in range(0, ids.numel(), window):
                 self._forward(ids[start : start + window], None, True)

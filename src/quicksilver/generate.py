@@ -156,6 +156,8 @@ def generate(
         total.merge(ledger)
         last.append(logits[0])
     next_tokens = sample(torch.stack(last))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     ttft = time.perf_counter() - t0
     active = list(range(len(rows)))
     t1 = time.perf_counter()
@@ -180,6 +182,8 @@ def generate(
         decode_ledger.merge(ledger)
         total.merge(ledger)
         next_tokens = sample(logits)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     end = time.perf_counter()
     elem = next(engine.model.parameters()).element_size()
     full_bytes = sum((r.numel() + len(o) - 1) * spec.n_layers * 2 * spec.kv_dim * elem for r, o in zip(rows, out))

@@ -146,7 +146,8 @@ class QuantizedLinear:
         self.bias = bias
         self.dtype = weight.dtype
         self._run: dict[int, object] = {}
-        self.fast_bits = {8} if group_size is None else set()
+        # fbgemm is a CPU kernel: on other devices int8 rows run the float path too (and say so).
+        self.fast_bits = {8} if group_size is None and weight.device.type == "cpu" else set()
 
     def executor(self, bits: int):
         if bits not in self._run:

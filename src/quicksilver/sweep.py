@@ -24,6 +24,7 @@ from .config import Config
 from .errors import QuicksilverError
 
 SERIES = ("halting", "kv", "fusion", "amq", "stack")
+TIE = 0.01  # savings within one percentage point of each other tie (run-to-run and probe-cost noise)
 MATCHED = {"halting": "static depth reduction", "kv": "sinks + recent window", "amq": "uniform quantization", "fusion": None,
            "stack": "best baseline"}
 FIELDS = ("series", "kind", "label", "relative_delta_perplexity", "flop_reduction", "saving", "speedup", "perplexity",
@@ -137,7 +138,7 @@ def matched_comparison(rows: list[dict], budgets=(0.005, 0.01, 0.02), key: str =
             elif s == "kv":
                 verdict = "ties (same policy)"
             else:
-                verdict = "beats" if mv > bv + 0.005 else "ties" if abs(mv - bv) <= 0.005 else "loses"
+                verdict = "beats" if mv > bv + TIE else "ties" if abs(mv - bv) <= TIE else "loses"
             out.append({"series": s, "budget": b, "mechanism": m["label"] if m else "off", "mechanism_value": mv,
                         "baseline": bl["label"] if bl else ("off" if base else "—"), "baseline_value": bv, "verdict": verdict})
     return out
@@ -171,7 +172,7 @@ def plot_pareto(rows: list[dict], title: str = "") -> bytes:
                 scale = 100.0 if xkey == "saving" else 1.0
                 xs = [r[xkey] * scale for r in pts]
                 ys = [r["relative_delta_perplexity"] * 100 for r in pts]
-                name = s if kind == "mechanism" else f"baseline: {MATCHED[s]}"
+                name = f"baseline: {MATCHED[s]}" if kind == "baseline" else "kv (= baseline: sinks + recent window)" if s == "kv" else s
                 ax.scatter(xs, ys, c=colour, marker=marker, label=name, zorder=3)
                 # The front includes the stock model itself (no saving, no cost).
                 pts_xy = [(x, y) for x, y in zip(xs, ys)] + [(origin * scale if xkey == "saving" else origin, 0.0)]
@@ -187,7 +188,7 @@ def plot_pareto(rows: list[dict], title: str = "") -> bytes:
             ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985) if title else None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
