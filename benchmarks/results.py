@@ -1,6 +1,6 @@
 """Regenerate docs/RESULTS.md: run the benchmarks, then fill the template with their tables and plots.
 
-    python benchmarks/results.py                      # every step below, then assembles (about 1.5 hours on 2 cores)
+    python benchmarks/results.py                      # every step below, then assembles (about 2 hours on 2 cores)
     python benchmarks/results.py --only pareto,decode # some steps, then assembles
     python benchmarks/results.py --assemble           # only assembles from docs/results/
 
