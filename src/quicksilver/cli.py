@@ -240,7 +240,7 @@ def sweep_cmd(
     """Pareto sweep per mechanism and for the stack, against matched baselines: CSV, JSON and a PNG plot."""
     from datetime import datetime, timezone
 
-    from .results_io import write_atomic, write_json_atomic
+    from .results_io import check_writable_target, write_atomic, write_json_atomic
     from .sweep import SERIES, matched_comparison, plan, plot_pareto, run_sweep, to_csv
 
     chosen = series or list(SERIES)
@@ -251,8 +251,6 @@ def sweep_cmd(
         raise QuicksilverError(f"folder {output_dir.parent} does not exist")
     output_dir.mkdir(exist_ok=True)
     for name in ("sweep.csv", "sweep.json", "pareto.png"):
-        from .results_io import check_writable_target
-
         check_writable_target(output_dir / name)
     bar, update = _progress("sweeping")
     with bar:
