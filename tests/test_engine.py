@@ -1,5 +1,7 @@
 """The engine's promises: identity when off, compact == masked reference, causality, extremes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,6 +94,22 @@ def test_every_preset_is_causal_on_the_default_model(default_model, preset):
 
     model, tok = default_model
     _causality(make_engine(model, tok, Config.preset(preset)), model.config.vocab_size, seq_len=96, t=60)
+
+
+CALIBRATED = sorted((Path(__file__).resolve().parent.parent / "docs" / "results" / "calibrated").glob("*.json"))
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("path", CALIBRATED, ids=[p.stem for p in CALIBRATED])
+def test_committed_calibrated_configs_load_and_are_causal(default_model, path):
+    from quicksilver.evaluate import make_engine
+
+    model, tok = default_model
+    config = Config.load(path)
+    assert config.calibration["test_splits"]["wiki"]["within_budget"] in (True, False)
+    # Short windows so the recent window binds inside the test sequence, as it does at 4,096 tokens.
+    config.kv.recent_window = min(config.kv.recent_window or 48, 48)
+    _causality(make_engine(model, tok, config), model.config.vocab_size, seq_len=96, t=60)
 
 
 def test_zero_threshold_never_halts_and_equals_off():
