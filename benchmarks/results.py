@@ -32,7 +32,7 @@ STEPS = {
     "ablation-news": ["benchmarks/sweep_engine.py", "--only", "ablation", "--corpus", "news", "--out", OUT],
     "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
-    "calibration": ["benchmarks/calibrate_budgets.py", "--out", OUT],
+    "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "bitflops", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
 }
 
