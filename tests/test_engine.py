@@ -175,6 +175,8 @@ def test_window_counts_exactly_the_visible_pairs():
         ({"kv": {"sink_tokens": 1.5}}, "sink_tokens"),
         ({"halting": {"bogus": 1}}, "unknown halting setting"),
         ({"fusion2": {}}, "unknown config section"),
+        ({"kv": 5}, "must be a JSON object"),
+        ({"calibration": [1]}, "calibration entry"),
     ],
 )
 def test_invalid_settings_are_rejected(data, message):

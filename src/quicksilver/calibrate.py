@@ -67,8 +67,12 @@ def mechanism_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
     }
 
 
-def baseline_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
-    """The matched baselines: static depth reduction, uniform quantization, sinks + recent window."""
+def baseline_levels() -> dict[str, list[tuple[str, dict]]]:
+    """The matched baselines: static depth reduction and uniform quantization.
+
+    The third, attention sinks + a recent window (StreamingLLM), is KV skipping's own policy:
+    its rows are the KV rows (``mechanism_levels(window)["kv"]``).
+    """
     static = [
         (f"every token skips MLP {', '.join(map(str, STATIC_MLP_ORDER[:n]))}",
          {"halting": {"enabled": True, "threshold": 2.0, "min_layer": 1, "patience": 1, "tail_layers": 1, "skip": "mlp",
@@ -79,8 +83,7 @@ def baseline_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
         ("uniform int8 (int8 kernel, SmoothQuant 0.65)", {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65}}),
         ("uniform int4 (group 32)", {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}}),
     ]
-    window_rows = [(label, {"kv": {"enabled": True, **s}}) for label, s in mechanism_levels(window)["kv"]]
-    return {"static depth reduction": static, "uniform quantization": quant, "sinks + recent window": window_rows}
+    return {"static depth reduction": static, "uniform quantization": quant}
 
 
 def point_config(point: dict[str, int], levels: dict[str, list[tuple[str, dict]]], name: str = "custom") -> Config:
@@ -172,8 +175,7 @@ class TrialRunner:
         return trial
 
     def _run(self, config: Config, key: str) -> Trial:
-        from .engine import Ledger
-        from .evaluate import EngineRunner, StockRunner, make_engine, score_windows
+        from .evaluate import EngineRunner, StockRunner, make_engine, run_ledger, score_windows
 
         if config.is_off:
             b = self.baseline
@@ -184,10 +186,7 @@ class TrialRunner:
         totals = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device,
                                warmup=self.objective == "time")
         run = totals[-1]
-        ledger = Ledger(n_layers=run.stats[0]["ledger"].n_layers)
-        for s in run.stats:
-            ledger.merge(s["ledger"])
-        return Trial(key, run.nll, run.count, run.flops, float(ledger.as_dict()["bit_weighted_flops"]), run.seconds,
+        return Trial(key, run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]), run.seconds,
                      totals[0].seconds if self.objective == "time" else None)
 
     def cost(self, trial: Trial) -> float:

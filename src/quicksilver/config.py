@@ -73,6 +73,8 @@ class Config:
         parts = {}
         for key, kind in MECHANISMS.items():
             settings = data.get(key, {}) or {}
+            if not isinstance(settings, dict):
+                raise QuicksilverError(f"config section {key!r} must be a JSON object, got {type(settings).__name__}")
             known = {f.name for f in dataclasses.fields(kind)}
             bad = set(settings) - known
             if bad:

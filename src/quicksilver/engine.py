@@ -331,6 +331,7 @@ class Engine:
         q_in_kv = _positions_in(attn_rows, kv_rows)
         pos_q, pos_k = _take(pos, attn_rows), _take(pos, kv_rows)
         q, k, v = self._qkv(l, x_kv, q_in_kv, attn_rows, kv_rows, rope, bits)
+        layer_window = kv.window_at(l)
         visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
         outs, pairs = [], 0
         for (a, b), cache in zip(segments, caches):
@@ -342,7 +343,7 @@ class Engine:
                 keys, values, k_pos = torch.cat([past.k, keys]), torch.cat([past.v, values]), torch.cat([past.pos, k_pos])
             if qb > qa:
                 whole = past is None and attn_rows is None and kv_rows is None
-                plan, window = None, kv.window_at(l)
+                plan, window = None, layer_window
                 if window is not None and int(pos_q[qb - 1]) - int(k_pos[0]) < window:
                     window = None  # every key of this segment lies inside every query's window: nothing to skip
                 if window is not None and whole and len(segments) == 1:
@@ -355,8 +356,8 @@ class Engine:
                 pairs += seen
             if cache is not None:
                 cache.append(l, k[ka:kb], v[ka:kb], pos_k[ka:kb])
-                if kv.window_at(l) is not None:
-                    cache.evict(l, int(pos[b - 1]) + 1, kv.window_at(l), kv.sink_tokens)
+                if layer_window is not None:
+                    cache.evict(l, int(pos[b - 1]) + 1, layer_window, kv.sink_tokens)
         if outs:  # a decode step whose only row halted has no query here
             h = _add(h, attn_rows, self._lin(l, "o", torch.cat(outs), attn_rows, bits))
         if mlp_rows is None or mlp_rows.numel():

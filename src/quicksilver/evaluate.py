@@ -317,17 +317,20 @@ def evaluate_model(
     return result
 
 
-def compare(base: Totals, run: Totals, n_bytes: int, n_words: int) -> dict:
-    """The comparison block of a preset against its baseline measured in the same run."""
+def run_ledger(run: Totals):
+    """The engine's ledgers of every window of a run, summed into one."""
     from .engine import Ledger
 
-    b, r = metrics(base, n_bytes, n_words), metrics(run, n_bytes, n_words)
-    ledger = None
+    ledger = Ledger(n_layers=run.stats[0]["ledger"].n_layers)
     for s in run.stats:
-        if ledger is None:
-            ledger = Ledger(n_layers=s["ledger"].n_layers)
         ledger.merge(s["ledger"])
-    stats = ledger.as_dict()
+    return ledger
+
+
+def compare(base: Totals, run: Totals, n_bytes: int, n_words: int) -> dict:
+    """The comparison block of a preset against its baseline measured in the same run."""
+    b, r = metrics(base, n_bytes, n_words), metrics(run, n_bytes, n_words)
+    stats = run_ledger(run).as_dict()
     return {
         "baseline": b,
         "delta_perplexity": r["perplexity"] - b["perplexity"],

@@ -46,14 +46,14 @@ def plan(series: list[str], window: int, baselines: bool = True) -> list[tuple[s
     unknown = [s for s in series if s not in SERIES]
     if unknown:
         raise QuicksilverError(f"unknown sweep series {', '.join(unknown)} (known: {', '.join(SERIES)})")
-    levels, base = mechanism_levels(window), baseline_levels(window)
+    levels, base = mechanism_levels(window), baseline_levels()
     rows = []
     for s in series:
         if s == "stack":
             rows += [(s, "mechanism", label, data) for label, data in stack_levels(window)]
         else:
             rows += [(s, "mechanism", label, {s: {"enabled": True, **settings}}) for label, settings in levels[s]]
-        if baselines and MATCHED[s] in base and s != "kv":  # the KV rows *are* the sinks + window baseline
+        if baselines and MATCHED[s] in base:  # the KV rows *are* the sinks + window baseline
             rows += [(s, "baseline", label, data) for label, data in base[MATCHED[s]]]
     return rows
 
@@ -175,7 +175,7 @@ def plot_pareto(rows: list[dict], title: str = "") -> bytes:
                 name = f"baseline: {MATCHED[s]}" if kind == "baseline" else "kv (= baseline: sinks + recent window)" if s == "kv" else s
                 ax.scatter(xs, ys, c=colour, marker=marker, label=name, zorder=3)
                 # The front includes the stock model itself (no saving, no cost).
-                pts_xy = [(x, y) for x, y in zip(xs, ys)] + [(origin * scale if xkey == "saving" else origin, 0.0)]
+                pts_xy = list(zip(xs, ys)) + [(origin, 0.0)]
                 front = pareto_front(pts_xy)
                 ax.plot([pts_xy[i][0] for i in front], [pts_xy[i][1] for i in front], c=colour, lw=1, ls="--", zorder=2)
             ax.scatter([origin], [0.0], c="black", marker="*", s=140, label="stock HF model", zorder=4)
