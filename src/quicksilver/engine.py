@@ -9,7 +9,7 @@ path computes the same thing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,69 +18,14 @@ from .adapters import adapter_for
 from .adapters.base import apply_rotary
 from .attention import _additive, _sdpa, attend, block_plan
 from .config import Config
+from .ledger import Ledger
 from .mechanisms.halting import relative_drift
-
-
-@dataclass
-class Ledger:
-    """What one forward pass executed, counted as it ran."""
-
-    n_layers: int
-    tokens: int = 0
-    flops: dict = field(default_factory=lambda: {k: 0 for k in ("projections", "mlp", "attention", "head", "probes")})
-    attn_rows: int = 0  # token-layers that computed attention (as queries)
-    mlp_rows: int = 0  # token-layers that computed the MLP
-    kv_written: int = 0  # K/V entries written, summed over layers
-    pairs_seen: int = 0  # (query, key) pairs attended, summed over layers
-    pairs_full: int = 0  # the same with every causal pair
-    exit_layer_sum: int = 0
-    halted_tokens: int = 0
-    bit_linear_flops: float = 0.0  # linear FLOPs x bits/16 (unquantized linears count at 16)
-    weight_bytes: int = 0  # bytes of decoder weights read by the linears that ran
-    bits_hist: dict = field(default_factory=lambda: {8: 0, 4: 0, 2: 0, 16: 0})  # token-layers per precision
-    fused_tokens: int = 0  # tokens that joined an earlier token's path
-
-    @property
-    def total_flops(self) -> int:
-        return sum(self.flops.values())
-
-    def as_dict(self) -> dict:
-        slots = max(self.tokens * self.n_layers, 1)
-        return {
-            "tokens": self.tokens,
-            "flops": {**self.flops, "total": self.total_flops},
-            "mean_exit_layer": self.exit_layer_sum / max(self.tokens, 1),
-            "halted_fraction": self.halted_tokens / max(self.tokens, 1),
-            "attn_layer_fraction": self.attn_rows / slots,
-            "mlp_layer_fraction": self.mlp_rows / slots,
-            "kv_written_fraction": self.kv_written / slots,
-            "kv_fraction": self.pairs_seen / max(self.pairs_full, 1),
-            "bit_weighted_flops": self.total_flops - self.flops["projections"] - self.flops["mlp"] + self.bit_linear_flops,
-            "weight_bytes": self.weight_bytes,
-            "bits_per_token": _mean_bits(self.bits_hist),
-            "bits_histogram": {str(k): v for k, v in self.bits_hist.items() if v},
-            "fused_fraction": self.fused_tokens / max(self.tokens, 1),
-        }
-
-    def merge(self, other: "Ledger") -> None:
-        for k in self.flops:
-            self.flops[k] += other.flops[k]
-        for name in ("tokens", "attn_rows", "mlp_rows", "kv_written", "pairs_seen", "pairs_full", "exit_layer_sum",
-                     "halted_tokens", "bit_linear_flops", "weight_bytes", "fused_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for k in self.bits_hist:
-            self.bits_hist[k] += other.bits_hist[k]
 
 
 @dataclass
 class EngineOutput:
     logits: torch.Tensor  # (rows, vocab) for 1-D input; (B, rows, vocab) for a batch
     ledger: Ledger
-
-
-def _mean_bits(hist: dict) -> float:
-    n = sum(hist.values())
-    return sum(k * v for k, v in hist.items()) / n if n else 0.0
 
 
 def _n(rows: torch.Tensor | None, total: int) -> int:

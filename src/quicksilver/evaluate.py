@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import QuicksilverError
 from .flops import dense_forward_flops
+from .ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -319,8 +320,6 @@ def evaluate_model(
 
 def run_ledger(run: Totals):
     """The engine's ledgers of every window of a run, summed into one."""
-    from .engine import Ledger
-
     ledger = Ledger(n_layers=run.stats[0]["ledger"].n_layers)
     for s in run.stats:
         ledger.merge(s["ledger"])

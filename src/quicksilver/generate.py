@@ -18,6 +18,7 @@ import torch
 
 from .cache import SequenceCache
 from .errors import QuicksilverError
+from .ledger import Ledger
 
 
 @dataclass
@@ -134,8 +135,6 @@ def generate(
     stop_strings : a row stops once its decoded continuation contains one (needs ``tokenizer``).
     on_token : called as ``on_token(row, token_id)`` for every generated token (streaming).
     """
-    from .engine import Ledger
-
     spec = engine.spec
     rows = _check_prompts(prompts, max_new_tokens, spec.max_positions)
     if stop_strings and tokenizer is None:
