@@ -1,59 +1,145 @@
 """The engine's own KV cache: per sequence and per layer, only the entries that were written.
 
-Tokens that KV skipping leaves without K/V at a layer get no entry there, and entries
-that a recent window makes invisible to every future query are evicted, so the cache
-really shrinks. Positions are stored beside the keys: RoPE used the true positions,
-and visibility rules read them.
+Each layer holds preallocated buffers (keys, values, true positions) and a count of live
+entries; appending writes into the next free slots, so a decode step allocates nothing
+(buffers grow by doubling when a capacity hint was too small). Tokens that KV skipping
+leaves without K/V at a layer get no entry there. Three ways to shrink a layer, all
+in place:
+
+- ``evict``: entries that a recent window makes invisible to every future query;
+- ``keep``: an arbitrary subset chosen by an importance policy (the rest are dropped);
+- ``truncate``: every entry at or after a position (rollback of rejected speculative drafts).
+
+Positions are stored beside the keys: RoPE used the true positions, and visibility rules
+read them. Entries stay in increasing position order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 
 @dataclass
 class LayerKV:
+    """A view of one layer's live entries."""
+
     k: torch.Tensor  # (n, Hkv, hd), RoPE applied
     v: torch.Tensor  # (n, Hkv, hd)
     pos: torch.Tensor  # (n,) true positions, increasing
 
 
-@dataclass
 class SequenceCache:
-    """One sequence's cache: ``layers[l]`` holds the entries written at layer l."""
+    """One sequence's cache.
 
-    n_layers: int
-    layers: list = field(default_factory=list)
-    length: int = 0  # positions consumed so far (the next token's position)
-    peak_bytes: int = 0
+    Parameters
+    ----------
+    n_layers : int
+    capacity : int, optional
+        Entries per layer to preallocate at the first write (e.g. prompt + new tokens);
+        default: what the first write needs, doubled on growth.
+    margin : int, default 0
+        Window eviction keeps this many extra positions, so that a rollback by up to
+        ``margin`` tokens (speculative decoding) never needs an evicted entry.
+    """
 
-    def __post_init__(self):
-        if not self.layers:
-            self.layers = [None] * self.n_layers
+    def __init__(self, n_layers: int, capacity: int | None = None, margin: int = 0):
+        self.n_layers = n_layers
+        self.capacity = capacity
+        self.margin = margin
+        self.length = 0  # positions consumed so far (the next token's position)
+        self.peak_bytes = 0
+        self._k: list[torch.Tensor | None] = [None] * n_layers
+        self._v: list[torch.Tensor | None] = [None] * n_layers
+        self._pos: list[torch.Tensor | None] = [None] * n_layers
+        self._n = [0] * n_layers
+
+    def count(self, layer: int) -> int:
+        """Live entries at ``layer``."""
+        return self._n[layer]
 
     def get(self, layer: int) -> LayerKV | None:
-        return self.layers[layer]
+        n = self._n[layer]
+        if n == 0:
+            return None
+        return LayerKV(self._k[layer][:n], self._v[layer][:n], self._pos[layer][:n])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        old = self.layers[layer]
-        if old is None:
-            self.layers[layer] = LayerKV(k, v, pos)
-        else:
-            self.layers[layer] = LayerKV(torch.cat([old.k, k]), torch.cat([old.v, v]), torch.cat([old.pos, pos]))
+        m = k.shape[0]
+        if m == 0:
+            return
+        n = self._n[layer]
+        buf = self._k[layer]
+        if buf is None or n + m > buf.shape[0]:
+            self._grow(layer, n + m, k, v)
+        self._k[layer][n : n + m] = k
+        self._v[layer][n : n + m] = v
+        self._pos[layer][n : n + m] = pos
+        self._n[layer] = n + m
+
+    def _grow(self, layer: int, needed: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        old = self._k[layer]
+        cap = max(needed, self.capacity or 0, 2 * old.shape[0] if old is not None else 0)
+        n = self._n[layer]
+        new_k = k.new_empty((cap, *k.shape[1:]))
+        new_v = v.new_empty((cap, *v.shape[1:]))
+        new_pos = torch.empty(cap, dtype=torch.long, device=k.device)
+        if n:
+            new_k[:n], new_v[:n], new_pos[:n] = self._k[layer][:n], self._v[layer][:n], self._pos[layer][:n]
+        self._k[layer], self._v[layer], self._pos[layer] = new_k, new_v, new_pos
+
+    def keep(self, layer: int, index: torch.Tensor) -> None:
+        """Keep only the entries at ``index`` (sorted, within the live entries); drop the rest."""
+        n = self._n[layer]
+        if n == 0:
+            return
+        index = index.to(self._pos[layer].device)
+        m = index.numel()
+        for buf in (self._k[layer], self._v[layer], self._pos[layer]):
+            buf[:m] = buf[:n].index_select(0, index)
+        self._n[layer] = m
 
     def evict(self, layer: int, next_pos: int, window: int, sinks: int) -> None:
-        """Drop entries no query at ``next_pos`` or later can see (outside sinks and the window)."""
-        e = self.layers[layer]
-        if e is None:
+        """Drop entries no query at ``next_pos`` or later can see (outside sinks and the window).
+
+        Compaction is lazy: it runs once the invisible entries exceed a slack of 1/32 of
+        the window, so that a decode step does not move the whole window every time.
+        """
+        n = self._n[layer]
+        if n == 0:
             return
-        keep = (e.pos < sinks) | (e.pos > next_pos - window)
-        if not bool(keep.all()):
-            self.layers[layer] = LayerKV(e.k[keep], e.v[keep], e.pos[keep])
+        pos = self._pos[layer][:n]
+        oldest = next_pos - window - self.margin  # entries at or before this are invisible
+        n_sink = int(torch.searchsorted(pos, sinks))
+        first_recent = int(torch.searchsorted(pos, oldest, right=True))
+        stale = first_recent - n_sink
+        if stale <= 0 or stale < max(1, window // 32):
+            return
+        index = torch.cat([torch.arange(n_sink), torch.arange(first_recent, n)]).to(pos.device)
+        self.keep(layer, index)
+
+    def truncate(self, length: int) -> None:
+        """Forget every entry at position >= ``length`` in every layer; the next token's position becomes ``length``."""
+        if length > self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        for layer in range(self.n_layers):
+            n = self._n[layer]
+            if n:
+                self._n[layer] = int(torch.searchsorted(self._pos[layer][:n], length))
+        self.length = length
 
     def nbytes(self) -> int:
-        return sum(0 if e is None else e.k.nbytes + e.v.nbytes for e in self.layers)
+        """Bytes of the live entries (keys and values)."""
+        total = 0
+        for k, v, n in zip(self._k, self._v, self._n):
+            if n:
+                total += n * (k[0].nbytes + v[0].nbytes)
+        return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the preallocated key and value buffers."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self._k, self._v) if k is not None)
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.nbytes())

@@ -283,11 +283,14 @@ class Engine:
             qa, qb = _bounds(attn_rows, a, b)
             ka, kb = _bounds(kv_rows, a, b)
             keys, values, k_pos = k[ka:kb], v[ka:kb], pos_k[ka:kb]
-            past = cache.get(l) if cache is not None else None
-            if past is not None:
-                keys, values, k_pos = torch.cat([past.k, keys]), torch.cat([past.v, values]), torch.cat([past.pos, k_pos])
+            fresh = cache is None or cache.count(l) == 0
+            if cache is not None:  # written in place into the preallocated cache; attend to its live view
+                cache.append(l, keys, values, k_pos)
+                if not fresh:
+                    e = cache.get(l)
+                    keys, values, k_pos = e.k, e.v, e.pos
             if qb > qa:
-                whole = past is None and attn_rows is None and kv_rows is None
+                whole = fresh and attn_rows is None and kv_rows is None
                 plan, window = None, layer_window
                 if window is not None and int(pos_q[qb - 1]) - int(k_pos[0]) < window:
                     window = None  # every key of this segment lies inside every query's window: nothing to skip
@@ -300,7 +303,6 @@ class Engine:
                 outs.append(out)
                 pairs += seen
             if cache is not None:
-                cache.append(l, k[ka:kb], v[ka:kb], pos_k[ka:kb])
                 if layer_window is not None:
                     cache.evict(l, int(pos[b - 1]) + 1, layer_window, kv.sink_tokens)
         if outs:  # a decode step whose only row halted has no query here

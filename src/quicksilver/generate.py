@@ -3,7 +3,7 @@
 Each row has its own SequenceCache holding only the K/V entries that were written, so
 KV skipping shrinks the cache for real. Mechanisms apply to every new token exactly as
 they apply to that token in a full forward pass (decisions are per token and causal),
-so decoding with the cache equals recomputing the prefix each step. Rows of a batch
+so decoding with the cache equals recomputing the prefix each step. Prompts are prefilled together and rows of a batch
 share the projections and MLP of each step (one matmul over the rows that compute) and
 attend to their own caches. Contextual Token Fusion, once added, applies to prefill only.
 """
@@ -98,9 +98,22 @@ def _check_prompts(prompts, max_new_tokens: int, max_positions: int) -> list[tor
 
 def prefill(engine, prompt: torch.Tensor, cache: SequenceCache):
     """Run the prompt through every layer, filling ``cache``; logits of the last position (1, V)."""
-    T = prompt.numel()
-    pos = torch.arange(T, device=prompt.device)
-    return engine.run(prompt, pos, [(0, T)], [cache], logit_rows=torch.tensor([T - 1], device=prompt.device))
+    return prefill_batch(engine, [prompt], [cache])
+
+
+def prefill_batch(engine, prompts: Sequence[torch.Tensor], caches: Sequence[SequenceCache]):
+    """Prefill ragged prompts together: one pass whose linears run over every prompt's rows.
+
+    The prompts are concatenated (no padding); each attends only to itself (one segment per
+    prompt). Returns the logits of each prompt's last position (B, V) and the ledger.
+    """
+    device = prompts[0].device
+    lengths = [p.numel() for p in prompts]
+    ids = torch.cat(list(prompts))
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths])
+    ends = torch.tensor(lengths, device=device).cumsum(0)
+    segments = [(int(b) - n, int(b)) for b, n in zip(ends, lengths)]
+    return engine.run(ids, pos, segments, list(caches), logit_rows=ends - 1)
 
 
 def decode_one_token(engine, tokens: torch.Tensor, caches: Sequence[SequenceCache]):
@@ -142,19 +155,16 @@ def generate(
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sample = make_sampler(temperature, top_k, top_p, seed)
     device = next(engine.model.parameters()).device
-    caches = [SequenceCache(spec.n_layers) for _ in rows]
+    caches = [SequenceCache(spec.n_layers, capacity=r.numel() + max_new_tokens) for r in rows]
     out: list[list[int]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
 
     t0 = time.perf_counter()
-    last = []
-    for i, prompt in enumerate(rows):
-        logits, ledger = prefill(engine, prompt.to(device), caches[i])
-        total.merge(ledger)
-        last.append(logits[0])
-    next_tokens = sample(torch.stack(last))
+    logits, ledger = prefill_batch(engine, [r.to(device) for r in rows], caches)
+    total.merge(ledger)
+    next_tokens = sample(logits)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     ttft = time.perf_counter() - t0
