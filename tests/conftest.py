@@ -41,4 +41,4 @@ def default_model():
     """The real smollm2-135m (converted into the cache once, then under a second to load)."""
     from quicksilver import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dtype="float32")

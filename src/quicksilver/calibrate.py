@@ -302,7 +302,7 @@ def calibrate(
     mechanisms: list[str] | None = None,
     heldout: list[str] | None = None,
     journal: str | Path | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     loaded: tuple | None = None,
     on_trial: Callable[[int, int, str], None] | None = None,
@@ -368,7 +368,7 @@ def calibrate(
         raise QuicksilverError(f"nothing to search: {', '.join(mechanisms)} cannot reduce {objective} at window {window}")
     levels = {m: all_levels[m] for m in searched}
     # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
-    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": dtype, "device": str(dev)}
+    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(dev)}
     runner = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
                          context, Path(journal) if journal else None)
     target = budget * (1.0 - margin)

@@ -60,7 +60,7 @@ def eval_cmd(
     window: int = typer.Option(512, help="Tokens per window (BOS included when the model expects one)."),
     stride: Optional[int] = typer.Option(None, help="Window step, at most window-1; default window-1 (no overlap)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate only the first N tokens."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
@@ -105,7 +105,7 @@ def generate_cmd(
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop once the output contains this string (repeatable)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Generate text with the mechanisms on, streaming tokens as they come, then a one-line summary."""
@@ -171,7 +171,7 @@ def calibrate_cmd(
     heldout: list[str] = typer.Option([], "--heldout", help="Also evaluate the result on this corpus's test split (repeatable)."),
     journal: Optional[Path] = typer.Option(None, help="Trial journal for resuming; default OUTPUT.trials.jsonl."),
     report: Optional[Path] = typer.Option(None, help="Also write every trial and the checks as JSON."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Find the cheapest configuration within a perplexity budget; check it on held-out text.
@@ -234,12 +234,13 @@ def sweep_cmd(
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens to evaluate per row."),
     output_dir: Path = typer.Option(Path("sweep"), "--output-dir", "-o", help="Folder for sweep.csv, sweep.json and pareto.png."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run each mechanism's matched baseline."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Pareto sweep per mechanism and for the stack, against matched baselines: CSV, JSON and a PNG plot."""
     from datetime import datetime, timezone
 
+    from .models import parse_dtype
     from .results_io import check_writable_target, write_atomic, write_json_atomic
     from .sweep import SERIES, matched_comparison, plan, plot_pareto, run_sweep, to_csv
 
@@ -258,8 +259,8 @@ def sweep_cmd(
                          dtype=dtype, device=device, on_row=lambda i, n, what: update(i, n))
     matched = matched_comparison(rows)
     title = f"{model} on {corpus}/{split}, {window}-token windows, {max_tokens} tokens"
-    meta = {"model": model, "corpus": corpus, "split": split, "window": window, "max_tokens": max_tokens, "dtype": dtype,
-            "device": device, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = {"model": model, "corpus": corpus, "split": split, "window": window, "max_tokens": max_tokens,
+            "dtype": str(parse_dtype(dtype, device)).removeprefix("torch."), "device": device, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     write_atomic(output_dir / "sweep.csv", to_csv(rows))
     write_json_atomic(output_dir / "sweep.json", {"meta": meta, "rows": rows, "matched": matched})
     write_atomic(output_dir / "pareto.png", plot_pareto(rows, title))

@@ -244,7 +244,7 @@ def evaluate_model(
     window: int = 512,
     stride: int | None = None,
     max_tokens: int | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     loaded: tuple | None = None,
@@ -315,6 +315,7 @@ def evaluate_model(
     }
     if len(totals) == 2:
         result.update(compare(totals[0], totals[1], n_bytes, n_words))
+        result["baseline"]["dtype"] = result["dtype"]  # the stock model always runs in the engine's dtype
     return result
 
 

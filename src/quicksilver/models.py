@@ -65,13 +65,18 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("quicksilver"))
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from its name; ``auto`` is bfloat16 where ``device`` runs it natively, else float32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise QuicksilverError(f"dtype {dtype} is not supported (use one of {', '.join(DTYPES)})")
+            raise QuicksilverError(f"dtype {dtype} is not supported (use one of auto, {', '.join(DTYPES)})")
         return dtype
+    if dtype == "auto":
+        from .hardware import auto_dtype
+
+        return auto_dtype(parse_device(device))
     if dtype not in DTYPES:
-        raise QuicksilverError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+        raise QuicksilverError(f"unknown dtype {dtype!r} (use one of auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
 
 
@@ -210,7 +215,7 @@ def bos_per_window(name_or_path: str, tokenizer) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
 
     Parameters
@@ -218,8 +223,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     name_or_path : str
         An offline name (``smollm2-135m``, the default, or ``gemma3-270m``), a local
         folder, or a Hugging Face hub id of the GPT-2 or Llama family (needs network).
-    dtype : {"float32", "bfloat16", "float16"}
-        Weight and activation dtype. Default float32.
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        Weight and activation dtype. Default ``auto``: bfloat16 where the device runs it
+        natively (CUDA; a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
     device : {"cpu", "cuda"}
         Default cpu.
     """
@@ -227,7 +233,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    torch_dtype, dev = parse_dtype(dtype), parse_device(device)
+    dev = parse_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
     if name_or_path in OFFLINE_MODELS:
         folder: str | Path = offline_model_folder(name_or_path)
     else:

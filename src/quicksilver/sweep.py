@@ -59,7 +59,7 @@ def plan(series: list[str], window: int, baselines: bool = True) -> list[tuple[s
 
 
 def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wiki", split: str = "test", window: int = 4096,
-              max_tokens: int | None = 8192, baselines: bool = True, loaded: tuple | None = None, dtype: str = "float32",
+              max_tokens: int | None = 8192, baselines: bool = True, loaded: tuple | None = None, dtype: str = "auto",
               device: str = "cpu", on_row: Callable[[int, int, str], None] | None = None) -> list[dict]:
     """Evaluate every planned row; returns one flat dict per row (the CSV's columns)."""
     from .corpora import check_corpus_args
