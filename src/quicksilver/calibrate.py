@@ -80,7 +80,7 @@ def baseline_levels() -> dict[str, list[tuple[str, dict]]]:
         for n in range(1, len(STATIC_MLP_ORDER) + 1)
     ]
     quant = [
-        ("uniform int8 (int8 kernel, SmoothQuant 0.65)", {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65}}),
+        ("uniform int8 (int8 kernel, SmoothQuant 0.65)", {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65, "activation_quant": True}}),
         ("uniform int4 (group 32)", {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}}),
     ]
     return {"static depth reduction": static, "uniform quantization": quant}

@@ -37,7 +37,7 @@ PRESETS: dict[str, dict] = {
     "all": {"halting": HALTING, "kv": KVSKIP, "fusion": ALL_FUSION, "amq": AMQ},
     # Uniform weight-quantization baselines: int8 through the real int8 kernel, with SmoothQuant
     # (alpha 0.65, the best on the calibration split); int4 slices (no fast kernel).
-    "int8": {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65}},
+    "int8": {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65, "activation_quant": True}},
     "int4": {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}},
 }
 

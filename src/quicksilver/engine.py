@@ -102,6 +102,7 @@ class Engine:
         self._shapes = {n: m.weight.shape for n, m in self._linears[0].items()}
         self._elem = self._linears[0]["q"].weight.element_size()
         self._quant = None
+        self._head_q = None  # (QuantizedLinear, bits) when the LM head is quantized
         self._record = None  # per (layer, linear): running max |x| of inputs, while calibrating
         amq = self.config.amq
         if amq.enabled:
@@ -116,8 +117,12 @@ class Engine:
                 absmax = self._activation_absmax(calibration_ids)
                 smooth = [{n: smoothing_factors(absmax[l][n], m.weight, amq.smoothing) for n, m in lins.items()}
                           for l, lins in enumerate(self._linears)]
-            self._quant = [{n: QuantizedLinear(m.weight, m.bias, amq.group_size, smooth[l][n]) for n, m in lins.items()}
-                           for l, lins in enumerate(self._linears)]
+            self._quant = [{n: QuantizedLinear(m.weight, m.bias, amq.group_size, smooth[l][n], amq.activation_quant)
+                            for n, m in lins.items()} for l, lins in enumerate(self._linears)]
+            if amq.head_bits is not None:
+                head = self.adapter.head_linear()
+                group = amq.group_size if amq.group_size and head.in_features % amq.group_size == 0 else None
+                self._head_q = (QuantizedLinear(head.weight, head.bias, group), amq.head_bits)
 
     @torch.inference_mode()
     def _activation_absmax(self, ids: torch.Tensor, window: int = 512) -> list[dict]:
@@ -234,6 +239,9 @@ class Engine:
         ledger.halted_tokens = int((~computing).sum())
         hx = A.final_norm(_take(h, logit_rows))
         ledger.flops["head"] += F_.head_flops(spec, hx.shape[0])
+        if self._head_q is not None:
+            head, head_bits = self._head_q
+            return head(hx, head_bits), ledger
         return A.head(hx), ledger
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):

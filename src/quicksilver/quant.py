@@ -2,14 +2,17 @@
 
 Weights are quantized once, symmetrically, to signed int8 codes q in [-127, 127] with one
 scale per output channel (``group_size=None``) or per group of ``group_size`` input
-channels. A lower precision r is MatQuant's slicing operator (Nair et al. 2025,
-"Matryoshka Quantization", Eq. 2) applied to the same codes, here in its signed form:
+channels. A lower precision r keeps the r most significant bits of the same codes
+(MatQuant's slicing, Nair et al. 2025, "Matryoshka Quantization"), taken literally as an
+arithmetic shift, with the bucket's midpoint as rounding offset:
 
-    S(q, r) = clamp(round(q / 2^(8-r)), -2^(r-1), 2^(r-1) - 1) * 2^(8-r)
+    S(q, r) = (q >> (8 - r)) * 2^(8-r) + 2^(7-r)
 
-(round half away from zero), so int4 and int2 keep the most significant bits of the int8
-codes and one stored copy serves all three precisions. ``dequantize`` maps codes back to
-floats; only ``Int8Kernel`` computes with integer arithmetic (see there).
+so int4 is exactly the high nibble of each int8 code: stored as two nibble planes
+(``quicksilver.kernels``), an int4 step reads only the high plane, half the bytes of int8.
+(An earlier definition rounded q / 2^(8-r) to nearest and clamped; its int4 value equalled
+the high nibble for only about 56% of codes, so no kernel could read half the bytes.)
+``dequantize`` maps codes back to floats; ``quicksilver.kernels`` computes with them.
 """
 
 from __future__ import annotations
@@ -47,20 +50,14 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
     return QuantizedWeight(codes.reshape(out_f, in_f), scales, group_size)
 
 
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
-
-
 def slice_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """MatQuant's slicing S(q, r): the ``bits`` most significant bits, back on the int8 grid."""
+    """The ``bits``-bit slice S(q, r) of int8 codes, on the int8 grid (int16: the offset can pass 127)."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if bits == 8:
         return codes
-    step = 2 ** (8 - bits)
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    sliced = _round_half_away(codes.to(torch.int32).float() / step).clamp_(lo, hi) * step
-    return sliced.to(torch.int16)  # +-128 does not fit int8
+    shift = 8 - bits
+    return ((codes.to(torch.int16) >> shift) << shift) + (1 << (shift - 1))
 
 
 def dequantize(qw: QuantizedWeight, bits: int = 8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,45 +130,49 @@ class Int8Kernel:
 class QuantizedLinear:
     """One decoder linear at 8, 4 and 2 bits from one int8 copy; rows run grouped by bit-width.
 
-    int8 rows run ``Int8Kernel`` when the scales are per channel. Every other precision
-    (and int8 with group scales) has no fast kernel on this hardware: it runs a float
-    matmul over the dequantized slice (cached once per precision), which saves no time,
-    and the ledger says so (``fast_bits``).
+    By default the linear is weight-only: activations stay in the model's dtype and each
+    precision runs the fastest kernel measured on this machine for the call's row count
+    (``quicksilver.kernels``). With ``activation_quant`` (per-channel scales, CPU), int8
+    rows instead run ``Int8Kernel``, which also quantizes activations (W8A8, fbgemm).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int | None, smooth: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int | None,
+                 smooth: torch.Tensor | None = None, activation_quant: bool = False):
+        from .kernels import NestedWeight
+
         # With SmoothQuant factors the one int8 copy holds W * s, and inputs are divided by s.
         self.qw = quantize_int8(weight if smooth is None else weight.float() * smooth[None, :], group_size)
         self.inv_smooth = None if smooth is None else (1.0 / smooth).to(weight.dtype)
         self.bias = bias
         self.dtype = weight.dtype
-        self._run: dict[int, object] = {}
-        # fbgemm is a CPU kernel: on other devices int8 rows run the float path too (and say so).
-        self.fast_bits = {8} if group_size is None and weight.device.type == "cpu" else set()
+        self.nested = NestedWeight(self.qw.codes, self.qw.scales, group_size, bias)
+        self._w8a8 = None
+        if activation_quant and group_size is None and weight.device.type == "cpu":
+            import warnings
 
-    def executor(self, bits: int):
-        if bits not in self._run:
-            if bits in self.fast_bits:
-                import warnings
+            with warnings.catch_warnings():  # torch's quantized tensors are deprecated in favour of torchao
+                warnings.simplefilter("ignore", UserWarning)
+                self._w8a8 = Int8Kernel(self.qw, bias)
 
-                with warnings.catch_warnings():  # torch's quantized tensors are deprecated in favour of torchao
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._run[bits] = Int8Kernel(self.qw, self.bias)
-            else:
-                w = dequantize(self.qw, bits, self.dtype)
-                bias = self.bias
-                self._run[bits] = lambda x, w=w, b=bias: torch.nn.functional.linear(x, w, b)
-        return self._run[bits]
+    def run(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """Every row of ``x`` (n, in) at one precision."""
+        from .kernels import matmul
 
-    def __call__(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        """``x`` (n, in) with ``bits`` (n,) per row -> (n, out)."""
+        if bits == 8 and self._w8a8 is not None:
+            return self._w8a8(x)
+        return matmul(self.nested, x, bits)
+
+    def __call__(self, x: torch.Tensor, bits: torch.Tensor | int) -> torch.Tensor:
+        """``x`` (n, in) with ``bits`` (n,) per row (or one int for all rows) -> (n, out)."""
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
+        if isinstance(bits, int):
+            return self.run(x, bits)
         present = torch.unique(bits).tolist()
         if len(present) == 1:
-            return self.executor(present[0])(x)
+            return self.run(x, present[0])
         out = torch.empty(x.shape[0], self.qw.shape[0], dtype=x.dtype, device=x.device)
         for b in present:
             rows = (bits == b).nonzero().squeeze(1)
-            out[rows] = self.executor(b)(x.index_select(0, rows))
+            out[rows] = self.run(x.index_select(0, rows), b)
         return out

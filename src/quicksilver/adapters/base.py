@@ -117,6 +117,11 @@ class FamilyAdapter:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def head_linear(self) -> Linear:
+        """The LM head as a plain linear (what head quantization replaces)."""
+        head = self._head
+        return Linear(head.weight, getattr(head, "bias", None))
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

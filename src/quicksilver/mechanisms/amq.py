@@ -44,7 +44,14 @@ class AdaptiveMatryoshkaQuantization:
     smoothing : float or None, default None
         SmoothQuant's alpha: activation outliers migrate into the weights before they are
         quantized, with factors from activation ranges on calibration text (the engine
-        needs ``calibration_ids``). Helps the int8 kernel, which quantizes activations.
+        needs ``calibration_ids``). Helps ``activation_quant``, which quantizes activations.
+    activation_quant : bool, default False
+        False: weight-only, activations stay in the model's dtype and every precision runs the
+        fastest weight-only kernel measured on this machine (``quicksilver.kernels``). True:
+        int8 rows also quantize activations per row (W8A8 through fbgemm; per-channel scales).
+    head_bits : {None, 8, 4}, default None
+        Quantize the LM head too (weight-only, every token at this precision). At decode the
+        head is about a fifth of the default model's weight bytes.
     """
 
     enabled: bool = False
@@ -55,6 +62,8 @@ class AdaptiveMatryoshkaQuantization:
     uniform_bits: int | None = None
     protect_first: int = 4
     smoothing: float | None = None
+    activation_quant: bool = False
+    head_bits: int | None = None
 
     def __post_init__(self):
         check_range("amq", "group_size", self.group_size, 1, integer=True, allow_none=True)
@@ -65,6 +74,8 @@ class AdaptiveMatryoshkaQuantization:
         check_range("amq", "smoothing", self.smoothing, 0.0, 1.0, allow_none=True)
         if self.uniform_bits is not None:
             check_choice("amq", "uniform_bits", self.uniform_bits, BITS)
+        if self.head_bits is not None:
+            check_choice("amq", "head_bits", self.head_bits, (8, 4))
         if self.int2_below > self.int4_below:
             from ..errors import QuicksilverError
 

@@ -1,0 +1,271 @@
+"""Weight-only low-bit matmul kernels over one nested int8 copy, chosen per shape by measurement.
+
+A weight is stored once as signed int8 codes q (per output channel, or per group of input
+channels) and, for the CPU's int4 kernel, as two nibble planes of the same codes:
+
+    q = 16 * hi + lo,   hi = q >> 4 in [-8, 7] (arithmetic shift),   lo = q & 15 in [0, 15]
+
+The int4 precision is the high plane alone (MatQuant's most-significant-bit slice, with the
+bucket's midpoint as rounding offset: 16 * hi + 8), so an int4 step reads half the bytes of
+an int8 step; the int2 precision is q >> 6 (64 * top + 32), which no kernel here serves fast.
+
+Kernels that one dispatch chooses between compute the same function: the same weight values
+(the codes times the scales), activations kept in the model's dtype (weight-only: no
+activation quantization), each row independent of the others in the call. They differ only
+in float rounding. Which kernel is fastest depends on the machine and the number of rows
+(weight-only int8 beats bfloat16 at one row and loses badly at 512 on the machines we
+measured), so the choice is measured on this machine at first use and cached in
+``$QUICKSILVER_CACHE/kernels/`` (``measure_kernels`` redoes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .quant import slice_codes
+
+ROW_BUCKETS = (1, 8, 64, 512)
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes the CPU int4 kernel accepts
+
+
+@dataclass
+class NestedWeight:
+    """One int8 copy of a (out, in) weight, its scales (out, groups), and lazily built kernel layouts.
+
+    ``group_size`` None means one scale per output channel.
+    """
+
+    codes: torch.Tensor  # (out, in) int8
+    scales: torch.Tensor  # (out, groups) float32
+    group_size: int | None
+    bias: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.codes.device.type == "cpu"
+
+    def dequantized(self, bits: int, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight of the ``bits`` slice (computed, not cached: large-row kernels only)."""
+        out_f, in_f = self.shape
+        g = in_f if self.group_size is None else self.group_size
+        w = slice_codes(self.codes, bits).to(dtype).reshape(out_f, in_f // g, g) * self.scales.to(dtype)[..., None]
+        return w.reshape(out_f, in_f)
+
+    def layout(self, key: str, dtype: torch.dtype):
+        """A kernel's prepared operands, built once per (kernel, dtype)."""
+        k = (key, dtype)
+        if k not in self._cache:
+            self._cache[k] = _LAYOUTS[key](self, dtype)
+        return self._cache[k]
+
+    def int4_group(self) -> int | None:
+        """The group size the int4 kernel runs with, or None when it cannot serve this weight."""
+        in_f = self.shape[1]
+        if self.group_size is not None:
+            return self.group_size if self.group_size in INT4_GROUPS else None
+        for g in (256, 128, 64, 32):  # per-channel scales: any accepted group, scales repeated
+            if in_f % g == 0:
+                return g
+        return None
+
+
+def _planes(w: NestedWeight):
+    q = w.codes.to(torch.int32)
+    return q >> 4, q & 15
+
+
+def _scale_zero(w: NestedWeight, group: int, mult: float, zero: float, dtype) -> torch.Tensor:
+    """The int4 kernel's (groups, out, 2) table: value = (u - 8) * scale + zero, per group."""
+    out_f, in_f = w.shape
+    per = w.scales if w.group_size is not None else w.scales.expand(out_f, in_f // group)
+    s = per * mult
+    return torch.stack([s, per * zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _layout_int4(w: NestedWeight, dtype):
+    hi, _ = _planes(w)
+    g = w.int4_group()
+    packed = torch._convert_weight_to_int4pack_for_cpu((hi + 8).contiguous(), 2)
+    return packed, g, _scale_zero(w, g, 16.0, 8.0, dtype)
+
+
+def _layout_planes8(w: NestedWeight, dtype):
+    hi, lo = _planes(w)
+    g = w.int4_group()
+    packed_hi = torch._convert_weight_to_int4pack_for_cpu((hi + 8).contiguous(), 2)
+    packed_lo = torch._convert_weight_to_int4pack_for_cpu(lo.contiguous(), 2)
+    # hi plane: (u - 8) * 16s; lo plane: (u - 8) * s + 8s = lo * s
+    return packed_hi, packed_lo, g, _scale_zero(w, g, 16.0, 0.0, dtype), _scale_zero(w, g, 1.0, 8.0, dtype)
+
+
+def _layout_int8pack(w: NestedWeight, dtype):
+    return w.codes.contiguous(), w.scales[:, 0].to(dtype).contiguous()
+
+
+_LAYOUTS = {"int4pack": _layout_int4, "planes8": _layout_planes8, "int8pack": _layout_int8pack}
+
+
+def _bias(y, w):
+    return y if w.bias is None else y + w.bias.to(y.dtype)
+
+
+def run_int8pack(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
+    codes, scales = w.layout("int8pack", x.dtype)
+    return _bias(torch._weight_int8pack_mm(x, codes, scales), w)
+
+
+def run_planes8(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
+    hi, lo, g, sz_hi, sz_lo = w.layout("planes8", x.dtype)
+    return _bias(torch._weight_int4pack_mm_for_cpu(x, hi, g, sz_hi) + torch._weight_int4pack_mm_for_cpu(x, lo, g, sz_lo), w)
+
+
+def run_int4pack(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
+    packed, g, sz = w.layout("int4pack", x.dtype)
+    return _bias(torch._weight_int4pack_mm_for_cpu(x, packed, g, sz), w)
+
+
+def _dequant(bits):
+    def run(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w.dequantized(bits, x.dtype), None if w.bias is None else w.bias.to(x.dtype))
+
+    return run
+
+
+# bits -> kernel name -> (runner, applies(weight) -> bool)
+KERNELS: dict[int, dict[str, tuple]] = {
+    8: {
+        "dequant": (_dequant(8), lambda w: True),
+        "int8pack": (run_int8pack, lambda w: w.on_cpu and w.group_size is None),
+        "planes8": (run_planes8, lambda w: w.on_cpu and w.int4_group() is not None),
+    },
+    4: {
+        "dequant": (_dequant(4), lambda w: True),
+        "int4pack": (run_int4pack, lambda w: w.on_cpu and w.int4_group() is not None),
+    },
+    2: {"dequant": (_dequant(2), lambda w: True)},
+}
+
+# Bytes of weights each kernel reads per call, per weight element (scales aside).
+BYTES_PER_WEIGHT = {"dequant": 1.0, "int8pack": 1.0, "planes8": 1.0, "int4pack": 0.5}
+
+
+def candidates(w: NestedWeight, bits: int) -> list[str]:
+    return [name for name, (_, applies) in KERNELS[bits].items() if applies(w)]
+
+
+def bucket(rows: int) -> int:
+    """The measured row count closest to ``rows`` on a log scale."""
+    import math
+
+    return min(ROW_BUCKETS, key=lambda b: abs(math.log(max(rows, 1) / b)))
+
+
+def time_call(fn, reps: int = 7, budget_s: float = 0.2) -> float:
+    """Median seconds of ``fn()`` after one warm-up call, at most ``reps`` runs or ``budget_s``."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_shape(w: NestedWeight, bits: int, dtype: torch.dtype, rows=ROW_BUCKETS) -> dict[int, dict[str, float]]:
+    """Microseconds of every applicable kernel at each row count, candidates interleaved per row count."""
+    names = candidates(w, bits)
+    out = {}
+    for n in rows:
+        x = torch.randn(n, w.shape[1], dtype=dtype, device=w.codes.device)
+        out[n] = {}
+        for name in names:
+            run = KERNELS[bits][name][0]
+            out[n][name] = time_call(lambda: run(w, x)) * 1e6
+    return out
+
+
+class KernelTable:
+    """The measured choice: (out, in, group, bits, dtype) x row bucket -> kernel name, cached on disk."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self.entries = {}
+
+    @staticmethod
+    def key(w: NestedWeight, bits: int, dtype: torch.dtype) -> str:
+        return f"{w.shape[0]}x{w.shape[1]}/g{w.group_size}/b{bits}/{str(dtype).removeprefix('torch.')}"
+
+    def choose(self, w: NestedWeight, bits: int, rows: int, dtype: torch.dtype) -> str:
+        names = candidates(w, bits)
+        if len(names) == 1:
+            return names[0]
+        k = self.key(w, bits, dtype)
+        if k not in self.entries:
+            self.entries[k] = {str(n): t for n, t in measure_shape(w, bits, dtype).items()}
+            self.save()
+        timings = self.entries[k][str(bucket(rows))]
+        return min((t, name) for name, t in timings.items() if name in names)[1]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from .results_io import write_json_atomic
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.entries)
+        except OSError:
+            pass  # an unwritable cache only means measuring again next time
+
+
+def machine_key() -> str:
+    """What a kernel timing depends on: CPU model and features, torch version, threads."""
+    from .hardware import cpu_flags, cpu_model
+
+    feats = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+    text = f"{cpu_model()}|{' '.join(feats)}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+_TABLE: KernelTable | None = None
+
+
+def kernel_table() -> KernelTable:
+    """This machine's kernel table (loaded from the cache directory, measured as needed)."""
+    global _TABLE
+    if _TABLE is None:
+        from .models import cache_dir
+
+        _TABLE = KernelTable(cache_dir() / "kernels" / f"{machine_key()}.json")
+    return _TABLE
+
+
+def set_kernel_table(table: KernelTable | None) -> None:
+    """Replace this process's kernel table (tests; benchmarks that force a kernel)."""
+    global _TABLE
+    _TABLE = table
+
+
+def matmul(w: NestedWeight, x: torch.Tensor, bits: int, kernel: str | None = None) -> torch.Tensor:
+    """``x`` (n, in) times the ``bits`` slice of ``w``, through the fastest kernel measured for n rows."""
+    if kernel is None:
+        kernel = kernel_table().choose(w, bits, x.shape[0], x.dtype) if x.shape[0] else "dequant"
+    return KERNELS[bits][kernel][0](w, x)
