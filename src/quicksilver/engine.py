@@ -103,6 +103,7 @@ class Engine:
         self._elem = self._linears[0]["q"].weight.element_size()
         self._quant = None
         self._head_q = None  # (QuantizedLinear, bits) when the LM head is quantized
+        self._fused = None  # per layer: {"qkv": ..., "gate_up": ...} quantized linears over concatenated weights
         self._record = None  # per (layer, linear): running max |x| of inputs, while calibrating
         amq = self.config.amq
         if amq.enabled:
@@ -119,6 +120,8 @@ class Engine:
                           for l, lins in enumerate(self._linears)]
             self._quant = [{n: QuantizedLinear(m.weight, m.bias, amq.group_size, smooth[l][n], amq.activation_quant)
                             for n, m in lins.items()} for l, lins in enumerate(self._linears)]
+            if amq.smoothing is None:  # without per-linear smoothing, linears that share an input fuse
+                self._fused = [_fused_linears(lins, amq) for lins in self._linears]
             if amq.head_bits is not None:
                 head = self.adapter.head_linear()
                 group = amq.group_size if amq.group_size and head.in_features % amq.group_size == 0 else None
@@ -269,9 +272,15 @@ class Engine:
         ``rope`` holds per-row (cos, sin) tables; ``q_rows``/``k_rows`` pick the rows (None: all).
         """
         spec = self.spec
-        k = self._lin(l, "k", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)  # (Nk, Hkv, hd)
-        v = self._lin(l, "v", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)
-        q = self._lin(l, "q", _take(x_kv, q_in_kv), q_rows, bits).view(-1, spec.n_heads, spec.head_dim)  # (Nq, H, hd)
+        if self._fused is not None and q_in_kv is None:  # queries are the K/V rows: one matmul for q, k and v
+            q, k, v = self._fused[l]["qkv"](x_kv, _take(bits, k_rows)).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+            q = q.reshape(-1, spec.n_heads, spec.head_dim)
+            k = k.reshape(-1, spec.n_kv_heads, spec.head_dim)
+            v = v.reshape(-1, spec.n_kv_heads, spec.head_dim)
+        else:
+            k = self._lin(l, "k", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)  # (Nk, Hkv, hd)
+            v = self._lin(l, "v", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)
+            q = self._lin(l, "q", _take(x_kv, q_in_kv), q_rows, bits).view(-1, spec.n_heads, spec.head_dim)  # (Nq, H, hd)
         if rope is not None:
             cos, sin = rope
             q = apply_rotary(q, _take(cos, q_rows), _take(sin, q_rows))
@@ -316,7 +325,10 @@ class Engine:
         if outs:  # a decode step whose only row halted has no query here
             h = _add(h, attn_rows, self._lin(l, "o", torch.cat(outs), attn_rows, bits))
         if mlp_rows is None or mlp_rows.numel():
-            h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits)))
+            gate_up = None
+            if self._fused is not None and "gate_up" in self._fused[l]:
+                gate_up = lambda x, f=self._fused[l]["gate_up"], b=_take(bits, mlp_rows): f(x, b)  # noqa: E731
+            h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up))
         return h, pairs
 
     def _layer_masked(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
@@ -381,6 +393,27 @@ class Engine:
         if bits == 16:  # unquantized: the weights in the model's own dtype
             return shape[0] * shape[1] * self._elem
         return weight_bytes(shape, bits, self.config.amq.group_size)
+
+
+def _fused_linears(lins: dict, amq) -> dict:
+    """Quantized linears over concatenated weights of linears that read the same input.
+
+    Scales are per output channel (or per output channel and input group), so quantizing
+    the concatenation gives exactly the codes of each part: the same function, fewer calls.
+    """
+    from .quant import QuantizedLinear
+
+    def cat(names):
+        ws = [lins[n].weight for n in names]
+        bs = [lins[n].bias for n in names]
+        bias = None if all(b is None for b in bs) else torch.cat(
+            [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
+        return QuantizedLinear(torch.cat(ws), bias, amq.group_size, None, amq.activation_quant)
+
+    fused = {"qkv": cat(("q", "k", "v"))}
+    if "gate" in lins:
+        fused["gate_up"] = cat(("gate", "up"))
+    return fused
 
 
 _LINEAR_GROUPS = {"q": ("q",), "k": ("k", "v"), "o": ("o",), "mlp": ("gate", "up", "down", "fc", "proj")}

@@ -85,12 +85,17 @@ class LayerParams:
         names = ("gate", "up", "down") if len(self.mlp_linears) == 3 else ("fc", "proj")
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o, **dict(zip(names, self.mlp_linears))}
 
-    def mlp(self, x: torch.Tensor, lin: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The MLP; ``lin(name, x)`` replaces the plain linears (e.g. quantized ones)."""
+    def mlp(self, x: torch.Tensor, lin: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+            gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The MLP; ``lin(name, x)`` replaces the plain linears (e.g. quantized ones), and
+        ``gate_up(x)`` computes the gate and up projections in one call, concatenated."""
         if lin is None:
             linears = self.linears()
             lin = lambda name, t: linears[name](t)  # noqa: E731
         if len(self.mlp_linears) == 3:
+            if gate_up is not None:
+                gate, up = gate_up(x).chunk(2, dim=-1)
+                return lin("down", self.act(gate) * up)
             return lin("down", self.act(lin("gate", x)) * lin("up", x))
         return lin("proj", self.act(lin("fc", x)))
 
