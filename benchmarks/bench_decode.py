@@ -1,13 +1,13 @@
 """Decode benchmark: each preset against HF ``generate`` on the same prompts, in the same run.
 
 For batch sizes 1 and 8 and 128 new tokens on 8 prompts from the wiki test split:
-tokens/s of each side and their ratio, time to first token, KV-cache bytes (the engine's
+tokens/s of each side and their ratio (same dtype; and against HF in float32), time to first token, KV-cache bytes (the engine's
 peak against the full cache HF keeps), and greedy agreement with HF's greedy output
 (fraction of identical tokens, and the first step where they differ). HF and the engine
 alternate prompt by prompt after a warm-up. EOS does not stop either side, so both
 produce exactly ``--new-tokens`` tokens. Usage:
 
-    python benchmarks/bench_decode.py [--new-tokens 128] [--out docs/results]
+    python benchmarks/bench_decode.py [--new-tokens 128] [--out docs/results] [--dtype auto] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from quicksilver import load_corpus, load_model
 from quicksilver.config import PRESETS, Config
 from quicksilver.engine import Engine
 from quicksilver.evaluate import make_engine
+from quicksilver.hardware import describe
+from quicksilver.models import parse_dtype
 from quicksilver.results_io import write_atomic, write_json_atomic
-from sweep_engine import machine
 
 
 def prompts_from_corpus(tok, n: int = 8) -> list[list[int]]:
@@ -74,64 +75,101 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int |
     return same / max(total, 1), first
 
 
+def run_preset(model, tok, name: str, groups, new_tokens: int) -> dict:
+    """One preset against HF ``generate`` on the same model, alternating group by group."""
+    engine = make_engine(model, tok, Config.preset(name))
+    engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up (and kernel choice)
+    hf_tokens, hf_s, hf_ttft, qs_tokens, qs_s, qs_ttft, kv, kv_full = [], 0.0, 0.0, [], 0.0, 0.0, 0, 0
+    for group in groups:
+        toks, s, ttft = hf_generate(model, tok, group, new_tokens)
+        hf_tokens += toks
+        hf_s += s
+        hf_ttft += ttft
+        r = engine.generate([torch.tensor(p) for p in group], new_tokens)
+        qs_tokens += r.tokens
+        qs_s += r.total_seconds
+        qs_ttft += r.time_to_first_token
+        kv += r.kv_bytes
+        kv_full += r.kv_full_bytes
+    n = sum(len(t) for t in qs_tokens)
+    agree, first = agreement(qs_tokens, hf_tokens)
+    row = {
+        "preset": name, "dtype": str(model.dtype).removeprefix("torch."), "batch": len(groups[0]), "new_tokens": n,
+        "hf_tokens_per_s": sum(len(t) for t in hf_tokens) / hf_s, "tokens_per_s": n / qs_s,
+        "hf_ttft_ms": 1000 * hf_ttft / len(groups), "ttft_ms": 1000 * qs_ttft / len(groups),
+        "kv_bytes": kv, "kv_full_bytes": kv_full, "greedy_agreement": agree, "first_divergence": first,
+    }
+    row["speed_ratio"] = row["tokens_per_s"] / row["hf_tokens_per_s"]
+    return row
+
+
+def hf_rate(model, tok, groups, new_tokens: int) -> float:
+    """HF ``generate`` tokens/s over the groups (the float32 reference a default user gets)."""
+    hf_generate(model, tok, groups[0], 4)
+    n = s = 0
+    for group in groups:
+        toks, secs, _ = hf_generate(model, tok, group, new_tokens)
+        n += sum(len(t) for t in toks)
+        s += secs
+    return n / s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--presets", default=",".join(PRESETS))  # fusion runs as off in decode (prefill-only)
+    ap.add_argument("--presets", default="off,fast," + ",".join(p for p in PRESETS if p not in ("off", "fast")))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where native), float32, bfloat16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
-    model, tok = load_model("smollm2-135m", dtype=args.dtype, device=args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype, args.device)
+    model, tok = load_model("smollm2-135m", dtype=dtype, device=args.device)
     model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
+    model32 = None
+    if dtype != torch.float32:  # the float32 stock model: what a user gets by default, and the equality check
+        model32, _ = load_model("smollm2-135m", dtype="float32", device=args.device)
+        model32.generation_config.eos_token_id = None
     prompts = prompts_from_corpus(tok)
     spec = Engine(model).spec
     rows = []
-    for batch in (1, 8):
+    for batch in map(int, args.batches.split(",")):
         groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         hf_generate(model, tok, groups[0], 4)  # warm-up
-        for name in args.presets.split(","):
-            engine = make_engine(model, tok, Config.preset(name))
-            engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up
-            hf_tokens, hf_s, hf_ttft, qs_tokens, qs_s, qs_ttft, kv, kv_full = [], 0.0, 0.0, [], 0.0, 0.0, 0, 0
-            for group in groups:  # alternate HF and the engine group by group
-                toks, s, ttft = hf_generate(model, tok, group, args.new_tokens)
-                hf_tokens += toks
-                hf_s += s
-                hf_ttft += ttft
-                r = engine.generate([torch.tensor(p) for p in group], args.new_tokens)
-                qs_tokens += r.tokens
-                qs_s += r.total_seconds
-                qs_ttft += r.time_to_first_token
-                kv += r.kv_bytes
-                kv_full += r.kv_full_bytes
-            n = sum(len(t) for t in qs_tokens)
-            agree, first = agreement(qs_tokens, hf_tokens)
-            row = {
-                "preset": name, "batch": batch, "new_tokens": n,
-                "hf_tokens_per_s": sum(len(t) for t in hf_tokens) / hf_s, "tokens_per_s": n / qs_s,
-                "hf_ttft_ms": 1000 * hf_ttft / len(groups), "ttft_ms": 1000 * qs_ttft / len(groups),
-                "kv_bytes": kv, "kv_full_bytes": kv_full, "greedy_agreement": agree, "first_divergence": first,
-            }
-            row["speed_ratio"] = row["tokens_per_s"] / row["hf_tokens_per_s"]
+        hf32 = hf_rate(model32, tok, groups, args.new_tokens) if model32 is not None else None
+        runs = [(model, name) for name in args.presets.split(",")]
+        if model32 is not None:
+            runs.append((model32, "off"))  # off == stock, token for token, checked in float32
+        for m, name in runs:
+            row = run_preset(m, tok, name, groups, args.new_tokens)
+            row["vs_hf_float32"] = row["tokens_per_s"] / (hf32 if hf32 is not None else row["hf_tokens_per_s"])
             rows.append(row)
-            print(f"batch {batch} {name}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
-                  f"({row['speed_ratio']:.2f}x), agreement {agree:.1%}, first divergence {first}", file=sys.stderr, flush=True)
+            print(f"batch {batch} {name} {row['dtype']}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
+                  f"({row['speed_ratio']:.2f}x; {row['vs_hf_float32']:.2f}x HF float32), agreement {row['greedy_agreement']:.1%}, "
+                  f"first divergence {row['first_divergence']}", file=sys.stderr, flush=True)
     meta = {
         "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(args.device), "torch": torch.__version__,
+        "machine": describe(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "n_layers": spec.n_layers,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "decode.json", {"meta": meta, "rows": rows})
     lines = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-             f"smollm2-135m {args.dtype}, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy.", "",
-             "| batch | preset | tok/s | HF tok/s | ratio | TTFT ms | HF TTFT ms | KV bytes vs full | greedy agreement | first divergence |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"smollm2-135m, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy. "
+             "`ratio`: against HF `generate` on the same model in the same dtype, same run; `vs HF fp32`: against "
+             "HF `generate` in float32 (what a user gets without choosing a dtype). Agreement is with HF's greedy "
+             "tokens in the row's own dtype.", "",
+             "| batch | preset | dtype | tok/s | HF tok/s | ratio | vs HF fp32 | TTFT ms | HF TTFT ms | KV bytes vs full "
+             "| greedy agreement | first divergence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['preset']} | {r['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} | {r['speed_ratio']:.2f}x "
+        lines.append(f"| {r['batch']} | {r['preset']} | {r['dtype']} | {r['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} "
+                     f"| {r['speed_ratio']:.2f}x | {r['vs_hf_float32']:.2f}x "
                      f"| {r['ttft_ms']:.0f} | {r['hf_ttft_ms']:.0f} | {r['kv_bytes'] / max(r['kv_full_bytes'], 1):.1%} "
                      f"| {r['greedy_agreement']:.1%} | {r['first_divergence'] if r['first_divergence'] is not None else 'none'} |")
     write_atomic(out / "decode.md", "\n".join(lines) + "\n")

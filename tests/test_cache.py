@@ -80,3 +80,23 @@ def test_batched_prefill_equals_each_prompt_alone():
         alone, _ = prefill(engine, p, alone_cache)
         torch.testing.assert_close(row, alone[0], rtol=0, atol=1e-5)
         assert cache.length == p.numel() and torch.allclose(cache.get(3).k, alone_cache.get(3).k, atol=1e-6)
+
+
+def test_pooled_batch_decode_equals_each_row_decoded_alone():
+    from quicksilver.cache import CachePool
+
+    engine = Engine(tiny_llama())
+    prompts = [torch.tensor([1, 2, 3, 4, 5]), torch.tensor([9, 8]), torch.tensor([7, 7, 7, 3])]
+    pool = CachePool(4, 3, 16, 2, 8, torch.float32)
+    prefill_batch(engine, prompts, pool.rows)
+    alone = [SequenceCache(4) for _ in prompts]
+    for p, c in zip(prompts, alone):
+        prefill(engine, p, c)
+    tokens = torch.tensor([11, 12, 13])
+    for step in range(3):
+        rows = [0, 1, 2] if step < 2 else [0, 2]  # a finished row leaves: slots no longer contiguous
+        together, _ = decode_one_token(engine, tokens[rows], [pool.rows[i] for i in rows])
+        for j, i in enumerate(rows):
+            single, _ = decode_one_token(engine, tokens[i : i + 1], [alone[i]])
+            torch.testing.assert_close(together[j], single[0], rtol=0, atol=1e-5)
+    assert all(c.pool is pool for c in pool.rows) and pool.rows[1].count(0) == 4

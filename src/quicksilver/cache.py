@@ -54,6 +54,8 @@ class SequenceCache:
         self._v: list[torch.Tensor | None] = [None] * n_layers
         self._pos: list[torch.Tensor | None] = [None] * n_layers
         self._n = [0] * n_layers
+        self.pool: CachePool | None = None  # set while this cache's buffers are rows of a shared pool
+        self.slot = -1
 
     def count(self, layer: int) -> int:
         """Live entries at ``layer``."""
@@ -79,6 +81,7 @@ class SequenceCache:
         self._n[layer] = n + m
 
     def _grow(self, layer: int, needed: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pool = None  # outgrew its pool row: from now on its own buffers (attention per row)
         old = self._k[layer]
         cap = max(needed, self.capacity or 0, 2 * old.shape[0] if old is not None else 0)
         n = self._n[layer]
@@ -143,3 +146,34 @@ class SequenceCache:
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
+
+
+class CachePool:
+    """Preallocated caches for a batch: row ``i`` of every layer's buffer is one sequence's cache.
+
+    Decode steps of a batch whose caches are rows of one pool attend in one call over the
+    pool (each row masked to its own live entries) instead of one call per row. Buffers are
+    zero-initialised so that masked slots hold finite values.
+
+    Parameters
+    ----------
+    n_layers, batch, capacity : layers, rows, entries per row and layer
+    n_kv_heads, head_dim : the K/V shape of one entry
+    dtype, device : of the keys and values
+    margin : passed to every row (see ``SequenceCache``)
+    """
+
+    def __init__(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", margin: int = 0):
+        shape = (batch, capacity, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pos = [torch.zeros(batch, capacity, dtype=torch.long, device=device) for _ in range(n_layers)]
+        self.rows: list[SequenceCache] = []
+        for i in range(batch):
+            cache = SequenceCache(n_layers, capacity, margin)
+            cache._k = [k[i] for k in self.k]
+            cache._v = [v[i] for v in self.v]
+            cache._pos = [p[i] for p in self.pos]
+            cache.pool, cache.slot = self, i
+            self.rows.append(cache)

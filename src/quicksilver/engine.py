@@ -296,7 +296,12 @@ class Engine:
         layer_window = kv.window_at(l)
         visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
         outs, pairs = [], 0
-        for (a, b), cache in zip(segments, caches):
+        # A decode step of a batch whose caches share a pool: one attention call for every row.
+        pooled = not kv.enabled and bias is None and attn_rows is None and kv_rows is None and _shared_pool(segments, caches)
+        if pooled:
+            out, pairs = self._pooled_decode(l, q, k, v, pos, caches, p.attn_scale)
+            outs.append(out)
+        for (a, b), cache in ([] if pooled else zip(segments, caches)):
             qa, qb = _bounds(attn_rows, a, b)
             ka, kb = _bounds(kv_rows, a, b)
             keys, values, k_pos = k[ka:kb], v[ka:kb], pos_k[ka:kb]
@@ -330,6 +335,31 @@ class Engine:
                 gate_up = lambda x, f=self._fused[l]["gate_up"], b=_take(bits, mlp_rows): f(x, b)  # noqa: E731
             h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up))
         return h, pairs
+
+    def _pooled_decode(self, l, q, k, v, pos, caches, scale):
+        """One query row per cache, caches rows of one pool: write the new entries, attend in one call.
+
+        q (B, H, hd), k/v (B, Hkv, hd), pos (B,). Returns ((B, H*hd), pairs seen).
+        """
+        pool = caches[0].pool
+        n = [c.count(l) for c in caches]
+        slots = [c.slot for c in caches]
+        slot_t, at = torch.tensor(slots, device=q.device), torch.tensor(n, device=q.device)
+        for buf, new in ((pool.k[l], k), (pool.v[l], v), (pool.pos[l], pos)):
+            buf[slot_t, at] = new  # row i's new entry into its next free slot
+        for c, m in zip(caches, n):
+            c._n[l] = m + 1
+        T = max(n) + 1
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # (B, T, Hkv, hd) views, no copy
+            keys, values = pool.k[l][slots[0] : slots[-1] + 1, :T], pool.v[l][slots[0] : slots[-1] + 1, :T]
+        else:
+            keys, values = pool.k[l][slot_t, :T], pool.v[l][slot_t, :T]
+        live = torch.arange(T, device=q.device)[None, :] <= at[:, None]  # (B, T): each row's own entries
+        mask = _additive(live, q.dtype)[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1])  # (B, H, 1, hd)
+        return out.reshape(q.shape[0], -1), sum(n) + len(n)
 
     def _layer_masked(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
         """Reference: compute every row, then keep updates only where the compact path computes."""
@@ -393,6 +423,15 @@ class Engine:
         if bits == 16:  # unquantized: the weights in the model's own dtype
             return shape[0] * shape[1] * self._elem
         return weight_bytes(shape, bits, self.config.amq.group_size)
+
+
+def _shared_pool(segments, caches) -> bool:
+    """Every segment is one row whose cache is a row of the same, still pooled, CachePool."""
+    first = caches[0] if caches else None
+    pool = None if first is None else first.pool
+    if pool is None:
+        return False
+    return all(b - a == 1 for a, b in segments) and all(c is not None and c.pool is pool for c in caches)
 
 
 def _fused_linears(lins: dict, amq) -> dict:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cache import SequenceCache
+from .cache import CachePool, SequenceCache
 from .errors import QuicksilverError
 from .ledger import Ledger
 
@@ -96,6 +96,17 @@ def _check_prompts(prompts, max_new_tokens: int, max_positions: int) -> list[tor
     return rows
 
 
+def new_caches(engine, capacities: Sequence[int]) -> list[SequenceCache]:
+    """One cache per row, preallocated: rows of one pool (batched decode attention) unless
+    KV skipping is on, whose caches shrink row by row and so get buffers of their own."""
+    spec = engine.spec
+    if engine.config.kv.enabled:
+        return [SequenceCache(spec.n_layers, capacity=c) for c in capacities]
+    param = next(engine.model.parameters())
+    return CachePool(spec.n_layers, len(capacities), max(capacities), spec.n_kv_heads, spec.head_dim,
+                     param.dtype, param.device).rows
+
+
 def prefill(engine, prompt: torch.Tensor, cache: SequenceCache):
     """Run the prompt through every layer, filling ``cache``; logits of the last position (1, V)."""
     return prefill_batch(engine, [prompt], [cache])
@@ -155,7 +166,7 @@ def generate(
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     sample = make_sampler(temperature, top_k, top_p, seed)
     device = next(engine.model.parameters()).device
-    caches = [SequenceCache(spec.n_layers, capacity=r.numel() + max_new_tokens) for r in rows]
+    caches = new_caches(engine, [r.numel() + max_new_tokens for r in rows])
     out: list[list[int]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
     decode_ledger = Ledger(n_layers=spec.n_layers)

@@ -1,0 +1,119 @@
+"""Kernel table: every weight-only kernel on the default model's linear shapes, against bandwidth.
+
+For each decoder linear shape of the default model (and the LM head), each precision (8, 4)
+and each kernel that applies, microseconds at 1 / 8 / 64 / 512 rows and the GB/s of weight
+bytes that implies; the plain bfloat16 ``F.linear`` over the model's own weights is the
+reference. Then the real decode working set: one decode step's linears, all layers in
+sequence at one row (weights stream from memory, not from cache), per kernel, against the
+machine's copy bandwidth measured in the same run. Finally the dispatch table this machine
+chose (``quicksilver.kernels``), remeasured here and saved as the cached choice.
+
+    python benchmarks/bench_kernels.py [--out docs/results] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quicksilver import kernels as K
+from quicksilver.adapters import adapter_for
+from quicksilver.hardware import describe
+from quicksilver.models import load_model
+from quicksilver.quant import quantize_int8
+from quicksilver.results_io import write_atomic, write_json_atomic
+
+
+def copy_bandwidth(mb: int = 512) -> float:
+    """GB/s of a plain copy of ``mb`` MB (bytes read + bytes written), median of 5."""
+    a = torch.empty(mb * 2**20, dtype=torch.uint8)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    t = K.time_call(lambda: b.copy_(a), reps=5, budget_s=5)
+    return 2 * a.numel() / t / 1e9
+
+
+def nested(weight: torch.Tensor, group: int | None) -> K.NestedWeight:
+    qw = quantize_int8(weight, group)
+    return K.NestedWeight(qw.codes, qw.scales, group)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model, _ = load_model("smollm2-135m", dtype=dtype)
+    A = adapter_for(model)
+    lins = A.layers[0].linears()
+    shapes = {"q, o": lins["q"].weight, "k, v": lins["k"].weight, "gate, up": lins["gate"].weight,
+              "down": lins["down"].weight, "qkv fused": torch.cat([lins[n].weight for n in "qkv"]),
+              "gate+up fused": torch.cat([lins["gate"].weight, lins["up"].weight]), "LM head": A.head_linear().weight}
+    bw = copy_bandwidth()
+    rows_out, table = [], {}
+    for label, w in shapes.items():
+        for bits in (8, 4):
+            group = None if bits == 8 else 32
+            nw = nested(w.float(), group)
+            for n in K.ROW_BUCKETS:
+                x = torch.randn(n, w.shape[1], dtype=dtype)
+                ref = K.time_call(lambda: F.linear(x, w)) * 1e6
+                for name in K.candidates(nw, bits):
+                    us = K.time_call(lambda: K.matmul(nw, x, bits, kernel=name)) * 1e6
+                    gbs = K.BYTES_PER_WEIGHT[name] * w.numel() / us / 1e3
+                    rows_out.append({"shape": label, "out": w.shape[0], "in": w.shape[1], "bits": bits, "group": group,
+                                     "rows": n, "kernel": name, "us": us, "weight_GBps": gbs, "bf16_linear_us": ref})
+    # The decode working set: every decoder linear of every layer (and the head), one row, in sequence.
+    sequence = {}
+    x1 = {d: torch.randn(1, d, dtype=dtype) for d in (576, 1536)}
+    all_w = [m.weight for p in A.layers for m in p.linears().values()] + [A.head_linear().weight]
+    total_bf16 = sum(w.numel() * w.element_size() for w in all_w)
+    t = K.time_call(lambda: [F.linear(x1[w.shape[1]], w) for w in all_w], reps=5, budget_s=3)
+    sequence["bf16 F.linear (stock weights)"] = (t, total_bf16)
+    for bits, group in ((8, None), (8, 32), (4, 32)):
+        nws = [nested(w.float(), group) for w in all_w]
+        for name in K.candidates(nws[0], bits):
+            if name == "dequant":
+                continue  # dequantizing the whole model every step is not a decode kernel
+            t = K.time_call(lambda: [K.matmul(nw, x1[nw.shape[1]], bits, kernel=name) for nw in nws], reps=5, budget_s=3)
+            nbytes = sum(K.BYTES_PER_WEIGHT[name] * nw.codes.numel() for nw in nws)
+            sequence[f"int{bits} {name} (group {group})"] = (t, nbytes)
+    header = (f"Command: `python benchmarks/bench_kernels.py --out {args.out}` — "
+              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; "
+              f"activations {args.dtype}; medians of interleaved runs.")
+    lines = [header, "", f"Copy bandwidth (read + write): **{bw:.1f} GB/s**.", "",
+             "**Decode working set**: all 210 decoder linears + LM head at one row, in sequence (one decode step's matmuls):", "",
+             "| kernel | ms per step | weight MB read | GB/s | share of copy bandwidth |", "|---|---|---|---|---|"]
+    for name, (t, nbytes) in sequence.items():
+        lines.append(f"| {name} | {t * 1e3:.2f} | {nbytes / 1e6:.0f} | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / bw:.0%} |")
+    lines += ["", "**Per shape** (microseconds; GB/s of weight bytes read; bf16 = `F.linear` on the stock weights):", "",
+              "| shape | bits | rows | bf16 us | " + " | ".join(f"{k} us (GB/s)" for k in ("dequant", "int8pack", "planes8", "int4pack")) + " | fastest |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in rows_out:
+        by.setdefault((r["shape"], r["bits"], r["rows"]), {})[r["kernel"]] = r
+    for (label, bits, n), ks in by.items():
+        ref = next(iter(ks.values()))["bf16_linear_us"]
+        cells = [f"{ks[k]['us']:.0f} ({ks[k]['weight_GBps']:.1f})" if k in ks else "" for k in ("dequant", "int8pack", "planes8", "int4pack")]
+        fastest = min(ks, key=lambda k: ks[k]["us"])
+        lines.append(f"| {label} | {bits} | {n} | {ref:.0f} | " + " | ".join(cells) + f" | {fastest} |")
+    out = Path(args.out)
+    write_atomic(out / "kernels.md", "\n".join(lines) + "\n")
+    write_json_atomic(out / "kernels.json", {"header": header, "copy_GBps": bw, "rows": rows_out,
+                                              "sequence": {k: {"seconds": t, "bytes": b} for k, (t, b) in sequence.items()}})
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
