@@ -71,7 +71,7 @@ def main() -> None:
                 ref = K.time_call(lambda: F.linear(x, w)) * 1e6
                 for name in K.candidates(nw, bits):
                     us = K.time_call(lambda: K.matmul(nw, x, bits, kernel=name)) * 1e6
-                    gbs = K.BYTES_PER_WEIGHT[name] * w.numel() / us / 1e3
+                    gbs = K.bytes_read(name, w.numel(), dtype) / us / 1e3
                     rows_out.append({"shape": label, "out": w.shape[0], "in": w.shape[1], "bits": bits, "group": group,
                                      "rows": n, "kernel": name, "us": us, "weight_GBps": gbs, "bf16_linear_us": ref})
     # The decode working set: every decoder linear of every layer (and the head), one row, in sequence.
@@ -87,7 +87,7 @@ def main() -> None:
             if name == "dequant":
                 continue  # dequantizing the whole model every step is not a decode kernel
             t = K.time_call(lambda: [K.matmul(nw, x1[nw.shape[1]], bits, kernel=name) for nw in nws], reps=5, budget_s=3)
-            nbytes = sum(K.BYTES_PER_WEIGHT[name] * nw.codes.numel() for nw in nws)
+            nbytes = sum(K.bytes_read(name, nw.codes.numel(), dtype) for nw in nws)
             sequence[f"int{bits} {name} (group {group})"] = (t, nbytes)
     header = (f"Command: `python benchmarks/bench_kernels.py --out {args.out}` — "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; "

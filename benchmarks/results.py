@@ -33,6 +33,8 @@ STEPS = {
     "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
     "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "bitflops", "--out", OUT],
+    "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
+    "fast": ["benchmarks/bench_fast.py", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
 }
 
@@ -46,6 +48,7 @@ def run(step: str) -> None:
 
 def pareto_markdown(folder: Path) -> str:
     """Tables for one ``quicksilver sweep`` output folder, and its plot."""
+    from quicksilver.hardware import describe
     from quicksilver.results_io import write_atomic
     from quicksilver.sweep import TIE, matched_comparison, plot_pareto
 
@@ -88,7 +91,7 @@ def assemble() -> None:
     template = (ROOT / "benchmarks" / "RESULTS.template.md").read_text()
     fills = {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} CPU, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+        "machine": f"{describe()}; "
         f"Python {platform.python_version()}, torch {version('torch')}, transformers {version('transformers')}",
     }
     for part in sorted(RESULTS.glob("*.md")):

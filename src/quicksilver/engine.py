@@ -15,7 +15,7 @@ import torch
 
 from . import flops as F_
 from .adapters import adapter_for
-from .adapters.base import apply_rotary
+from .adapters.base import apply_rotary_signed, signed_sin
 from .attention import _additive, _sdpa, attend, block_plan
 from .config import Config
 from .ledger import Ledger
@@ -101,8 +101,13 @@ class Engine:
         self._linears = [p.linears() for p in self.adapter.layers]
         self._shapes = {n: m.weight.shape for n, m in self._linears[0].items()}
         self._elem = self._linears[0]["q"].weight.element_size()
+        self._group_bytes = {(g, b): sum(self._weight_bytes(m, b) for m in _LINEAR_GROUPS[g] if m in self._shapes)
+                             for g in _LINEAR_GROUPS for b in (16, 8, 4, 2)}
         self._quant = None
         self._head_q = None  # (QuantizedLinear, bits) when the LM head is quantized
+        amq = self.config.amq
+        # Every token at one precision: no per-row bit bookkeeping in the layer loop.
+        self._uniform_bits = amq.initial_bits() if amq.enabled and not amq.adaptive else None
         self._fused = None  # per layer: {"qkv": ..., "gate_up": ...} quantized linears over concatenated weights
         self._record = None  # per (layer, linear): running max |x| of inputs, while calibrating
         amq = self.config.amq
@@ -181,6 +186,8 @@ class Engine:
         tail_start = L - halting.tail_layers if halting else L
         h = A.embed(ids, pos)  # (N, d)
         rope = A.rotary(pos)
+        if rope is not None:  # the sign of rotate_half folded into the table once per pass, not per layer
+            rope = (rope[0], signed_sin(rope[1]))
         computing = torch.ones(N, dtype=torch.bool, device=dev)
         under = torch.zeros(N, dtype=torch.long, device=dev)
         exit_layer = torch.full((N,), L, dtype=torch.long, device=dev)
@@ -261,7 +268,7 @@ class Engine:
                 prev = self._record[l].get(name)
                 self._record[l][name] = seen if prev is None else torch.maximum(prev, seen)
             return self._linears[l][name](x)
-        return self._quant[l][name](x, _take(bits, rows))
+        return self._quant[l][name](x, self._bits_of(bits, rows))
 
     def _lin_fn(self, l, rows, bits):
         return lambda name, x: self._lin(l, name, x, rows, bits)
@@ -273,7 +280,7 @@ class Engine:
         """
         spec = self.spec
         if self._fused is not None and q_in_kv is None:  # queries are the K/V rows: one matmul for q, k and v
-            q, k, v = self._fused[l]["qkv"](x_kv, _take(bits, k_rows)).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+            q, k, v = self._fused[l]["qkv"](x_kv, self._bits_of(bits, k_rows)).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
             q = q.reshape(-1, spec.n_heads, spec.head_dim)
             k = k.reshape(-1, spec.n_kv_heads, spec.head_dim)
             v = v.reshape(-1, spec.n_kv_heads, spec.head_dim)
@@ -283,8 +290,8 @@ class Engine:
             q = self._lin(l, "q", _take(x_kv, q_in_kv), q_rows, bits).view(-1, spec.n_heads, spec.head_dim)  # (Nq, H, hd)
         if rope is not None:
             cos, sin = rope
-            q = apply_rotary(q, _take(cos, q_rows), _take(sin, q_rows))
-            k = apply_rotary(k, _take(cos, k_rows), _take(sin, k_rows))
+            q = apply_rotary_signed(q, _take(cos, q_rows), _take(sin, q_rows))
+            k = apply_rotary_signed(k, _take(cos, k_rows), _take(sin, k_rows))
         return q, k, v
 
     def _layer_compact(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
@@ -332,7 +339,7 @@ class Engine:
         if mlp_rows is None or mlp_rows.numel():
             gate_up = None
             if self._fused is not None and "gate_up" in self._fused[l]:
-                gate_up = lambda x, f=self._fused[l]["gate_up"], b=_take(bits, mlp_rows): f(x, b)  # noqa: E731
+                gate_up = lambda x, f=self._fused[l]["gate_up"], b=self._bits_of(bits, mlp_rows): f(x, b)  # noqa: E731
             h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up))
         return h, pairs
 
@@ -396,13 +403,14 @@ class Engine:
         # Precision ledger: linear FLOPs weighted by bits/16 and the weight bytes each call reads.
         parts = (("q", attn_rows, F_.q_proj_flops(spec, 1)), ("k", kv_rows, F_.kv_proj_flops(spec, 1)),
                  ("o", attn_rows, F_.o_proj_flops(spec, 1)), ("mlp", mlp_rows, F_.mlp_flops(spec, 1)))
-        if self._quant is None:  # every row at 16 (nominal): no per-row bookkeeping in the layer loop
+        if self._quant is None or self._uniform_bits is not None:  # one precision: no per-row bookkeeping
+            value = 16 if self._quant is None else self._uniform_bits
             for name, rows, per_row in parts:
                 n = _n(rows, T)
-                ledger.bit_linear_flops += per_row * n
+                ledger.bit_linear_flops += per_row * n * value / 16
                 if n:
-                    ledger.weight_bytes += sum(self._weight_bytes(m, 16) for m in _LINEAR_GROUPS[name] if m in self._shapes)
-            ledger.bits_hist[16] += nm
+                    ledger.weight_bytes += self._group_bytes[name, value]
+            ledger.bits_hist[value] += nm
             return
         for name, rows, per_row in parts:
             b = _take(bits, rows)
@@ -415,6 +423,10 @@ class Engine:
                         ledger.weight_bytes += self._weight_bytes(m, present)
         for b_val, count in zip(*torch.unique(_take(bits, mlp_rows), return_counts=True)):
             ledger.bits_hist[int(b_val)] += int(count)
+
+    def _bits_of(self, bits: torch.Tensor, rows: torch.Tensor | None):
+        """The rows' bit-widths: one int when every token runs the same precision, else (n,)."""
+        return self._uniform_bits if self._uniform_bits is not None else _take(bits, rows)
 
     def _weight_bytes(self, name: str, bits: int) -> int:
         from .quant import weight_bytes

@@ -57,7 +57,7 @@ class NestedWeight:
         return self.codes.device.type == "cpu"
 
     def dequantized(self, bits: int, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight of the ``bits`` slice (computed, not cached: large-row kernels only)."""
+        """The float weight of the ``bits`` slice (computed each call; ``layout`` keeps one)."""
         out_f, in_f = self.shape
         g = in_f if self.group_size is None else self.group_size
         w = slice_codes(self.codes, bits).to(dtype).reshape(out_f, in_f // g, g) * self.scales.to(dtype)[..., None]
@@ -136,9 +136,19 @@ def run_int4pack(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
     return _bias(torch._weight_int4pack_mm_for_cpu(x, packed, g, sz), w)
 
 
+def _layout_dequant(bits):
+    return lambda w, dtype: w.dequantized(bits, dtype)
+
+
+for _bits in (8, 4, 2):
+    _LAYOUTS[f"dequant{_bits}"] = _layout_dequant(_bits)
+
+
 def _dequant(bits):
+    # Many-row calls are compute-bound: a float matmul over the slice's values, dequantized
+    # once and kept (memory traded for time: one copy of the weight in the activations' dtype).
     def run(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w.dequantized(bits, x.dtype), None if w.bias is None else w.bias.to(x.dtype))
+        return F.linear(x, w.layout(f"dequant{bits}", x.dtype), None if w.bias is None else w.bias.to(x.dtype))
 
     return run
 
@@ -157,8 +167,15 @@ KERNELS: dict[int, dict[str, tuple]] = {
     2: {"dequant": (_dequant(2), lambda w: True)},
 }
 
-# Bytes of weights each kernel reads per call, per weight element (scales aside).
-BYTES_PER_WEIGHT = {"dequant": 1.0, "int8pack": 1.0, "planes8": 1.0, "int4pack": 0.5}
+# Bytes of weights each kernel reads per call, per weight element (scales aside); None: the
+# activations' element size (the dequantized copy).
+BYTES_PER_WEIGHT = {"dequant": None, "int8pack": 1.0, "planes8": 1.0, "int4pack": 0.5}
+
+
+def bytes_read(kernel: str, n_weights: int, dtype: torch.dtype) -> float:
+    """Weight bytes one call of ``kernel`` reads."""
+    per = BYTES_PER_WEIGHT[kernel]
+    return n_weights * (torch.empty(0, dtype=dtype).element_size() if per is None else per)
 
 
 def candidates(w: NestedWeight, bits: int) -> list[str]:

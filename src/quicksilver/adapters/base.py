@@ -137,3 +137,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """RoPE on (N, heads, head_dim) with (N, head_dim) tables, the half-split layout HF uses."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     return x * cos + rotate_half(x) * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sin table with rotate_half's sign folded in: rotate_half(x) * sin == x.roll(d/2) * signed_sin(sin)."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` with a ``signed_sin`` table: one roll instead of chunk, negate and concatenate
+    (bit-identical: negation is exact)."""
+    return x * cos[:, None, :] + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed[:, None, :]
