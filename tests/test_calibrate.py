@@ -177,3 +177,27 @@ def test_sweep_cli_writes_csv_json_and_png(monkeypatch, capsys, tmp_path, defaul
     assert len(data["rows"]) == len(mechanism_levels(128)["kv"])
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert len((out / "sweep.csv").read_text().splitlines()) == len(data["rows"]) + 1
+
+
+def test_decode_time_trials_time_generation_against_hf_and_keep_their_own_journal(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from conftest import tiny_llama
+    from quicksilver.calibrate import TrialRunner, mechanism_levels, point_config
+
+    model = tiny_llama()
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    ids = torch.randint(2, 99, (96,), generator=torch.Generator().manual_seed(0))
+    journal = tmp_path / "j.jsonl"
+    levels = mechanism_levels(64, "decode-time")
+    assert levels["amq"][0][1]["head_bits"] == 8 and "head_bits" not in mechanism_levels(64)["amq"][0][1]
+    config = point_config({"amq": 1}, levels)
+    runner = TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"k": 1}, journal)
+    trial = runner.measure(config)
+    assert trial.seconds > 0 and trial.base_seconds > 0 and -1 < runner.gain(trial) < 1
+    assert abs(runner.cost(trial)) < 0.5  # int8 weights: a small perplexity change on the tiny model
+    # The same context under the prefill objective does not reuse generation timings.
+    assert TrialRunner(model, tok, ids, 64, None, "wiki", "time", {"k": 1}, journal).resumed == 0
+    assert TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"k": 1}, journal).resumed == 1

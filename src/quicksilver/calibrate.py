@@ -15,7 +15,8 @@ The search, every trial measured (never predicted) before it is accepted:
 Search trials run the engine alone on the calibration windows and compare with the stock
 model's totals measured once (FLOPs and perplexity are deterministic); with
 ``objective="time"`` each trial also reruns the stock model interleaved, so the speedup
-compares like with like. Every trial is appended to a journal (JSON lines) as it
+compares like with like; ``objective="decode-time"`` keeps the teacher-forced perplexity
+budget but times greedy generation on fixed calibration prompts against HF ``generate``. Every trial is appended to a journal (JSON lines) as it
 finishes, so an interrupted search resumes where it stopped.
 """
 
@@ -34,7 +35,9 @@ import torch
 from .config import MECHANISMS, Config
 from .errors import QuicksilverError
 
-OBJECTIVES = ("flops", "bitflops", "time")
+OBJECTIVES = ("flops", "bitflops", "time", "decode-time")
+TIMED = ("time", "decode-time")  # objectives whose trials rerun the stock model interleaved
+DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_NEW_TOKENS = 4, 48, 32
 DEFAULT_MARGIN = 0.25
 
 # Settings every level of a mechanism shares; the levels differ in the knob after them.
@@ -46,11 +49,12 @@ AMQ_BASE = {"decision_layer": 8, "group_size": 32}
 STATIC_MLP_ORDER = (12, 11, 17, 5)
 
 
-def mechanism_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
+def mechanism_levels(window: int, objective: str = "flops") -> dict[str, list[tuple[str, dict]]]:
     """Each mechanism's settings from mildest to most aggressive, as (label, section settings).
 
     Level 0 (off) is implicit. KV windows are fractions of the context ``window``: a recent
-    window at least as long as the context skips nothing.
+    window at least as long as the context skips nothing. Wall-clock objectives also try
+    AMQ's fastest-kernel level: int8 per output channel everywhere, the LM head included.
     """
     kv = []
     for num, den in ((3, 4), (1, 2), (3, 8), (1, 4), (3, 16), (1, 8), (1, 16)):
@@ -62,7 +66,8 @@ def mechanism_levels(window: int) -> dict[str, list[tuple[str, dict]]]:
         "kv": kv,
         "fusion": [(f"layer {layer}, cos >= {t}", {**FUSION_BASE, "layer": layer, "threshold": t})
                    for layer, t in ((24, 0.95), (20, 0.92), (16, 0.92), (12, 0.92))],
-        "amq": [("int8 everywhere", {**AMQ_BASE})]
+        "amq": ([("int8 per channel + int8 head", {"decision_layer": 8, "head_bits": 8})] if objective in TIMED else [])
+        + [("int8 everywhere", {**AMQ_BASE})]
         + [(f"int4 below drift {t}", {**AMQ_BASE, "int4_below": t}) for t in (0.15, 0.2, 0.25, 0.3)],
     }
 
@@ -146,6 +151,8 @@ class TrialRunner:
         self.model, self.tokenizer, self.ids, self.window, self.bos_id = model, tokenizer, ids, window, bos_id
         self.corpus, self.objective = corpus, objective
         self.device = next(model.parameters()).device
+        if objective == "decode-time":  # its seconds are generation seconds: never shared with other objectives' trials
+            context = {**context, "timing": "decode"}
         self.context = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
         self.journal = journal
         self.trials: dict[str, Trial] = {}
@@ -165,7 +172,7 @@ class TrialRunner:
     def measure(self, config: Config) -> Trial:
         key = config_key(config)
         known = self.trials.get(key)
-        if known is not None and (self.objective != "time" or known.base_seconds is not None):
+        if known is not None and (self.objective not in TIMED or known.base_seconds is not None):
             return known
         trial = self._run(config, key)
         self.trials[key] = trial
@@ -180,7 +187,13 @@ class TrialRunner:
         if config.is_off:
             b = self.baseline
             return Trial(key, b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
-        runners = [EngineRunner(make_engine(self.model, self.tokenizer, config, self.corpus))]
+        engine = make_engine(self.model, self.tokenizer, config, self.corpus)
+        runners = [EngineRunner(engine)]
+        if self.objective == "decode-time":  # quality teacher-forced; time from generation against HF generate
+            run = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device, warmup=False)[0]
+            seconds, base_seconds = self._decode_seconds(engine)
+            return Trial(key, run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]),
+                         seconds, base_seconds)
         if self.objective == "time":
             runners.insert(0, StockRunner(self.model))
         totals = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device,
@@ -188,6 +201,26 @@ class TrialRunner:
         run = totals[-1]
         return Trial(key, run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]), run.seconds,
                      totals[0].seconds if self.objective == "time" else None)
+
+    def _decode_seconds(self, engine) -> tuple[float, float]:
+        """Seconds of greedy generation on fixed calibration prompts: the engine and HF ``generate``,
+        alternating prompt by prompt after a warm-up; both produce exactly the same number of tokens."""
+        import time
+
+        step = max((self.ids.numel() - DECODE_PROMPT_TOKENS) // DECODE_PROMPTS, 1)
+        prompts = [self.ids[i * step : i * step + DECODE_PROMPT_TOKENS].to(self.device) for i in range(DECODE_PROMPTS)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        hf = lambda p, n: self.model.generate(p[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
+                                              pad_token_id=pad)
+        ours = lambda p, n: engine.generate(p, n)  # noqa: E731
+        hf(prompts[0], 2), ours(prompts[0], 2)
+        totals = [0.0, 0.0]
+        for i, p in enumerate(prompts):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                (ours if j == 0 else hf)(p, DECODE_NEW_TOKENS)
+                totals[j] += time.perf_counter() - t0
+        return totals[0], totals[1]
 
     def cost(self, trial: Trial) -> float:
         """Relative perplexity increase against the stock model."""
@@ -314,9 +347,10 @@ def calibrate(
     ----------
     budget : float
         Allowed relative perplexity increase (0.01 is 1%).
-    objective : {"flops", "bitflops", "time"}
+    objective : {"flops", "bitflops", "time", "decode-time"}
         What to minimize: FLOPs executed, bit-weighted FLOPs (quantized linears count at
-        bits/16), or wall-clock time against the stock model.
+        bits/16), prefill wall-clock time against the stock model, or decode wall-clock time
+        (greedy generation against HF ``generate``, same dtype).
     window, max_tokens : int
         Context length and tokens of each split (calibration and test alike).
     margin : float
@@ -360,7 +394,7 @@ def calibrate(
         raise QuicksilverError(f"window {window} is longer than the model's context of {arch_spec(hf_model.config).max_positions} tokens")
     bos = bos_per_window(model, tokenizer)
     ids = tokenize_documents(tokenizer, load_corpus(corpus, "calibration").documents, max_tokens)
-    all_levels = mechanism_levels(window)
+    all_levels = mechanism_levels(window, objective)
     # AMQ changes how many bits a multiply-add uses, not how many there are: under the plain
     # FLOP objective it can only cost perplexity, so it is not searched there.
     searched = [m for m in mechanisms if all_levels[m] and not (objective == "flops" and m == "amq")]

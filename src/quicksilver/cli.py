@@ -162,7 +162,7 @@ def calibrate_cmd(
     budget: str = typer.Option(..., "--budget", "-b", help="Allowed relative perplexity increase: 1% or 0.01."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
     corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki or news: searched on its calibration split, checked on its test split."),
-    objective: str = typer.Option("flops", help="flops (executed), bitflops (bit-weighted) or time (wall clock)."),
+    objective: str = typer.Option("flops", help="flops (executed), bitflops (bit-weighted), time (prefill wall clock) or decode-time (generation wall clock)."),
     output: Path = typer.Option(Path("calibrated.json"), "--output", "-o", help="The config file to write (load it with --config)."),
     window: int = typer.Option(4096, help="Context length to calibrate for (KV windows only save at long context)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens of each split to use."),

@@ -123,8 +123,7 @@ class Engine:
                 absmax = self._activation_absmax(calibration_ids)
                 smooth = [{n: smoothing_factors(absmax[l][n], m.weight, amq.smoothing) for n, m in lins.items()}
                           for l, lins in enumerate(self._linears)]
-            self._quant = [{n: QuantizedLinear(m.weight, m.bias, amq.group_size, smooth[l][n], amq.activation_quant)
-                            for n, m in lins.items()} for l, lins in enumerate(self._linears)]
+            self._quant = [_LazyQuantized(lins, smooth[l], amq) for l, lins in enumerate(self._linears)]
             if amq.smoothing is None:  # without per-linear smoothing, linears that share an input fuse
                 self._fused = [_fused_linears(lins, amq) for lins in self._linears]
             if amq.head_bits is not None:
@@ -435,6 +434,22 @@ class Engine:
         if bits == 16:  # unquantized: the weights in the model's own dtype
             return shape[0] * shape[1] * self._elem
         return weight_bytes(shape, bits, self.config.amq.group_size)
+
+
+class _LazyQuantized(dict):
+    """One layer's quantized linears by name, each quantized on first use (a layer whose q/k/v
+    and gate/up always run fused never builds them separately)."""
+
+    def __init__(self, lins: dict, smooth: dict, amq):
+        super().__init__()
+        self._lins, self._smooth, self._amq = lins, smooth, amq
+
+    def __missing__(self, name: str):
+        from .quant import QuantizedLinear
+
+        m, amq = self._lins[name], self._amq
+        self[name] = QuantizedLinear(m.weight, m.bias, amq.group_size, self._smooth[name], amq.activation_quant)
+        return self[name]
 
 
 def _shared_pool(segments, caches) -> bool:

@@ -72,7 +72,9 @@ class NestedWeight:
 
     def int4_group(self) -> int | None:
         """The group size the int4 kernel runs with, or None when it cannot serve this weight."""
-        in_f = self.shape[1]
+        out_f, in_f = self.shape
+        if out_f % 16 or in_f % 32:  # the packed layout's tiles
+            return None
         if self.group_size is not None:
             return self.group_size if self.group_size in INT4_GROUPS else None
         for g in (256, 128, 64, 32):  # per-channel scales: any accepted group, scales repeated
