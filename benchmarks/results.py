@@ -34,6 +34,9 @@ STEPS = {
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
     "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "bitflops", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
+    "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
+    "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
+    "leave-one-out": ["benchmarks/leave_one_out.py", "--out", OUT],
 }
 
 
