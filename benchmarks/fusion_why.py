@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the long run, not after it
     model, tok = load_model("smollm2-135m")
     results = []
     for corpus in args.corpora:
