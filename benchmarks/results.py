@@ -36,6 +36,9 @@ STEPS = {
     "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
     "fast": ["benchmarks/bench_fast.py", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
+    "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
+    "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
+    "leave-one-out": ["benchmarks/leave_one_out.py", "--out", OUT],
 }
 
 

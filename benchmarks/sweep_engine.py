@@ -68,8 +68,8 @@ def ablation_rows() -> list[tuple[str, dict]]:
         ("Contextual Token Fusion alone", P["fusion"]),
         ("Adaptive Matryoshka Quantization alone", P["amq"]),
         ("halting + KV skipping", {**P["halting"], **P["kvskip"]}),
-        ("halting + KV skipping + fusion (layer 20, as in all)", {k: v for k, v in P["all"].items() if k != "amq"}),
-        ("halting + KV skipping + fusion + AMQ (all)", P["all"]),
+        ("halting + KV skipping + fusion", {**P["halting"], **P["kvskip"], **P["fusion"]}),
+        ("halting + KV skipping + AMQ (all; fusion left out)", P["all"]),
         ("uniform int8 (real int8 kernel)", P["int8"]),
         ("uniform int4 (MSB slice, group 32; no fast kernel)", P["int4"]),
     ]

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from quicksilver.calibrate import Trial, calibrate, config_key, mechanism_levels, parse_budget, point_config, search
+from quicksilver.calibrate import (Baseline, Trial, WorstDomainRunner, calibrate, config_key, mechanism_levels, parse_budget, point_config,
+                                   search)
 from quicksilver.config import Config
 from quicksilver.errors import QuicksilverError
 from quicksilver.sweep import matched_comparison, pareto_front, plan, plot_pareto, to_csv
@@ -76,6 +77,46 @@ def test_search_finds_the_best_point_that_fits(target):
     assert all(s.gain <= chosen.gain for s in steps if s.fits)
 
 
+class DomainRunner(FakeRunner):
+    """The synthetic problem on one domain: KV costs ``kv_scale`` times more here, fusion ``fusion_scale`` times."""
+
+    objective = "flops"
+    baseline = Baseline(0.0, 1, 1000, 0.0)
+
+    def __init__(self, kv_scale, fusion_scale):
+        super().__init__()
+        self.scale = {"kv": kv_scale, "fusion": fusion_scale}
+
+    def measure(self, config):
+        trial = super().measure(config)
+        trial.flops = round(1000 * (1 - FakeRunner.gain(self, trial)))
+        return trial
+
+    def cost(self, trial):
+        p = json.loads(trial.key)
+        return sum(self.scale[m] * COST[m][p[m]] for m in p) + (0.001 if p["kv"] and p["fusion"] else 0.0)
+
+
+def test_several_domains_constrain_the_worst_one():
+    # wiki tolerates KV windows, code does not; fusion is the reverse.
+    domains = {"wiki": DomainRunner(0.4, 6.0), "code": DomainRunner(4.0, 0.2)}
+    runner = WorstDomainRunner(domains)
+    target = 0.01
+    point, steps = search(runner, LEVELS, target)
+    best = None
+    for p in FakeRunner().by_key.values():
+        flops = round(1000 * (1 - GAIN["kv"][p["kv"]]) * (1 - GAIN["fusion"][p["fusion"]]))
+        trials = {n: Trial(json.dumps(p), 0.0, 1, flops, 0.0, 0.0) for n in domains}
+        if all(d.cost(trials[n]) <= target for n, d in domains.items()) and (best is None or runner.gain(trials) > best[0]):
+            best = (runner.gain(trials), p)
+    assert point == best[1]
+    # Each domain alone would choose differently, and each choice breaks the other domain's budget.
+    alone = {n: search(d, LEVELS, target)[0] for n, d in domains.items()}
+    assert alone["wiki"] != point and alone["code"] != point
+    chosen = next(s for s in steps if s.point == point)
+    assert chosen.cost == max(d.cost(Trial(json.dumps(point), 0.0, 1, 0, 0.0, 0.0)) for d in domains.values()) <= target
+
+
 def test_search_with_nothing_that_fits_returns_off():
     point, _ = search(FakeRunner(), LEVELS, -1.0)
     assert point == {"kv": 0, "fusion": 0}
@@ -116,6 +157,7 @@ def test_calibrate_keeps_the_budget_writes_a_loadable_config_and_resumes(tmp_pat
         (["--budget", "150%"], "below 100%"),
         (["--budget", "1%", "--objective", "speed"], "unknown objective"),
         (["--budget", "1%", "--corpus", "c4"], "calibration and test splits"),
+        (["--budget", "1%", "--corpus", "code", "--corpus", "c4"], "calibration and test splits"),
         (["--budget", "1%", "--corpus", "nope"], "unknown corpus"),
         (["--budget", "1%", "--margin", "1.5"], "margin"),
         (["--budget", "1%", "--mechanism", "warp"], "unknown mechanism"),

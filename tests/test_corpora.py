@@ -4,7 +4,7 @@ from quicksilver.corpora import clean_wiki_markup, load_corpus, read_text_file
 from quicksilver.errors import QuicksilverError
 
 
-@pytest.mark.parametrize("name", ["wiki", "news"])
+@pytest.mark.parametrize("name", ["wiki", "news", "code", "pydoc"])
 def test_offline_corpus_halves_are_disjoint_and_deterministic(name):
     test, calib = load_corpus(name, "test"), load_corpus(name, "calibration")
     assert len(test.documents) > 10 and len(calib.documents) > 10
@@ -19,6 +19,29 @@ def test_wiki_is_plain_text_without_redirects_or_stubs():
     for markup in ("[[", "]]", "{{", "'''", "<ref", "#REDIRECT"):
         assert markup not in text
     assert all(len(d) >= 2000 for d in docs)
+
+
+def test_code_corpus_is_the_pinned_stdlib_files_split_by_file():
+    from quicksilver.corpora import CODE_FILES, stdlib_dir
+
+    calib, test = load_corpus("code", "calibration"), load_corpus("code", "test")
+    assert len(calib.documents) + len(test.documents) == len(CODE_FILES)
+    assert test.documents[0] == (stdlib_dir() / CODE_FILES[1]).read_text(encoding="utf-8").rstrip()
+    assert all("def " in d for d in calib.documents + test.documents)
+
+
+def test_code_corpus_names_a_missing_file(monkeypatch, tmp_path):
+    import quicksilver.corpora as corpora
+
+    (tmp_path / "textwrap.py").write_text("x = 1\n")
+    monkeypatch.setattr(corpora, "stdlib_dir", lambda: tmp_path)
+    corpora._code_documents.cache_clear()
+    try:
+        with pytest.raises(QuicksilverError, match=r"corpus 'code' needs .*heapq\.py") as e:
+            load_corpus("code")
+        assert "textwrap.py" not in str(e.value)
+    finally:
+        corpora._code_documents.cache_clear()
 
 
 def test_clean_wiki_markup():

@@ -12,6 +12,11 @@ The search, every trial measured (never predicted) before it is accepted:
 3. refine: from the best measured point, move each mechanism one level up or down and
    keep the best move that still fits, until no move helps.
 
+With several corpora (``corpus=["wiki", "news", "code"]``) every trial is measured on
+each corpus's calibration split and the budget binds the *worst* of them: a config is
+accepted only if it keeps the budget on every calibration split; the saving is the
+objective summed over all of them.
+
 Search trials run the engine alone on the calibration windows and compare with the stock
 model's totals measured once (FLOPs and perplexity are deterministic); with
 ``objective="time"`` each trial also reruns the stock model interleaved, so the speedup
@@ -235,6 +240,43 @@ class TrialRunner:
         return 1.0 - trial.seconds / trial.base_seconds
 
 
+class WorstDomainRunner:
+    """Several corpora's TrialRunners as one: cost is the worst corpus's, saving the pooled one.
+
+    ``measure`` returns one Trial per corpus; ``cost`` is the largest relative perplexity
+    increase among them (so a point fits only if it fits on every corpus) and ``gain`` the
+    fraction of the objective saved over all corpora together.
+    """
+
+    def __init__(self, runners: dict[str, TrialRunner]):
+        self.runners = runners
+
+    def measure(self, config: Config) -> dict[str, Trial]:
+        return {name: r.measure(config) for name, r in self.runners.items()}
+
+    def costs(self, trials: dict[str, Trial]) -> dict[str, float]:
+        return {name: self.runners[name].cost(t) for name, t in trials.items()}
+
+    def cost(self, trials: dict[str, Trial]) -> float:
+        return max(self.costs(trials).values())
+
+    def gain(self, trials: dict[str, Trial]) -> float:
+        spent = base = 0.0
+        for name, t in trials.items():
+            r = self.runners[name]
+            if r.objective == "flops":
+                spent, base = spent + t.flops, base + r.baseline.flops
+            elif r.objective == "bitflops":
+                spent, base = spent + t.bit_flops, base + r.baseline.flops
+            else:
+                spent, base = spent + t.seconds, base + t.base_seconds
+        return 1.0 - spent / base
+
+    @property
+    def resumed(self) -> int:
+        return sum(r.resumed for r in self.runners.values())
+
+
 @dataclass
 class Step:
     """One trial as the search saw it (for the report)."""
@@ -327,7 +369,7 @@ def _describe(point: dict, levels: dict) -> str:
 def calibrate(
     budget: float,
     model: str = "smollm2-135m",
-    corpus: str = "wiki",
+    corpus: str | list[str] = "wiki",
     objective: str = "flops",
     window: int = 4096,
     max_tokens: int | None = 8192,
@@ -347,6 +389,9 @@ def calibrate(
     ----------
     budget : float
         Allowed relative perplexity increase (0.01 is 1%).
+    corpus : str or list of str, default "wiki"
+        Offline corpora to search on (their calibration splits). With several, the chosen
+        config keeps the budget on every one of them (the worst corpus binds).
     objective : {"flops", "bitflops", "time", "decode-time"}
         What to minimize: FLOPs executed, bit-weighted FLOPs (quantized linears count at
         bits/16), prefill wall-clock time against the stock model, or decode wall-clock time
@@ -359,7 +404,8 @@ def calibrate(
     mechanisms : list of str, optional
         Which mechanisms may be turned on (default all four).
     heldout : list of str, optional
-        Further corpora whose test split the chosen config is evaluated on (e.g. ``news``).
+        Further corpora whose test split the chosen config is evaluated on (e.g. ``news``);
+        every searched corpus's test split is always checked.
     journal : path, optional
         JSON-lines file of measured trials; a rerun with the same settings resumes from it.
 
@@ -379,7 +425,10 @@ def calibrate(
     if unknown:
         raise QuicksilverError(f"unknown mechanism(s) {', '.join(unknown)} (known: {', '.join(MECHANISMS)})")
     heldout = list(heldout or [])
-    for name in [corpus, *heldout]:
+    corpora = list(dict.fromkeys([corpus] if isinstance(corpus, str) else corpus))
+    if not corpora:
+        raise QuicksilverError("calibrate needs at least one corpus")
+    for name in [*corpora, *heldout]:
         if name not in OFFLINE_CORPORA:
             check_corpus_args(name, "test")
             raise QuicksilverError(f"calibrate needs corpora with separate calibration and test splits ({', '.join(OFFLINE_CORPORA)}), got {name!r}")
@@ -393,7 +442,6 @@ def calibrate(
     if window > arch_spec(hf_model.config).max_positions:
         raise QuicksilverError(f"window {window} is longer than the model's context of {arch_spec(hf_model.config).max_positions} tokens")
     bos = bos_per_window(model, tokenizer)
-    ids = tokenize_documents(tokenizer, load_corpus(corpus, "calibration").documents, max_tokens)
     all_levels = mechanism_levels(window, objective)
     # AMQ changes how many bits a multiply-add uses, not how many there are: under the plain
     # FLOP objective it can only cost perplexity, so it is not searched there.
@@ -401,17 +449,22 @@ def calibrate(
     if not searched:
         raise QuicksilverError(f"nothing to search: {', '.join(mechanisms)} cannot reduce {objective} at window {window}")
     levels = {m: all_levels[m] for m in searched}
-    # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
-    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(dev)}
-    runner = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
-                         context, Path(journal) if journal else None)
+    runners = {}
+    for name in corpora:
+        ids = tokenize_documents(tokenizer, load_corpus(name, "calibration").documents, max_tokens)
+        # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
+        context = {"model": model, "corpus": name, "window": window, "tokens": int(ids.numel()), "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(dev)}
+        runners[name] = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, name, objective,
+                                    context, Path(journal) if journal else None)
+    runner = runners[corpora[0]] if len(corpora) == 1 else WorstDomainRunner(runners)
     target = budget * (1.0 - margin)
     point, steps = search(runner, levels, target, on_trial)
     chosen = next(s for s in steps if s.point == point)
     config = point_config(point, levels, name=f"calibrated {budget * 100:g}% ({objective})")
+    chosen_trials = {name: r.measure(config) for name, r in runners.items()}  # journaled already: no rerun
 
     checks = {}
-    for name in [corpus, *[h for h in heldout if h != corpus]]:
+    for name in [*corpora, *[h for h in heldout if h not in corpora]]:
         r = evaluate_model(model, name, "test", window=window, max_tokens=max_tokens, config=config,
                            loaded=(hf_model, tokenizer), progress=on_window) if not config.is_off else None
         checks[name] = _check(r, budget)
@@ -421,18 +474,22 @@ def calibrate(
         "margin": margin,
         "search_target": target,
         "model": model,
-        "corpus": corpus,
+        "corpus": "+".join(corpora),
+        "corpora": corpora,
         "window": window,
-        "tokens": int(ids.numel()),
+        "tokens": {name: int(r.ids.numel()) for name, r in runners.items()} if len(corpora) > 1 else int(runners[corpora[0]].ids.numel()),
         "setting": _describe(point, levels),
+        # The worst calibration split (the one the budget bound) and each split on its own.
         "calibration_split": {"relative_delta_perplexity": chosen.cost, "saving": chosen.gain},
+        "calibration_splits": {name: {"relative_delta_perplexity": r.cost(chosen_trials[name]), "saving": r.gain(chosen_trials[name])}
+                               for name, r in runners.items()},
         "test_splits": checks,
     }
     report = {
         "config": config.to_dict(),
         "trials": [asdict(s) | {"setting": _describe(s.point, levels)} for s in steps],
         "resumed_trials": runner.resumed,
-        "baseline": asdict(runner.baseline),
+        "baseline": {name: asdict(r.baseline) for name, r in runners.items()} if len(corpora) > 1 else asdict(runners[corpora[0]].baseline),
     }
     return config, report
 

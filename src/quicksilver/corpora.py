@@ -1,11 +1,16 @@
-"""Real English text with no network: Wikipedia pages and the Lee news corpus from gensim's wheel.
+"""Real text with no network: Wikipedia, news, Python source and Python's reference manual.
 
 ``wiki`` stands in for WikiText-103 offline: the shortened enwiki pages-articles dump
 that gensim ships as test data, with markup stripped (gensim's own ``filter_wiki``),
 redirects, disambiguation pages and stubs dropped. ``news`` (the Lee news corpus of
-Australian news articles) stands in for C4. Each is split deterministically by
-document (after dropping exact duplicates): even-indexed documents form the ``calibration``
-half, odd-indexed the ``test`` half.
+Australian news articles) stands in for C4. ``code`` is source code: a pinned list of
+modules of the Python standard library that ships with the interpreter (PSF license).
+``pydoc`` is technical prose: the language reference topics that every interpreter
+ships for ``help()`` (``pydoc_data.topics``, PSF license). Each is split
+deterministically by document (after dropping exact duplicates): even-indexed documents
+form the ``calibration`` half, odd-indexed the ``test`` half. The standard library differs
+between Python versions, so ``code`` and ``pydoc`` text (not their file and topic names)
+depends on the interpreter; results name the Python version they ran on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from .errors import QuicksilverError
 
 SPLITS = ("calibration", "test")
-OFFLINE_CORPORA = ("wiki", "news")
+OFFLINE_CORPORA = ("wiki", "news", "code", "pydoc")
 HUB_CORPORA = ("wikitext-103", "c4")
 DEFAULT_CORPUS = "wiki"
 MIN_ARTICLE_CHARS = 2000  # shorter pages are stubs
@@ -114,6 +119,54 @@ def _news_documents() -> tuple[str, ...]:
     return tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
 
 
+# Standard-library modules present, under these names, in Python 3.11, 3.12 and 3.13 (none of
+# PEP 594's removals, no module that became a package), 3-100 KB each. Order fixes the split:
+# even entries are calibration, odd entries test, and each half opens with varied files.
+CODE_FILES = (
+    "textwrap.py", "heapq.py", "calendar.py", "pprint.py", "json/encoder.py", "json/decoder.py",
+    "shlex.py", "csv.py", "fractions.py", "contextlib.py", "base64.py", "gettext.py",
+    "queue.py", "sched.py", "graphlib.py", "string.py", "random.py", "tokenize.py",
+    "gzip.py", "selectors.py", "timeit.py", "weakref.py", "functools.py", "copy.py",
+    "tempfile.py", "uuid.py", "html/parser.py", "http/cookies.py", "email/header.py", "email/utils.py",
+    "asyncio/locks.py", "asyncio/queues.py", "concurrent/futures/_base.py", "urllib/parse.py", "mimetypes.py", "filecmp.py",
+    "plistlib.py", "cmd.py", "bdb.py", "numbers.py", "statistics.py", "dataclasses.py",
+    "configparser.py", "ipaddress.py",
+)
+MIN_PYDOC_TOPICS = 60  # 79 in Python 3.11-3.13
+
+
+def stdlib_dir() -> Path:
+    """The folder of the running interpreter's standard library."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@functools.lru_cache(maxsize=None)
+def _code_documents() -> tuple[str, ...]:
+    import sys
+
+    root = stdlib_dir()
+    missing = [name for name in CODE_FILES if not (root / name).is_file()]
+    if missing:
+        raise QuicksilverError(
+            f"corpus 'code' needs standard-library files missing from {root} (Python {sys.version.split()[0]}): {', '.join(missing)}"
+        )
+    return tuple((root / name).read_text(encoding="utf-8").rstrip() for name in CODE_FILES)
+
+
+@functools.lru_cache(maxsize=None)
+def _pydoc_documents() -> tuple[str, ...]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # some distributions split it out of the interpreter package
+        raise QuicksilverError("corpus 'pydoc' needs pydoc_data, part of the standard library, which this Python lacks") from e
+    docs = tuple(dict.fromkeys(topics[key].strip() for key in sorted(topics) if topics[key].strip()))
+    if len(docs) < MIN_PYDOC_TOPICS:
+        raise QuicksilverError(f"corpus 'pydoc' found only {len(docs)} topics in pydoc_data (expected at least {MIN_PYDOC_TOPICS})")
+    return docs
+
+
 def _hub_documents(name: str) -> tuple[str, ...]:
     try:
         import datasets
@@ -161,7 +214,8 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "test", text_file: str 
     Parameters
     ----------
     name : str
-        ``wiki`` (default), ``news``, or with network ``wikitext-103`` / ``c4``.
+        ``wiki`` (default), ``news``, ``code`` (Python standard-library source), ``pydoc``
+        (Python's reference topics), or with network ``wikitext-103`` / ``c4``.
         Ignored when ``text_file`` is given.
     split : {"test", "calibration"}
         Which half of an offline corpus. Hub corpora have one split (test for
@@ -176,6 +230,10 @@ def load_corpus(name: str = DEFAULT_CORPUS, split: str = "test", text_file: str 
         docs = _wiki_documents()
     elif name == "news":
         docs = _news_documents()
+    elif name == "code":
+        docs = _code_documents()
+    elif name == "pydoc":
+        docs = _pydoc_documents()
     elif name in HUB_CORPORA:
         return Corpus(name, "test" if name == "wikitext-103" else "validation", _hub_documents(name))
     start = 0 if split == "calibration" else 1

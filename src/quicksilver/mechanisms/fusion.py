@@ -11,6 +11,16 @@ Bolya et al. 2023), so no query learns of later tokens. At the head the member's
 its own plus the representative's later update (``output="delta"``) or the
 representative's state (``output="copy"``). Merging only with earlier tokens keeps
 perplexity honest. Fusion is a prefill mechanism: ``generate`` runs with it off.
+
+Why similarity alone is not enough (docs/results/fusion_why.md): on SmolLM2 the states
+that pass a cosine threshold at layer 12 are nearly all repeats of the same token id (a
+repeated identifier, a comma, an indentation run), and a fused member then predicts what
+followed its representative: "parent" + "pos" after an earlier "start" + "pos" predicts
+":". That cost +11% perplexity on Python source. ``prefix`` (default 2) therefore asks
+the rows before the pair to match as well (row i-j against row r-j, j = 1..prefix), so
+a token only joins an earlier one that repeats its context too; the check reads only
+earlier rows and costs no extra dot products (they lie on the same diagonal). With it
+fusion rarely fires on this model, and saves almost nothing: see the ``fusion`` preset.
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ class ContextualTokenFusion:
         The member's final state: own state + the representative's later update, or a copy.
     protect_first : int, default 4
         The first positions are never fused (BOS and attention sinks).
+    prefix : int, default 2
+        The rows just before the token and before its candidate must match too: a pair
+        (i, r) qualifies only if rows i-j and r-j also reach the threshold for every
+        j = 1..prefix (0: similarity of the pair alone, the rule before this setting).
     """
 
     enabled: bool = False
@@ -49,6 +63,7 @@ class ContextualTokenFusion:
     window: int = 1
     output: str = "delta"
     protect_first: int = 4
+    prefix: int = 2
 
     def __post_init__(self):
         check_range("fusion", "layer", self.layer, 1, integer=True)
@@ -56,6 +71,7 @@ class ContextualTokenFusion:
         check_range("fusion", "window", self.window, 1, integer=True)
         check_choice("fusion", "output", self.output, OUTPUTS)
         check_range("fusion", "protect_first", self.protect_first, 0, integer=True)
+        check_range("fusion", "prefix", self.prefix, 0, integer=True)
 
     def check_model(self, n_layers: int) -> None:
         from ..errors import QuicksilverError
@@ -64,15 +80,20 @@ class ContextualTokenFusion:
             raise QuicksilverError(f"fusion.layer={self.layer} is past the model's last layer ({n_layers - 1})")
 
     def probe_flops(self, rows: int, d_model: int) -> int:
-        """Cosine similarity with ``window`` predecessors: a dot product and norms per pair."""
+        """Cosine similarity with ``window`` predecessors: a dot product and norms per pair.
+
+        The ``prefix`` check reuses the same pairs (row i-j against row i-back-j lies on the
+        same diagonal), so it adds nothing.
+        """
         return rows * self.window * 3 * 2 * d_model
 
     def representatives(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Pure rule: the representative row of every row of one sequence; (N, d), (N,) -> (N,).
 
         A row that is not fused is its own representative. Candidates are the ``window``
-        rows before it; the most similar one at or above the threshold wins, and its own
-        representative is taken (groups never chain to a member).
+        rows before it whose ``prefix`` preceding rows also match theirs (see the class);
+        the most similar one at or above the threshold wins, and its own representative is
+        taken (groups never chain to a member). Only rows before a row are ever read.
         """
         n = h.shape[0]
         rep = torch.arange(n, device=h.device)
@@ -82,7 +103,14 @@ class ContextualTokenFusion:
         best_sim = torch.full((n,), -2.0, device=h.device)
         best = rep.clone()
         for back in range(1, min(self.window, n - 1) + 1):
-            sim = (unit[back:] * unit[:-back]).sum(-1)  # row i vs row i - back
+            sim = (unit[back:] * unit[:-back]).sum(-1)  # (n - back,): row i vs row i - back
+            similar = sim >= self.threshold
+            ok = similar.clone()
+            for j in range(1, self.prefix + 1):  # row i - j vs row i - back - j: the same diagonal, j entries earlier
+                earlier = torch.zeros_like(similar)
+                earlier[j:] = similar[: similar.numel() - j]
+                ok &= earlier
+            sim = torch.where(ok, sim, torch.full_like(sim, -2.0))
             better = sim > best_sim[back:]
             best_sim[back:] = torch.where(better, sim, best_sim[back:])
             best[back:] = torch.where(better, rep[:-back], best[back:])
