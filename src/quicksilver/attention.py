@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .mechanisms import kv_select
 
 QUERY_BLOCK = 128
+QUEST_PER_QUERY = 32  # up to this many queries, quest selects pages per query rather than per block
 
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
@@ -131,8 +132,10 @@ def attend_selected(
     acc = torch.zeros(tk, device=dev) if sel == "h2o" else None
     outs, pairs = [], 0
     full = torch.zeros(tq, tk, dtype=torch.bool, device=dev) if return_mask else None
-    for i0 in range(0, tq, QUERY_BLOCK):
-        qs = slice(i0, i0 + QUERY_BLOCK)
+    # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
+    step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
+    for i0 in range(0, tq, step):
+        qs = slice(i0, i0 + step)
         qb = q_pos[qs]
         p0, p1 = int(qb[0]), int(qb[-1])
         before = int(torch.searchsorted(k_pos, p0))  # keys strictly before the block's first query

@@ -58,14 +58,14 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, s
     """(P,) how much attention each page may get from the queries ``q`` (To, H, hd).
 
     Quest's upper bound of q.k over a page, sum_d max(q_d min_d, q_d max_d), turned into a
-    per-head softmax over pages, then the max over queries and the mean over heads.
+    per-head softmax over pages, then the max over queries and heads.
     """
     h, hkv = q.shape[1], kmin.shape[1]
     lo = kmin.repeat_interleave(h // hkv, dim=1)  # (P, H, hd)
     hi = kmax.repeat_interleave(h // hkv, dim=1)
     qf = q.float()[:, None]  # (To, 1, H, hd)
     bound = torch.maximum(qf * lo[None], qf * hi[None]).sum(-1) * scale  # (To, P, H)
-    return bound.softmax(dim=1).amax(dim=0).mean(dim=-1)
+    return bound.softmax(dim=1).amax(dim=0).amax(dim=-1)  # a page one head needs (a retrieval head) is kept
 
 
 def top_index(scores: torch.Tensor, n: int) -> torch.Tensor:
