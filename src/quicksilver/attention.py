@@ -1,10 +1,12 @@
 """Causal attention over a varying set of keys, computed only where it is needed.
 
-Three paths, one meaning (``visible(q_pos, k_pos)`` says which keys each query sees):
+Four paths, one meaning (``visible(q_pos, k_pos)`` says which keys each query sees):
 - every row computes and sees its whole past: one SDPA call with ``is_causal``;
 - arbitrary subsets without a window: one SDPA call with a boolean mask;
 - a recent window (plus sinks): queries in blocks, each block gathering only the keys
-  it can see (sinks + a contiguous recent range), so skipped keys cost no time.
+  it can see (sinks + a contiguous recent range), so skipped keys cost no time;
+- an importance rule (``attend_selected``): each query block gathers the sinks, its
+  recent range and the older keys the rule ranks best, scored from the past only.
 Excluded keys never enter the softmax: masks are boolean, keys are never zeroed.
 """
 
@@ -15,7 +17,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .mechanisms import kv_select
+
 QUERY_BLOCK = 128
+QUEST_PER_QUERY = 32  # up to this many queries, quest selects pages per query rather than per block
 
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
@@ -94,3 +99,92 @@ def block_plan(q_pos, k_pos, visible, window: int, sinks: int, dtype: torch.dtyp
             mask = mask + bias(qb, k_pos[ks]).to(dtype)
         plan.append((qs, ks, mask, int(seen.sum())))
     return plan
+
+
+def attend_selected(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    kv,
+    bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    return_mask: bool = False,
+):
+    """Attention where each query block reads sinks + its recent range + the best older keys.
+
+    ``kv`` is the KVCacheSkipping settings (``selection``, ``keep_fraction``, ``sink_tokens``,
+    recent window, ``page_size``, ``observation``). A block whose first query sits at p0
+    reads ``kv_select.budget(keep_fraction, p0)`` keys: the sinks, every key from p0 - W + 1
+    on (causally), and the best older ones. Older keys are ranked only from keys before p0
+    and from queries at or before p0 (the block's first row and earlier rows), so no query
+    depends on a later token. Returns (Tq, H*hd), pairs seen, and with ``return_mask`` the
+    (Tq, Tk) visibility it used (for the masked reference path).
+    """
+    tq, tk, dev = q.shape[0], k.shape[0], k.device
+    sel, window, page, m = kv.selection, kv.recent_at(0), kv.page_size, kv.observation
+    n_sink = int(torch.searchsorted(k_pos, kv.sink_tokens))
+    static = kv_select.knorm_scores(k) if sel == "knorm" else None
+    kmin = kmax = None
+    if sel == "quest":
+        kmin, kmax = kv_select.page_summaries(k, n_sink, page)
+    acc = torch.zeros(tk, device=dev) if sel == "h2o" else None
+    outs, pairs = [], 0
+    full = torch.zeros(tq, tk, dtype=torch.bool, device=dev) if return_mask else None
+    # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
+    step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
+    for i0 in range(0, tq, step):
+        qs = slice(i0, i0 + step)
+        qb = q_pos[qs]
+        p0, p1 = int(qb[0]), int(qb[-1])
+        before = int(torch.searchsorted(k_pos, p0))  # keys strictly before the block's first query
+        lo = max(n_sink, int(torch.searchsorted(k_pos, p0 - window + 1)))
+        hi = int(torch.searchsorted(k_pos, p1, right=True))
+        if acc is not None and i0 > 0:  # h2o: the previous block's last queries add their attention
+            acc[:before] += kv_select.attention_scores(q[max(0, i0 - m):i0], q_pos[max(0, i0 - m):i0], k[:before], k_pos[:before], scale)
+        room = kv_select.budget(kv.keep_fraction, p0) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
+        middle = torch.arange(n_sink, lo, device=dev)
+        if room < lo - n_sink:
+            middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
+        ks = torch.cat([torch.arange(n_sink, device=dev), middle, torch.arange(lo, hi, device=dev)])
+        kp = k_pos[ks]
+        seen = kp[None, :] <= qb[:, None]  # sinks and older keys lie before p0; the recent range is causal
+        mask = _additive(seen, q.dtype)
+        if bias is not None:
+            mask = mask + bias(qb, kp).to(q.dtype)
+        outs.append(_sdpa(q[qs], k[ks], v[ks], scale, mask=mask))
+        pairs += int(seen.sum())
+        if full is not None:
+            full[qs, ks] = seen
+    return torch.cat(outs), pairs, full
+
+
+def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m):
+    """Indices of the older keys (in [n_sink, lo)) that the block starting at row i0 reads."""
+    dev = k.device
+    if room <= 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    if sel == "quest":
+        n_pages = (lo - n_sink) // page  # whole pages below the recent range; a partial rest is always read
+        rest = torch.arange(n_sink + n_pages * page, lo, device=dev)
+        n_pick = (room - rest.numel()) // page
+        if n_pick <= 0 or n_pages == 0:
+            return rest
+        obs = slice(max(0, i0 + 1 - m), i0 + 1)  # the block's first query and the ones before it
+        scores = kv_select.quest_page_scores(q[obs], kmin[:n_pages], kmax[:n_pages], scale)
+        pages = kv_select.top_index(scores, n_pick)
+        picked = (pages[:, None] * page + torch.arange(page, device=dev)[None, :]).flatten() + n_sink
+        return torch.cat([picked, rest])
+    if sel == "knorm":
+        scores = static[n_sink:lo]
+    elif sel == "h2o":
+        scores = acc[n_sink:lo]
+    else:  # tova: the latest query; snapkv: the latest ``observation`` queries
+        n_obs = 1 if sel == "tova" else m
+        obs = slice(max(0, i0 - n_obs), i0)
+        if i0 == 0:  # no earlier query in this call: rank by key norm
+            scores = kv_select.knorm_scores(k[n_sink:lo])
+        else:
+            scores = kv_select.attention_scores(q[obs], q_pos[obs], k[:before], k_pos[:before], scale)[n_sink:lo]
+    return kv_select.top_index(scores, room) + n_sink

@@ -274,6 +274,114 @@ def sweep_cmd(
     err.print(f"wrote {output_dir}/sweep.csv, sweep.json, pareto.png", highlight=False, soft_wrap=True)
 
 
+@app.command("needle")
+def needle_cmd(
+    contexts: list[int] = typer.Option([], "--context", help="Context length in tokens (repeatable); default 2048, 4096, 7680."),
+    depths: Optional[str] = typer.Option(None, "--depths", help="Needle depths in [0, 1], comma-separated; default 0.1,0.3,0.5,0.7,0.9."),
+    trials: int = typer.Option(30, "--trials", help="Trials per context (the same needles for every configuration)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    corpus: str = typer.Option("wiki", "--corpus", "-c", help="Haystack text: wiki, news, wikitext-103, c4."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Haystack from a UTF-8 text file instead."),
+    seed: int = typer.Option(0, help="Seed of keys, depths and haystack offsets."),
+    preset: str = typer.Option("kvskip", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
+    settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set kv.selection=quest (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Pass-key retrieval across context lengths and depths: the stock model and the configuration on the same trials."""
+    from .corpora import load_corpus
+    from .engine import Engine
+    from .evaluate import make_engine, tokenize_documents
+    from .models import load_model
+    from .needle import DEFAULT_CONTEXTS, make_trials, needle_test, parse_depths
+    from .results_io import check_writable_target, write_json_atomic
+
+    check_writable_target(output)
+    config = _config(preset, config_file, settings)
+    depth_list = parse_depths(depths)
+    if trials < 1:
+        raise QuicksilverError(f"trials must be at least 1, got {trials}")
+    context_list = contexts or list(DEFAULT_CONTEXTS)
+    hf_model, tok = load_model(model, dtype=dtype, device=device)
+    if any(n + 32 > hf_model.config.max_position_embeddings for n in context_list):
+        raise QuicksilverError(f"contexts must leave room for the question and answer within {hf_model.config.max_position_embeddings} positions")
+    source = load_corpus(corpus, "test", str(text_file) if text_file else None)
+    haystack = tokenize_documents(tok, source.documents, max(context_list) * 4)
+    cases = make_trials(tok, haystack, context_list, depth_list, trials, seed)
+    engine = make_engine(hf_model, tok, config, corpus)
+    baseline = Engine(hf_model)
+    bar, update = _progress("needles")
+    with bar:
+        result = needle_test(engine, baseline, tok, cases, progress=update)
+    result = {"model": model, "haystack": source.name, "config": config.to_dict(), "contexts": context_list,
+              "depths": list(depth_list), "trials_per_context": trials, "seed": seed, **result}
+    table = Table(title=f"pass-key retrieval, {config.name} vs stock model ({trials} trials per context)")
+    for col in ("context", "depth", "trials", "stock", config.name, "kept"):
+        table.add_column(col, justify="right")
+    for r in result["table"]:
+        table.add_row(str(r["context"]), f"{r['depth']:g}", str(r["trials"]), f"{r['baseline_accuracy']:.0%}", f"{r['accuracy']:.0%}",
+                      f"{r['kv_fraction']:.1%}")
+    table.add_row("all", "", str(len(cases)), f"{result['baseline_accuracy']:.0%}", f"{result['accuracy']:.0%}", f"{result['kv_fraction']:.1%}")
+    out.print(table)
+    if output:
+        write_json_atomic(output, result)
+        err.print(f"wrote {output}")
+
+
+@app.command("continuation")
+def continuation_cmd(
+    prefix_tokens: int = typer.Option(3584, "--prefix-tokens", help="Prefix whose cache is compressed (BOS included when the model expects one)."),
+    continuation_tokens: int = typer.Option(512, "--continuation-tokens", help="Tokens scored after the compressed prefix."),
+    max_chunks: Optional[int] = typer.Option(None, "--max-chunks", help="Score at most this many prefix+continuation chunks."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki, news, wikitext-103, c4."),
+    split: str = typer.Option("test", help="test or calibration (offline corpora)."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Score a UTF-8 text file instead."),
+    preset: str = typer.Option("kvskip", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
+    settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set kv.keep_fraction=0.5 (repeatable)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Continuation perplexity: the prefix's cache compressed by the configuration, the next tokens scored against the stock model's."""
+    from .continuation import continuation_perplexity
+    from .corpora import load_corpus
+    from .engine import Engine
+    from .evaluate import make_engine, tokenize_documents
+    from .models import bos_per_window, load_model
+    from .results_io import check_writable_target, write_json_atomic
+
+    check_writable_target(output)
+    config = _config(preset, config_file, settings)
+    if prefix_tokens < 2 or continuation_tokens < 1:
+        raise QuicksilverError("prefix-tokens must be at least 2 and continuation-tokens at least 1")
+    hf_model, tok = load_model(model, dtype=dtype, device=device)
+    if prefix_tokens + continuation_tokens > hf_model.config.max_position_embeddings:
+        raise QuicksilverError(f"prefix and continuation exceed the model's {hf_model.config.max_position_embeddings} positions")
+    source = load_corpus(corpus, split, str(text_file) if text_file else None)
+    size = prefix_tokens + continuation_tokens
+    ids = tokenize_documents(tok, source.documents, size * max_chunks if max_chunks else None)
+    bos_id = tok.bos_token_id if bos_per_window(hf_model, tok) else None
+    engine = make_engine(hf_model, tok, config, corpus)
+    bar, update = _progress("chunks")
+    with bar:
+        result = continuation_perplexity(engine, Engine(hf_model), ids.to(hf_model.device), prefix_tokens, continuation_tokens, max_chunks,
+                                         bos_id, progress=update)
+    result = {"model": model, "corpus": source.name, "split": split, "config": config.to_dict(), **result}
+    table = Table(title=f"continuation perplexity, {config.name}: {result['chunks']} chunks of {prefix_tokens} + {continuation_tokens} tokens")
+    for col in ("stock", config.name, "rel. ΔPPL", "kept"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['baseline_perplexity']:.3f}", f"{result['perplexity']:.3f}", f"{result['relative_delta_perplexity'] * 100:+.2f}%",
+                  f"{result['kv_fraction']:.1%}")
+    out.print(table)
+    if output:
+        write_json_atomic(output, result)
+        err.print(f"wrote {output}")
+
+
 def _config(preset: str, config_file: Optional[Path], settings: list[str]):
     from .config import Config
 

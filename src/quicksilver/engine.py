@@ -16,9 +16,10 @@ import torch
 from . import flops as F_
 from .adapters import adapter_for
 from .adapters.base import apply_rotary_signed, signed_sin
-from .attention import _additive, _sdpa, attend, block_plan
+from .attention import _additive, _sdpa, attend, attend_selected, block_plan
 from .config import Config
 from .ledger import Ledger
+from .mechanisms import kv_select
 from .mechanisms.halting import relative_drift
 
 
@@ -301,6 +302,7 @@ class Engine:
         q, k, v = self._qkv(l, x_kv, q_in_kv, attn_rows, kv_rows, rope, bits)
         layer_window = kv.window_at(l)
         visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
+        selecting = kv.selects(l)
         outs, pairs = [], 0
         # A decode step of a batch whose caches share a pool: one attention call for every row.
         pooled = not kv.enabled and bias is None and attn_rows is None and kv_rows is None and _shared_pool(segments, caches)
@@ -317,7 +319,11 @@ class Engine:
                 if not fresh:
                     e = cache.get(l)
                     keys, values, k_pos = e.k, e.v, e.pos
-            if qb > qa:
+            if qb > qa and selecting and (cache is None or kv.selection == "quest"):
+                out, seen, _ = attend_selected(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, kv, bias)
+                outs.append(out)
+                pairs += seen
+            elif qb > qa:  # an eviction rule's cache holds only what its queries may read: plain causal
                 whole = fresh and attn_rows is None and kv_rows is None
                 plan, window = None, layer_window
                 if window is not None and int(pos_q[qb - 1]) - int(k_pos[0]) < window:
@@ -333,6 +339,8 @@ class Engine:
             if cache is not None:
                 if layer_window is not None:
                     cache.evict(l, int(pos[b - 1]) + 1, layer_window, kv.sink_tokens)
+                elif qb > qa and kv.evicts(l) and (fresh or kv.selection != "snapkv"):  # snapkv compresses prompts only
+                    self._compress(cache, l, kv, q[qa:qb], pos_q[qa:qb], p.attn_scale, 0 if fresh else max(8, cache.count(l) // 32))
         if outs:  # a decode step whose only row halted has no query here
             h = _add(h, attn_rows, self._lin(l, "o", torch.cat(outs), attn_rows, bits))
         if mlp_rows is None or mlp_rows.numel():
@@ -367,6 +375,15 @@ class Engine:
             enable_gqa=q.shape[1] != k.shape[1])  # (B, H, 1, hd)
         return out.reshape(q.shape[0], -1), sum(n) + len(n)
 
+    @staticmethod
+    def _compress(cache, l, kv, q, q_pos, scale, slack):
+        """Drop the cache entries an eviction rule ranks lowest (prefill: down to its target at once)."""
+        e = cache.get(l)
+        index = kv_select.compress_index(kv.selection, kv.keep_fraction, e.k, e.pos, q, q_pos, scale, kv.sink_tokens,
+                                         kv.recent_at(l), kv.observation, slack)
+        if index is not None:
+            cache.keep(l, index)
+
     def _layer_masked(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
         """Reference: compute every row, then keep updates only where the compact path computes."""
         p, kv, T = self.adapter.layers[l], self.config.kv, h.shape[0]
@@ -378,7 +395,15 @@ class Engine:
 
         is_q, has_kv, is_mlp = mask_of(attn_rows), mask_of(kv_rows), mask_of(mlp_rows)
         q, k, v = self._qkv(l, p.attn_norm(h), None, None, None, rope, bits)
-        mask = kv.visible(pos, pos, l) & has_kv[None, :]
+        if kv.selects(l):  # the importance rule's visibility, as its compact path chooses it
+            mask = torch.zeros(T, T, dtype=torch.bool, device=h.device)
+            kr = has_kv.nonzero().squeeze(1)
+            qr = is_q.nonzero().squeeze(1)
+            if qr.numel():
+                chosen = attend_selected(q[qr], k[kr], v[kr], pos[qr], pos[kr], p.attn_scale, kv, bias, return_mask=True)[2]
+                mask[qr[:, None], kr[None, :]] = chosen
+        else:
+            mask = kv.visible(pos, pos, l) & has_kv[None, :]
         mask |= torch.eye(T, dtype=torch.bool, device=h.device) & ~is_q[:, None]  # rows whose output is discarded
         scores_bias = _additive(mask, q.dtype)
         if bias is not None:

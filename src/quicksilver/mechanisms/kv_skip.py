@@ -10,8 +10,11 @@ Two sources of skipped entries (QuickSilver, arXiv 2506.22396, Sec. 3.2, made pr
 2. Entries a query does not need: every query keeps the first ``sink_tokens`` keys
    (attention sinks, Xiao et al. 2023, StreamingLLM) and its ``recent_window`` most recent
    keys; older entries are skipped. Visibility depends only on positions, so it is causal.
+3. Entries an importance rule ranks low (``selection``, see ``kv_select``): each query reads
+   the sinks, its recent window and the best of the older keys, up to ``keep_fraction`` of
+   its past. Scores come from keys and from queries at or before the reading query only.
 
-RoPE positions stay the true positions in both cases.
+RoPE positions stay the true positions in every case.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch
 from ._checks import check_choice, check_range
 
 POLICIES = ("propagate", "skip")
+SELECTIONS = ("window", "knorm", "h2o", "tova", "snapkv", "quest")
+# Importance rules without an explicit recent window still keep this many recent keys.
+DEFAULT_RECENT = 64
 
 
 @dataclass
@@ -40,6 +46,22 @@ class KVCacheSkipping:
         Each query also sees its last ``recent_window`` keys (itself included); None keeps all.
     layers_from : int, default 0
         The recent-window rule applies from this layer on (earlier layers keep every key).
+    selection : {"window", "knorm", "h2o", "tova", "snapkv", "quest"}, default "window"
+        Which older keys a query reads beyond the sinks and its recent window.
+        ``window``: none (StreamingLLM). ``knorm``: lowest key norms (KnormPress, Devoto et
+        al. 2024). ``h2o``: most attention accumulated from past queries (Zhang et al. 2023).
+        ``tova``: most attention from the latest query (Oren et al. 2024). ``snapkv``: most
+        attention from the latest ``observation`` queries (Li et al. 2024). ``quest``: the
+        key pages whose min/max summaries bound the query's scores highest (Tang et al. 2024);
+        pages are read, not dropped. The eviction rules (all but window and quest) compress a
+        generation cache after prefill to ``keep_fraction`` of the prompt and keep it there.
+    keep_fraction : float, default 0.25
+        For the importance rules: share of its past (sinks and recent window included) that
+        each query reads, and share of the sequence that a generation cache keeps.
+    page_size : int, default 16
+        Keys per page of ``quest``.
+    observation : int, default 16
+        Latest queries whose attention scores keys for ``h2o``, ``snapkv`` and ``quest``.
     """
 
     enabled: bool = False
@@ -47,16 +69,41 @@ class KVCacheSkipping:
     sink_tokens: int = 4
     recent_window: int | None = None
     layers_from: int = 0
+    selection: str = "window"
+    keep_fraction: float = 0.25
+    page_size: int = 16
+    observation: int = 16
 
     def __post_init__(self):
         check_choice("kv", "policy", self.policy, POLICIES)
         check_range("kv", "sink_tokens", self.sink_tokens, 0, integer=True)
         check_range("kv", "recent_window", self.recent_window, 1, integer=True, allow_none=True)
         check_range("kv", "layers_from", self.layers_from, 0, integer=True)
+        check_choice("kv", "selection", self.selection, SELECTIONS)
+        check_range("kv", "keep_fraction", self.keep_fraction, 0.0, 1.0)
+        if self.keep_fraction <= 0:
+            check_range("kv", "keep_fraction", self.keep_fraction, 1e-6, 1.0)
+        check_range("kv", "page_size", self.page_size, 1, integer=True)
+        check_range("kv", "observation", self.observation, 1, integer=True)
+
+    def selects(self, layer: int) -> bool:
+        """Whether an importance rule picks older keys at ``layer``."""
+        return self.enabled and self.selection != "window" and layer >= self.layers_from
+
+    def evicts(self, layer: int) -> bool:
+        """Whether a generation cache drops low-ranked entries at ``layer`` (quest only reads fewer)."""
+        return self.selects(layer) and self.selection != "quest"
+
+    def recent_at(self, layer: int) -> int:
+        """The recent window of an importance rule at ``layer``."""
+        return self.recent_window if self.recent_window is not None else DEFAULT_RECENT
 
     def window_at(self, layer: int) -> int | None:
-        """The recent window that applies at ``layer`` (None: every past key)."""
-        if not self.enabled or self.recent_window is None or layer < self.layers_from:
+        """The position-only recent window that applies at ``layer`` (None: every past key).
+
+        Importance rules apply their window in ``attention.attend_selected`` instead.
+        """
+        if not self.enabled or self.recent_window is None or layer < self.layers_from or self.selection != "window":
             return None
         return self.recent_window
 

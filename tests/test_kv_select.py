@@ -1,0 +1,103 @@
+"""Importance rules of KV Cache Skipping: causal, compact == masked, budgets kept, caches really shrink."""
+
+import pytest
+import torch
+
+from conftest import TINY
+from quicksilver import attention
+from quicksilver.cache import SequenceCache
+from quicksilver.config import Config
+from quicksilver.engine import Engine
+from quicksilver.errors import QuicksilverError
+from quicksilver.mechanisms import kv_select
+
+RULES = ("knorm", "h2o", "tova", "snapkv", "quest")
+
+
+def _kv(selection, **extra):
+    kv = {"enabled": True, "selection": selection, "keep_fraction": 0.4, "sink_tokens": 1, "recent_window": 4,
+          "page_size": 2, "observation": 3}
+    return Config.from_dict({"kv": {**kv, **extra}})
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 6)  # several query blocks in a short sequence
+
+
+@pytest.mark.parametrize("selection", RULES)
+def test_rules_are_causal_and_equal_the_masked_reference(selection):
+    model = TINY["llama"](seed=3)
+    engine = Engine(model, _kv(selection))
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 99, (40,), generator=g)
+    b = a.clone()
+    b[18:] = torch.randint(0, 99, (22,), generator=g)
+    la, lb = engine(a), engine(b)
+    assert torch.equal(la.logits[:18], lb.logits[:18])
+    assert not torch.equal(la.logits[18:], lb.logits[18:])
+    masked = engine(a, compact=False)
+    assert torch.allclose(la.logits, masked.logits, atol=1e-5)
+    stats = la.ledger.as_dict()
+    assert stats["kv_fraction"] == masked.ledger.as_dict()["kv_fraction"]
+    assert 0.3 < stats["kv_fraction"] < 0.75  # really skipped, near the 40% asked (recent windows of blocks add some)
+
+
+def test_rules_choose_differently():
+    model = TINY["llama"](seed=3)
+    ids = torch.randint(0, 99, (40,), generator=torch.Generator().manual_seed(2))
+    logits = [Engine(model, _kv(s))(ids).logits for s in RULES]
+    assert all(not torch.equal(logits[0][-1], other[-1]) for other in logits[1:])
+
+
+def test_quest_with_halted_rows_matches_masked_reference():
+    model = TINY["gpt2"](seed=2)
+    cfg = _kv("quest").to_dict()
+    cfg["halting"] = {"enabled": True, "threshold": 0.6, "min_layer": 1, "patience": 1, "tail_layers": 1, "protect_first": 2}
+    engine = Engine(model, Config.from_dict(cfg))
+    ids = torch.randint(0, 99, (33,), generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(engine(ids).logits, engine(ids, compact=False).logits, atol=1e-5)
+
+
+def test_compress_index_keeps_sinks_recent_and_the_lowest_norms():
+    k = torch.ones(12, 1, 2)
+    k[3] *= 0.1  # the lowest norm among the older keys
+    pos = torch.arange(12)
+    q = torch.randn(1, 2, 2)
+    index = kv_select.compress_index("knorm", 0.5, k, pos, q, pos[-1:], 1.0, sinks=2, recent=4, observation=1)
+    assert index.tolist() == [0, 1, 3, 9, 10, 11]  # 2 sinks + 1 older + 3 recent = 6 = ceil(0.5 * 12)
+
+
+@pytest.mark.parametrize("selection", ("knorm", "tova", "snapkv", "h2o"))
+def test_generation_cache_shrinks_to_the_kept_fraction(selection):
+    model = TINY["llama"](seed=1)
+    engine = Engine(model, _kv(selection, keep_fraction=0.25, recent_window=8))
+    prompt = torch.randint(0, 99, (120,), generator=torch.Generator().manual_seed(0))
+    cache = SequenceCache(4)
+    from quicksilver.generate import decode_one_token, prefill
+
+    logits, _ = prefill(engine, prompt, cache)
+    assert all(cache.count(l) == 30 for l in range(4))  # ceil(0.25 * 120)
+    tok = logits.argmax(-1)
+    for _ in range(12):
+        tok = decode_one_token(engine, tok, [cache])[0].argmax(-1)
+    kept = [cache.count(l) / cache.length for l in range(4)]
+    if selection == "snapkv":  # compresses the prompt only; generated tokens stay
+        assert all(c == 30 + 12 for c in (cache.count(l) for l in range(4)))
+    else:
+        assert all(abs(f - 0.25) < 0.25 * 0.3 for f in kept)
+
+
+def test_quest_decode_reads_fewer_keys_but_drops_none():
+    model = TINY["llama"](seed=1)
+    engine = Engine(model, _kv("quest", keep_fraction=0.25, recent_window=8))
+    result = engine.generate(torch.randint(0, 99, (100,)), 4)
+    assert result.kv_bytes == result.kv_full_bytes  # every entry kept
+    assert result.ledger["kv_fraction"] < 0.6
+
+
+@pytest.mark.parametrize("bad,message", [({"selection": "random"}, "selection"), ({"keep_fraction": 0}, "keep_fraction"),
+                                         ({"keep_fraction": 1.5}, "keep_fraction"), ({"page_size": 0}, "page_size")])
+def test_bad_selection_settings_are_rejected(bad, message):
+    with pytest.raises(QuicksilverError, match=message):
+        Config.from_dict({"kv": bad})
