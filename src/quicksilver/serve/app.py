@@ -45,8 +45,9 @@ class ServeSettings:
     retry_after: int = 1
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_queue < 0 or self.max_tokens_limit < 1 or self.retry_after < 0:
-            raise ValueError("max_batch and max_tokens_limit must be >= 1; max_queue and retry_after >= 0")
+        for name, least in (("max_batch", 1), ("max_queue", 0), ("max_tokens_limit", 1), ("retry_after", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
 
 
 class APIError(Exception):
@@ -372,7 +373,7 @@ def create_app(engine, tokenizer, model_name: str, settings: ServeSettings | Non
             "generated_tokens": scheduler.generated_tokens,
             "kv_bytes": scheduler.kv_bytes,
             "kv_full_bytes": scheduler.kv_full_bytes,
-            "finished": dict(scheduler.finished),
+            "finished": scheduler.outcomes(),
             "failed_requests": scheduler.failed,
             "last_error": scheduler.last_error,
         }

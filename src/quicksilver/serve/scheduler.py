@@ -120,6 +120,7 @@ class Scheduler:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._rows: list[_Row] = []
         self._cv = threading.Condition()
+        self._count_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         # Read by monitoring from other threads: plain values replaced whole, never mutated in place.
@@ -134,6 +135,15 @@ class Scheduler:
         self.step_tokens_per_second = 0.0
 
     # ---- called from other threads -------------------------------------------------------
+
+    def outcomes(self) -> dict:
+        """Finished requests by outcome (finish reason, ``cancelled`` or ``error``), a copy."""
+        with self._count_lock:
+            return dict(self.finished)
+
+    def _count(self, outcome: str) -> None:
+        with self._count_lock:
+            self.finished[outcome] += 1
 
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._loop, name="quicksilver-scheduler", daemon=True)
@@ -172,7 +182,7 @@ class Scheduler:
             request.cancelled = True
             try:
                 self._waiting.remove(request)
-                self.finished["cancelled"] += 1
+                self._count("cancelled")
             except ValueError:
                 pass  # running or finished: the loop drops it
             self._cv.notify()
@@ -188,11 +198,16 @@ class Scheduler:
                     if self._stopping:
                         break
                     newcomers = self._take_newcomers()
-                self._drop_cancelled()
-                for request in newcomers:
-                    self._admit(request)
-                if self._rows:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    for request in newcomers:
+                        self._admit(request)
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a bug outside any one request: fail the batch, keep serving
+                    for row in self._rows:
+                        self._fail(row.request, e)
+                    self._rows = []
                 self._note_state()
         for row in self._rows:
             row.request.on_event(Event("error", message="the server is shutting down"))
@@ -211,7 +226,7 @@ class Scheduler:
         kept = []
         for row in self._rows:
             if row.request.cancelled:
-                self.finished["cancelled"] += 1
+                self._count("cancelled")
             else:
                 kept.append(row)
         self._rows = kept  # dropping the row drops its cache
@@ -219,14 +234,14 @@ class Scheduler:
     def _fail(self, request: GenerationRequest, error: BaseException) -> None:
         log.exception("request failed", exc_info=error)
         self.failed += 1
-        self.finished["error"] += 1
+        self._count("error")
         self.last_error = f"{type(error).__name__}: {error}"
         request.finished_at = time.perf_counter()
         request.on_event(Event("error", message=f"internal error ({type(error).__name__}: {error})"))
 
     def _admit(self, request: GenerationRequest) -> None:
         if request.cancelled:
-            self.finished["cancelled"] += 1
+            self._count("cancelled")
             return
         try:
             seed = request.seed if request.seed is not None else secrets.randbits(63)
@@ -281,7 +296,7 @@ class Scheduler:
         """Record a sampled token, send the new text; False when the request is finished."""
         req = row.request
         if req.cancelled:
-            self.finished["cancelled"] += 1
+            self._count("cancelled")
             return False
         req.tokens.append(token)
         self.generated_tokens += 1
@@ -303,7 +318,7 @@ class Scheduler:
             req.on_event(Event("delta", text=delta))
         if reason is not None:
             req.finish_reason, req.finished_at = reason, time.perf_counter()
-            self.finished[reason] += 1
+            self._count(reason)
             req.on_event(Event("done", finish_reason=reason))
             return False
         row.next_token = token
