@@ -39,6 +39,7 @@ STEPS = {
     "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
     "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
     "leave-one-out": ["benchmarks/leave_one_out.py", "--out", OUT],
+    "serve": ["benchmarks/bench_serve.py", "--out", OUT],
 }
 
 

@@ -1,0 +1,290 @@
+"""Load benchmark of ``quicksilver serve``: continuous batching against one-at-a-time serving.
+
+Streaming clients (asyncio + httpx) send greedy completion requests for wiki prompts of
+varied length, at several concurrency levels, to a continuous-batching server
+(``--max-batch`` rows); the same kind of load then goes to a server that serves one
+request at a time (``--max-batch 1``). Every response is checked against the same
+prompt's single-request greedy output, computed in this process with ``Engine.generate``
+before any server starts: a response that differs, is cut short or fails counts against
+the run. Reports throughput (generated tokens per second of wall clock), p50/p95 time to
+first token and latency per level, and writes serve.json, serve.md and serve_latency.png.
+
+    python benchmarks/bench_serve.py [--concurrency 1,8,32] [--requests 16,64,128] [--max-tokens 16] [--out docs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see the serve command in cli.py
+
+import httpx
+import torch
+
+from quicksilver import load_corpus, load_model
+from quicksilver.config import Config
+from quicksilver.evaluate import make_engine
+from quicksilver.results_io import write_atomic, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def prompts_from_corpus(tok, n: int) -> list[str]:
+    """Openings of n wiki test articles, cut to 12..48 tokens (varied lengths), as text."""
+    out = []
+    for i, doc in enumerate(load_corpus("wiki", "test").documents[:n]):
+        ids = tok(doc.split("\n\n", 2)[1], add_special_tokens=False).input_ids
+        out.append(tok.decode(ids[: 12 + (i * 7) % 37]))
+    return out
+
+
+def references(args, prompts: list[str]) -> dict[str, str]:
+    """Each prompt's greedy continuation served alone, through the same tokenization as the server."""
+    model, tok = load_model(args.model, dtype=args.dtype)
+    engine = make_engine(model, tok, Config.preset(args.preset))
+    out = {}
+    for p in prompts:
+        r = engine.generate(torch.tensor(tok(p).input_ids), args.max_tokens, eos_token_id=tok.eos_token_id)
+        out[p] = tok.decode(r.tokens[0], skip_special_tokens=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``quicksilver serve`` subprocess, ready once /health answers."""
+
+    def __init__(self, args, max_batch: int):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "quicksilver.cli", "serve", "--model", args.model, "--preset", args.preset, "--dtype", args.dtype,
+               "--port", port, "--max-batch", str(max_batch), "--max-queue", "1024", "--max-tokens-limit", str(args.max_tokens)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"error: the server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.close()
+        sys.exit("error: the server did not come up")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion: text, usage, finish reason, TTFT and latency (seconds), or an error."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, text, finish, usage, done = None, [], None, None, False
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"prompt": prompt, "error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return {"prompt": prompt, "error": chunk["error"]["message"]}
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk["choices"]:
+                    if choice["text"] and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    text.append(choice["text"])
+                    finish = choice["finish_reason"] or finish
+    except httpx.HTTPError as e:
+        return {"prompt": prompt, "error": f"{type(e).__name__}: {e}"}
+    latency = time.perf_counter() - t0
+    if not done or usage is None:
+        return {"prompt": prompt, "error": "stream ended without usage and [DONE]"}
+    return {"prompt": prompt, "text": "".join(text), "finish_reason": finish, "completion_tokens": usage["completion_tokens"],
+            "ttft": ttft if ttft is not None else latency, "latency": latency}
+
+
+async def run_level(url: str, prompts: list[str], concurrency: int, n_requests: int, max_tokens: int) -> tuple[list[dict], float]:
+    """``n_requests`` requests (prompts in turn) from ``concurrency`` clients that each send one after another."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for i in range(n_requests):
+        queue.put_nowait(prompts[i % len(prompts)])
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+        async def worker():
+            while not queue.empty():
+                results.append(await one_request(client, url, queue.get_nowait(), max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return results, wall
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def summarize(mode: str, concurrency: int, results: list[dict], wall: float, refs: dict[str, str]) -> dict:
+    ok = [r for r in results if "error" not in r]
+    mismatched = [r for r in ok if r["text"] != refs[r["prompt"]]]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    return {
+        "mode": mode, "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+        "mismatched": len(mismatched), "tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
+        "requests_per_second": len(results) / wall,
+        "ttft_p50": pct([r["ttft"] for r in ok], 0.5), "ttft_p95": pct([r["ttft"] for r in ok], 0.95),
+        "latency_p50": pct([r["latency"] for r in ok], 0.5), "latency_p95": pct([r["latency"] for r in ok], 0.95),
+        "latency_mean": statistics.fmean([r["latency"] for r in ok]) if ok else float("nan"),
+        "error_examples": [r["error"] for r in results if "error" in r][:3],
+        "mismatch_examples": [{"prompt": r["prompt"], "got": r["text"], "want": refs[r["prompt"]]} for r in mismatched[:3]],
+    }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, marker in (("continuous", "o"), ("one-at-a-time", "s")):
+        rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["concurrency"])
+        if not rs:
+            continue
+        c = [r["concurrency"] for r in rs]
+        ax1.plot(c, [r["latency_p50"] for r in rs], marker=marker, label=f"{mode} p50")
+        ax1.plot(c, [r["latency_p95"] for r in rs], marker=marker, linestyle="--", label=f"{mode} p95")
+        ax1.plot(c, [r["ttft_p50"] for r in rs], marker=marker, linestyle=":", label=f"{mode} TTFT p50")
+        ax2.plot(c, [r["tokens_per_second"] for r in rs], marker=marker, label=mode)
+    ax1.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="seconds", title="latency per request")
+    ax2.set(xscale="log", xlabel="concurrent streaming clients", ylabel="generated tokens / s", title="throughput")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--preset", default="off")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--concurrency", default="1,8,32", help="client counts for the continuous-batching server")
+    ap.add_argument("--requests", default="16,64,128", help="requests at each concurrency (>= 200 in all by default)")
+    ap.add_argument("--sequential", default="8:24", help="CLIENTS:REQUESTS sent to the one-at-a-time server")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=16, help="distinct wiki prompts")
+    ap.add_argument("--out", default="docs/results")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    counts = [int(n) for n in args.requests.split(",")]
+    if len(levels) != len(counts):
+        sys.exit("error: --concurrency and --requests need the same number of entries")
+    seq_clients, seq_requests = (int(x) for x in args.sequential.split(":"))
+
+    _, tok = load_model(args.model)
+    prompts = prompts_from_corpus(tok, args.prompts)
+    t0 = time.perf_counter()
+    refs = references(args, prompts)
+    print(f"references: {len(refs)} prompts served alone in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    rows = []
+    for mode, max_batch, plan in (("continuous", args.max_batch, list(zip(levels, counts))),
+                                  ("one-at-a-time", 1, [(seq_clients, seq_requests)])):
+        server = Server(args, max_batch)
+        try:
+            asyncio.run(run_level(server.url, prompts[:2], 2, 2, 4))  # warm-up
+            for concurrency, n in plan:
+                results, wall = asyncio.run(run_level(server.url, prompts, concurrency, n, args.max_tokens))
+                row = summarize(mode, concurrency, results, wall, refs)
+                rows.append(row)
+                print(f"{mode} x{concurrency}: {row['requests']} requests, {row['tokens_per_second']:.1f} tok/s, "
+                      f"TTFT p50 {row['ttft_p50']:.2f} s, latency p50 {row['latency_p50']:.2f} s p95 {row['latency_p95']:.2f} s, "
+                      f"errors {row['errors']}, mismatched {row['mismatched']}", file=sys.stderr, flush=True)
+        finally:
+            server.close()
+
+    seq = next(r for r in rows if r["mode"] == "one-at-a-time")
+    for r in rows:
+        r["speedup_vs_one_at_a_time"] = r["tokens_per_second"] / seq["tokens_per_second"]
+    meta = {
+        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, CPU", "torch": torch.__version__,
+        "model": args.model, "preset": args.preset, "dtype": args.dtype, "max_tokens": args.max_tokens,
+        "max_batch": args.max_batch, "prompts": len(prompts),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "serve.json", {"meta": meta, "rows": rows})
+    plot(rows, out / "serve_latency.png", f"quicksilver serve, {args.model} {args.dtype}, preset {args.preset}, "
+                                          f"{args.max_tokens} new tokens per request ({meta['date']})")
+    total = sum(r["requests"] for r in rows)
+    lines = [
+        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+        f"{args.model} {args.dtype}, preset `{args.preset}`, {len(prompts)} wiki prompts of 12-48 tokens, greedy, "
+        f"{args.max_tokens} new tokens at most per request (EOS may end one earlier), streamed; {total} requests in all. "
+        f"Continuous batching: `--max-batch {args.max_batch}`; one-at-a-time: `--max-batch 1`. Every response is checked against "
+        "the same prompt's greedy output generated alone in the benchmark's process.",
+        "",
+        "| server | clients | requests | errors | mismatched or cut | tokens/s | vs one-at-a-time | TTFT p50 | TTFT p95 | latency p50 | latency p95 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['mismatched']} | {r['tokens_per_second']:.1f} "
+                     f"| {r['speedup_vs_one_at_a_time']:.2f}x | {r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['latency_p50']:.2f} s "
+                     f"| {r['latency_p95']:.2f} s |")
+    lines += ["", f"![latency and throughput against concurrency](results/serve_latency.png)"]
+    write_atomic(out / "serve.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
