@@ -191,7 +191,7 @@ def bucket(rows: int) -> int:
     return min(ROW_BUCKETS, key=lambda b: abs(math.log(max(rows, 1) / b)))
 
 
-def time_call(fn, reps: int = 7, budget_s: float = 0.2) -> float:
+def time_call(fn, reps: int = 7, budget_s: float = 0.05) -> float:
     """Median seconds of ``fn()`` after one warm-up call, at most ``reps`` runs or ``budget_s``."""
     fn()
     times = []
@@ -236,11 +236,11 @@ class KernelTable:
         names = candidates(w, bits)
         if len(names) == 1:
             return names[0]
-        k = self.key(w, bits, dtype)
-        if k not in self.entries:
-            self.entries[k] = {str(n): t for n, t in measure_shape(w, bits, dtype).items()}
+        k, b = self.key(w, bits, dtype), bucket(rows)
+        timings = self.entries.setdefault(k, {}).get(str(b))
+        if timings is None:  # measured for the row counts this process meets, one bucket at a time
+            timings = self.entries[k][str(b)] = measure_shape(w, bits, dtype, rows=(b,))[b]
             self.save()
-        timings = self.entries[k][str(bucket(rows))]
         return min((t, name) for name, t in timings.items() if name in names)[1]
 
     def save(self) -> None:
