@@ -54,7 +54,8 @@ def test_int4_reads_the_high_plane_only_and_int8_is_both_planes():
     torch.testing.assert_close(K.matmul(nw, x, 8, kernel="planes8"), x @ (qw.codes.float() * qw.scales).T, rtol=1e-4, atol=1e-4)
 
 
-def test_dispatch_takes_the_fastest_measured_kernel_per_row_bucket(tmp_path):
+def test_dispatch_takes_the_fastest_measured_kernel_per_row_bucket(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUICKSILVER_KERNELS", raising=False)
     _, nw = _weight(None)
     table = K.KernelTable(tmp_path / "k.json")
     key = table.key(nw, 8, torch.float32)
@@ -67,7 +68,8 @@ def test_dispatch_takes_the_fastest_measured_kernel_per_row_bucket(tmp_path):
     assert [K.bucket(n) for n in (1, 2, 8, 22, 64, 181, 2000)] == [1, 1, 8, 8, 64, 64, 512]
 
 
-def test_missing_shapes_are_measured_once_and_cached(tmp_path):
+def test_missing_shapes_are_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUICKSILVER_KERNELS", raising=False)
     _, nw = _weight(None, out_f=32, in_f=64)
     path = tmp_path / "kernels" / "m.json"
     table = K.KernelTable(path)
