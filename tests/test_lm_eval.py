@@ -8,7 +8,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 
 import quicksilver  # noqa: E402,F401  (registers the lm-eval model)
-from conftest import tiny_llama  # noqa: E402
+from tiny_folder import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["qs_rolling", "qs_choice"]
@@ -17,15 +17,7 @@ TASKS = ["qs_rolling", "qs_choice"]
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with the default model's tokenizer, saved as a model folder."""
-    from transformers import AutoTokenizer
-
-    from quicksilver.models import offline_model_folder
-
-    tok = AutoTokenizer.from_pretrained(offline_model_folder("smollm2-135m"))
-    folder = tmp_path_factory.mktemp("tiny-lm-eval")
-    tiny_llama(vocab_size=len(tok), max_position_embeddings=256).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-lm-eval"))
 
 
 def _samples(result, task):

@@ -140,8 +140,12 @@ class TrialRunner:
     """Measures configs on fixed calibration windows, with a resumable journal."""
 
     def __init__(self, model, tokenizer, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str,
-                 objective: str, context: dict, journal: Path | None):
+                 objective: str, context: dict, journal: Path | None, ray: str | None = None):
         from .evaluate import StockRunner, score_windows
+        from .parallel import ModelSource
+
+        self.ray = ray  # a Ray address: prefetch() measures trials as Ray tasks
+        self.source = ModelSource(context["model"], context["dtype"], context["device"]).keep((model, tokenizer))
 
         self.model, self.tokenizer, self.ids, self.window, self.bos_id = model, tokenizer, ids, window, bos_id
         self.corpus, self.objective = corpus, objective
@@ -162,32 +166,42 @@ class TrialRunner:
         base = score_windows([StockRunner(model)], ids, window, window - 1, bos_id, self.device, warmup=objective == "time")[0]
         self.baseline = Baseline(base.nll, base.count, base.flops, base.seconds)
 
-    def measure(self, config: Config) -> Trial:
-        key = config_key(config)
+    def _known(self, key: str) -> Trial | None:
         known = self.trials.get(key)
-        if known is not None and (self.objective != "time" or known.base_seconds is not None):
-            return known
-        trial = self._run(config, key)
-        self.trials[key] = trial
+        return known if known is not None and (self.objective != "time" or known.base_seconds is not None) else None
+
+    def _record(self, trial: Trial) -> None:
+        self.trials[trial.key] = trial
         if self.journal is not None:
             with open(self.journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"context": self.context, "trial": asdict(trial)}) + "\n")
+
+    def measure(self, config: Config) -> Trial:
+        key = config_key(config)
+        known = self._known(key)
+        if known is not None:
+            return known
+        trial = self._run([config])[0]
+        self._record(trial)
         return trial
 
-    def _run(self, config: Config, key: str) -> Trial:
-        from .evaluate import EngineRunner, StockRunner, make_engine, run_ledger, score_windows
+    def prefetch(self, configs: list[Config]) -> None:
+        """With Ray, measure the configs not yet known as parallel tasks (journaled in order); serially, nothing."""
+        if self.ray is None:
+            return  # measure() runs each when the search reaches it
+        todo = [c for c in dict((config_key(c), c) for c in configs).values() if self._known(config_key(c)) is None]
+        for trial in self._run(todo):
+            self._record(trial)
 
-        if config.is_off:
-            b = self.baseline
-            return Trial(key, b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
-        runners = [EngineRunner(make_engine(self.model, self.tokenizer, config, self.corpus))]
-        if self.objective == "time":
-            runners.insert(0, StockRunner(self.model))
-        totals = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device,
-                               warmup=self.objective == "time")
-        run = totals[-1]
-        return Trial(key, run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]), run.seconds,
-                     totals[0].seconds if self.objective == "time" else None)
+    def _run(self, configs: list[Config]) -> list[Trial]:
+        from .parallel import map_calls
+
+        b = self.baseline
+        calls = [(self.source, self.ids, self.window, self.bos_id, self.corpus, self.objective, c.to_dict()) for c in configs
+                 if not c.is_off]
+        measured = iter(map_calls(measure_trial, calls, self.ray, self.device.type == "cuda"))
+        return [Trial(config_key(c), b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds) if c.is_off else next(measured)
+                for c in configs]
 
     def cost(self, trial: Trial) -> float:
         """Relative perplexity increase against the stock model."""
@@ -200,6 +214,25 @@ class TrialRunner:
         if self.objective == "bitflops":
             return 1.0 - trial.bit_flops / self.baseline.flops
         return 1.0 - trial.seconds / trial.base_seconds
+
+
+def measure_trial(source, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str, objective: str,
+                  config: dict) -> Trial:
+    """One config on the calibration windows (the stock model interleaved for the time objective).
+
+    A plain function of picklable arguments: ``TrialRunner`` calls it here or as a Ray task.
+    """
+    from .evaluate import EngineRunner, StockRunner, make_engine, run_ledger, score_windows
+
+    model, tokenizer = source.load()
+    cfg = Config.from_dict(config)
+    runners = [EngineRunner(make_engine(model, tokenizer, cfg, corpus))]
+    if objective == "time":
+        runners.insert(0, StockRunner(model))
+    totals = score_windows(runners, ids, window, window - 1, bos_id, source.device, warmup=objective == "time")
+    run = totals[-1]
+    return Trial(config_key(cfg), run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]),
+                 run.seconds, totals[0].seconds if objective == "time" else None)
 
 
 @dataclass
@@ -230,6 +263,8 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
         steps.append(step)
         return step
 
+    prefetch = getattr(runner, "prefetch", lambda configs: None)  # TrialRunner with Ray: measure these in parallel
+    prefetch([point_config({**off, m: i}, levels) for m in mechs for i in range(len(levels[m]) + 1)])
     best = measure(off, "grid")
     alone: dict[str, list[Step]] = {}
     for m in mechs:
@@ -276,6 +311,7 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
                     if json.dumps(point, sort_keys=True) not in seen:
                         moves.append(point)
         candidates = []
+        prefetch([point_config(p, levels) for p in moves])
         for point in moves:
             seen.add(json.dumps(point, sort_keys=True))
             candidates.append(measure(point, "refine"))
@@ -307,6 +343,7 @@ def calibrate(
     loaded: tuple | None = None,
     on_trial: Callable[[int, int, str], None] | None = None,
     on_window: Callable[[int, int], None] | None = None,
+    ray: str | None = None,
 ) -> tuple[Config, dict]:
     """Search the cheapest config within ``budget`` on the calibration split, then check it on test splits.
 
@@ -328,6 +365,9 @@ def calibrate(
         Further corpora whose test split the chosen config is evaluated on (e.g. ``news``).
     journal : path, optional
         JSON-lines file of measured trials; a rerun with the same settings resumes from it.
+    ray : str, optional
+        A Ray address (``local``: a local cluster): independent trials run as Ray tasks,
+        with the same journal and the same choice as serially.
 
     Returns the chosen Config (its ``calibration`` field holds the provenance and held-out
     results) and a report dict.
@@ -370,7 +410,7 @@ def calibrate(
     # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
     context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()), "dtype": dtype, "device": str(dev)}
     runner = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
-                         context, Path(journal) if journal else None)
+                         context, Path(journal) if journal else None, ray)
     target = budget * (1.0 - margin)
     point, steps = search(runner, levels, target, on_trial)
     chosen = next(s for s in steps if s.point == point)

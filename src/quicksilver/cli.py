@@ -66,6 +66,7 @@ def eval_cmd(
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set halting.threshold=0.03 (repeatable)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
 ) -> None:
     """Perplexity, bits per byte, word perplexity, FLOPs and wall-clock of a model on a corpus.
 
@@ -82,7 +83,7 @@ def eval_cmd(
         result = evaluate_model(
             model=model, corpus=corpus, split=split, text_file=str(text_file) if text_file else None,
             window=window, stride=stride, max_tokens=max_tokens, dtype=dtype, device=device, progress=update,
-            config=config,
+            config=config, ray=ray,
         )
     table = _comparison_table(result) if "baseline" in result else _single_table(result)
     out.print(table)
@@ -173,6 +174,7 @@ def calibrate_cmd(
     report: Optional[Path] = typer.Option(None, help="Also write every trial and the checks as JSON."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
 ) -> None:
     """Find the cheapest configuration within a perplexity budget; check it on held-out text.
 
@@ -203,7 +205,7 @@ def calibrate_cmd(
         config, full = calibrate(
             value, model=model, corpus=corpus, objective=objective, window=window, max_tokens=max_tokens, margin=margin,
             mechanisms=mechanisms or None, heldout=heldout, journal=journal, dtype=dtype, device=device,
-            on_trial=on_trial, on_window=on_window,
+            on_trial=on_trial, on_window=on_window, ray=ray,
         )
     config.save(output)
     if report:
@@ -236,6 +238,7 @@ def sweep_cmd(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run each mechanism's matched baseline."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
 ) -> None:
     """Pareto sweep per mechanism and for the stack, against matched baselines: CSV, JSON and a PNG plot."""
     from datetime import datetime, timezone
@@ -255,7 +258,7 @@ def sweep_cmd(
     bar, update = _progress("sweeping")
     with bar:
         rows = run_sweep(chosen, model=model, corpus=corpus, split=split, window=window, max_tokens=max_tokens, baselines=baselines,
-                         dtype=dtype, device=device, on_row=lambda i, n, what: update(i, n))
+                         dtype=dtype, device=device, on_row=lambda i, n, what: update(i, n), ray=ray)
     matched = matched_comparison(rows)
     title = f"{model} on {corpus}/{split}, {window}-token windows, {max_tokens} tokens"
     meta = {"model": model, "corpus": corpus, "split": split, "window": window, "max_tokens": max_tokens, "dtype": dtype,
@@ -311,7 +314,9 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     command = typer.main.get_command(app)
-    args = sys.argv[1:] or ["--help"]
+    from .parallel import optional_value
+
+    args = optional_value(sys.argv[1:]) or ["--help"]  # a bare --ray means a local Ray cluster
     try:
         code = command.main(args=args, prog_name="quicksilver", standalone_mode=False)
     except Exit as e:
