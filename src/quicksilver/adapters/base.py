@@ -80,6 +80,11 @@ class LayerParams:
     act: Callable[[torch.Tensor], torch.Tensor]
     attn_scale: float
 
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's weights live (accelerate's ``device_map`` may spread layers over GPUs)."""
+        return self.q.weight.device
+
     def linears(self) -> dict[str, Linear]:
         """Every decoder linear of the layer by name (what weight quantization replaces)."""
         names = ("gate", "up", "down") if len(self.mlp_linears) == 3 else ("fc", "proj")
@@ -107,6 +112,11 @@ class FamilyAdapter:
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def output_device(self) -> torch.device:
+        """Where the final norm and the LM head run (the last device of a ``device_map``)."""
+        return self.model.get_output_embeddings().weight.device
+
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(cos, sin), each (N, head_dim), or None for a family without RoPE."""
         return None
@@ -116,6 +126,21 @@ class FamilyAdapter:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def to_device(device: torch.device, *values):
+    """``values`` on ``device``: tensors moved (no copy when already there), tuples of tensors too, None kept.
+
+    The engine's rows follow the layers of a model spread over devices with this.
+    """
+    def move(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return v.to(device)
+
+    return tuple(move(v) for v in values)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
