@@ -15,7 +15,7 @@ import torch
 
 from . import flops as F_
 from .adapters import adapter_for
-from .adapters.base import apply_rotary
+from .adapters.base import apply_rotary, to_device
 from .attention import _additive, _sdpa, attend, block_plan
 from .config import Config
 from .mechanisms.halting import relative_drift
@@ -242,6 +242,12 @@ class Engine:
         alive = rep = h_at_fusion = bias = None  # set once fusion has decided
         propagate = not cfg.kv.enabled or cfg.kv.policy == "propagate"
         for l in range(L):
+            if A.layers[l].device != h.device:  # a device_map: the rows' state follows the layer's weights
+                dev = A.layers[l].device
+                h, pos, rope, computing, under, exit_layer, bits, alive, rep, h_at_fusion = to_device(
+                    dev, h, pos, rope, computing, under, exit_layer, bits, alive, rep, h_at_fusion)
+                plans.clear()
+                bias = _group_size_bias(rep, ~alive, pos) if alive is not None else None
             skipping = halting is not None and halting.may_skip(l, L) and not bool(computing.all())
             mlp_m = computing if skipping else None
             attn_m = computing if skipping and halting.skip == "layer" else None
@@ -287,9 +293,10 @@ class Engine:
                 cache.note_peak()
         ledger.exit_layer_sum = int(exit_layer.sum())
         ledger.halted_tokens = int((~computing).sum())
+        h, logit_rows = to_device(A.output_device, h, logit_rows)
         hx = A.final_norm(_take(h, logit_rows))
         ledger.flops["head"] += F_.head_flops(spec, hx.shape[0])
-        return A.head(hx), ledger
+        return A.head(hx).to(ids.device), ledger
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
         """Autoregressive generation with this engine's mechanisms; see ``quicksilver.generate.generate``."""
