@@ -62,6 +62,7 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate only the first N tokens."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the GPUs (accelerate)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
@@ -83,7 +84,7 @@ def eval_cmd(
         result = evaluate_model(
             model=model, corpus=corpus, split=split, text_file=str(text_file) if text_file else None,
             window=window, stride=stride, max_tokens=max_tokens, dtype=dtype, device=device, progress=update,
-            config=config, ray=ray,
+            config=config, ray=ray, device_map=device_map,
         )
     table = _comparison_table(result) if "baseline" in result else _single_table(result)
     out.print(table)

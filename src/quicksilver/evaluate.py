@@ -261,6 +261,7 @@ def evaluate_model(
     loaded: tuple | None = None,
     config=None,
     ray: str | None = None,
+    device_map: str | None = None,
 ) -> dict:
     """Baseline evaluation of a model on a corpus: the dict that ``quicksilver eval`` writes.
 
@@ -283,6 +284,8 @@ def evaluate_model(
     ray : str, optional
         A Ray address (``local``: a local cluster): the windows are split into ranges scored
         as Ray tasks, whose workers load ``model`` by name; the sums merge exactly.
+    device_map : str, optional
+        ``auto``: spread the model over the GPUs available (see ``load_model``).
     """
     from .corpora import check_corpus_args, load_corpus
     from .models import bos_per_window, load_model, parse_device
@@ -292,7 +295,9 @@ def evaluate_model(
         raise QuicksilverError(f"max-tokens must be at least 1, got {max_tokens}")
     window_plan(window, window, window - 1 if stride is None else stride, bos=False)  # fail before loading
     check_corpus_args(corpus, split, text_file)
-    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
+    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev, device_map=device_map)
+    if device_map is not None:  # windows start where the embedding lives
+        dev = hf_model.get_input_embeddings().weight.device
     text = load_corpus(corpus, split, text_file)
     from .config import Config
 
@@ -315,7 +320,7 @@ def evaluate_model(
     # One code path, serial or on Ray: parallel.score_part builds the runners and scores windows.
     from .parallel import ModelSource, score_windows_ray
 
-    source = ModelSource(model, str(hf_model.dtype).removeprefix("torch."), str(dev)).keep((hf_model, tokenizer))
+    source = ModelSource(model, str(hf_model.dtype).removeprefix("torch."), str(dev), device_map).keep((hf_model, tokenizer))
     totals = score_windows_ray(ray, source, config, engine_corpus, ids, window, stride, bos_id, progress)
     result = {
         "model": model,

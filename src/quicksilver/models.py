@@ -210,7 +210,20 @@ def bos_per_window(name_or_path: str, tokenizer) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+def check_weights_readable(model) -> None:
+    """Refuse a model whose weights the engine cannot read: offloaded to disk or CPU (meta tensors)."""
+    placed = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if "disk" in placed or offloaded:
+        where = "disk" if "disk" in placed else "CPU"
+        raise QuicksilverError(
+            f"the device map offloads weights to {where} ({len(offloaded)} tensors left as meta placeholders): "
+            "the engine reads weights directly and cannot use offloaded ones; use more GPUs, a smaller dtype, or --device cpu"
+        )
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               device_map: str | dict | None = None):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
 
     Parameters
@@ -222,12 +235,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
         Weight and activation dtype. Default float32.
     device : {"cpu", "cuda"}
         Default cpu.
+    device_map : str or dict, optional
+        accelerate's device map (``"auto"``: spread the layers over the GPUs available,
+        the engine's rows follow them); replaces ``device``. Offloading to disk or to the
+        CPU behind a GPU is refused: the engine cannot read offloaded weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_dtype, dev = parse_dtype(dtype), parse_device(device)
+    if device_map is not None and not isinstance(device_map, dict) and device_map not in ("auto", "balanced", "sequential"):
+        raise QuicksilverError(f"device map {device_map!r} is not supported (use auto, balanced or sequential)")
     if name_or_path in OFFLINE_MODELS:
         folder: str | Path = offline_model_folder(name_or_path)
     else:
@@ -258,11 +277,15 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
             f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama (and Gemma-3 for evaluation)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except OSError as e:
         raise QuicksilverError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    check_weights_readable(model)
+    model.eval()
     model.requires_grad_(False)
     model.quicksilver_name = name_or_path
     return model, tokenizer

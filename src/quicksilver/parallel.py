@@ -33,6 +33,7 @@ class ModelSource:
     name: str
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None
     loaded: tuple | None = field(default=None, compare=False, repr=False)  # never sent to Ray workers
 
     def load(self):
@@ -41,7 +42,7 @@ class ModelSource:
         if self not in _LOADED:
             from .models import load_model
 
-            _LOADED[self] = load_model(self.name, dtype=self.dtype, device=self.device)
+            _LOADED[self] = load_model(self.name, dtype=self.dtype, device=self.device, device_map=self.device_map)
         return _LOADED[self]
 
     def keep(self, loaded: tuple) -> "ModelSource":
