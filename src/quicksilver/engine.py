@@ -326,8 +326,9 @@ class Engine:
         k = self._lin(l, "k", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)  # (Nk, Hkv, hd)
         v = self._lin(l, "v", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)
         q = self._lin(l, "q", _take(x_kv, q_in_kv), q_rows, bits).view(-1, spec.n_heads, spec.head_dim)  # (Nq, H, hd)
+        q, k = self.adapter.layers[l].qk_norm(q, k)  # identity unless the family has QK-norm (Gemma-3)
         if rope is not None:
-            cos, sin = rope
+            cos, sin = self.adapter.layers[l].rope_tables(rope)
             q = apply_rotary(q, _take(cos, q_rows), _take(sin, q_rows))
             k = apply_rotary(k, _take(cos, k_rows), _take(sin, k_rows))
         return q, k, v
@@ -338,8 +339,7 @@ class Engine:
         q_in_kv = _positions_in(attn_rows, kv_rows)
         pos_q, pos_k = _take(pos, attn_rows), _take(pos, kv_rows)
         q, k, v = self._qkv(l, x_kv, q_in_kv, attn_rows, kv_rows, rope, bits)
-        layer_window = kv.window_at(l)
-        visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
+        layer_window, sinks, visible = p.attention_rule(kv, l)  # KV skipping within the family's own window
         outs, pairs = [], 0
         for (a, b), cache in zip(segments, caches):
             qa, qb = _bounds(attn_rows, a, b)
@@ -354,21 +354,21 @@ class Engine:
                 if window is not None and int(pos_q[qb - 1]) - int(k_pos[0]) < window:
                     window = None  # every key of this segment lies inside every query's window: nothing to skip
                 if window is not None and whole and len(segments) == 1:
-                    if window not in plans:
-                        plans[window] = block_plan(pos_q, k_pos, visible, window, kv.sink_tokens, q.dtype)
-                    plan = plans[window]
+                    if (window, sinks, p.window) not in plans:
+                        plans[(window, sinks, p.window)] = block_plan(pos_q, k_pos, visible, window, sinks, q.dtype)
+                    plan = plans[(window, sinks, p.window)]
                 out, seen = attend(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, visible, window,
-                                   kv.sink_tokens, whole and window is None, plan, bias)
+                                   sinks, whole and window is None, plan, bias)
                 outs.append(out)
                 pairs += seen
             if cache is not None:
                 cache.append(l, k[ka:kb], v[ka:kb], pos_k[ka:kb])
                 if layer_window is not None:
-                    cache.evict(l, int(pos[b - 1]) + 1, layer_window, kv.sink_tokens)
+                    cache.evict(l, int(pos[b - 1]) + 1, layer_window, sinks)
         if outs:  # a decode step whose only row halted has no query here
-            h = _add(h, attn_rows, self._lin(l, "o", torch.cat(outs), attn_rows, bits))
+            h = _add(h, attn_rows, p.post_attn(self._lin(l, "o", torch.cat(outs), attn_rows, bits)))
         if mlp_rows is None or mlp_rows.numel():
-            h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits)))
+            h = _add(h, mlp_rows, p.post_mlp(p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits))))
         return h, pairs
 
     def _layer_masked(self, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments, caches, plans, bits, bias=None):
@@ -382,14 +382,14 @@ class Engine:
 
         is_q, has_kv, is_mlp = mask_of(attn_rows), mask_of(kv_rows), mask_of(mlp_rows)
         q, k, v = self._qkv(l, p.attn_norm(h), None, None, None, rope, bits)
-        mask = kv.visible(pos, pos, l) & has_kv[None, :]
+        mask = p.attention_rule(kv, l)[2](pos, pos) & has_kv[None, :]
         mask |= torch.eye(T, dtype=torch.bool, device=h.device) & ~is_q[:, None]  # rows whose output is discarded
         scores_bias = _additive(mask, q.dtype)
         if bias is not None:
             scores_bias = scores_bias + bias(pos, pos).to(q.dtype)
         a = _sdpa(q, k, v, p.attn_scale, mask=scores_bias)
-        h = torch.where(is_q[:, None], h + self._lin(l, "o", a, None, bits), h)
-        h = torch.where(is_mlp[:, None], h + p.mlp(p.mlp_norm(h), self._lin_fn(l, None, bits)), h)
+        h = torch.where(is_q[:, None], h + p.post_attn(self._lin(l, "o", a, None, bits)), h)
+        h = torch.where(is_mlp[:, None], h + p.post_mlp(p.mlp(p.mlp_norm(h), self._lin_fn(l, None, bits))), h)
         return h, int((mask & is_q[:, None]).sum())
 
     def _count(self, ledger, T, attn_rows, kv_rows, mlp_rows, pairs, full_pairs, bits):
