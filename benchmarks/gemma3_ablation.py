@@ -61,6 +61,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(MODEL, dtype=args.dtype, device=args.device)
     n_layers = loaded[0].config.num_hidden_layers
+    meta = {
+        "command": "python benchmarks/gemma3_ablation.py " + " ".join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(args.device),
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "window": args.window,
+        "corpus": args.corpus,
+    }
+    header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+              f"model {MODEL} ({n_layers} layers, sliding window {loaded[0].config.sliding_window}) {args.dtype}, "
+              f"`{args.corpus}` test split, first {args.tokens} tokens, BOS + {args.window - 1} tokens per window. "
+              f"SmolLM2's presets transferred by relative depth and context, untuned on Gemma.")
+    title = f"Ablation on Gemma-3-270M, `{args.corpus}` test split, {args.window}-token windows"
     rows = []
     for name, data in ablation_rows():
         t0 = time.time()
@@ -73,22 +87,11 @@ def main() -> None:
         rows.append(row(name, r))
         print(f"[gemma3 ablation w={args.window}] {name}: rel {r['relative_delta_perplexity'] * 100:+.2f}% "
               f"flops -{r['flop_reduction'] * 100:.1f}% speedup {r['speedup']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    meta = {
-        "command": "python benchmarks/gemma3_ablation.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(args.device),
-        "torch": torch.__version__,
-        "tokens": args.tokens,
-        "window": args.window,
-        "corpus": args.corpus,
-    }
-    write_json_atomic(out / "gemma3_ablation.json", {"meta": meta, "rows": rows})
-    header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-              f"model {MODEL} ({n_layers} layers, sliding window {loaded[0].config.sliding_window}) {args.dtype}, "
-              f"`{args.corpus}` test split, first {args.tokens} tokens, BOS + {args.window - 1} tokens per window. "
-              f"SmolLM2's presets transferred by relative depth and context, untuned on Gemma.")
-    title = f"Ablation on Gemma-3-270M, `{args.corpus}` test split, {args.window}-token windows"
-    write_atomic(out / "sweep_ablation_gemma3.md", header + "\n\n" + ablation_markdown(title, rows, rows[0]["baseline_perplexity"]))
+        # Written after every row: a long run that is stopped still leaves its measured rows.
+        done = "" if len(rows) == len(ablation_rows()) else f" ({len(rows)} of {len(ablation_rows())} rows measured)"
+        write_json_atomic(out / "gemma3_ablation.json", {"meta": meta, "rows": rows})
+        write_atomic(out / "sweep_ablation_gemma3.md",
+                     header + "\n\n" + ablation_markdown(title + done, rows, rows[0]["baseline_perplexity"]))
 
 
 if __name__ == "__main__":
