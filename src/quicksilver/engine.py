@@ -15,7 +15,7 @@ import torch
 
 from . import flops as F_
 from .adapters import adapter_for
-from .adapters.base import apply_rotary_signed, signed_sin
+from .adapters.base import apply_rotary_signed, signed_sin, to_device
 from .attention import _additive, _sdpa, attend, attend_selected, block_plan
 from .config import Config
 from .ledger import Ledger
@@ -187,7 +187,7 @@ class Engine:
         h = A.embed(ids, pos)  # (N, d)
         rope = A.rotary(pos)
         if rope is not None:  # the sign of rotate_half folded into the table once per pass, not per layer
-            rope = (rope[0], signed_sin(rope[1]))
+            rope = {k: (c, signed_sin(s)) for k, (c, s) in rope.items()} if isinstance(rope, dict) else (rope[0], signed_sin(rope[1]))
         computing = torch.ones(N, dtype=torch.bool, device=dev)
         under = torch.zeros(N, dtype=torch.long, device=dev)
         exit_layer = torch.full((N,), L, dtype=torch.long, device=dev)
@@ -202,6 +202,12 @@ class Engine:
         alive = rep = h_at_fusion = bias = None  # set once fusion has decided
         propagate = not cfg.kv.enabled or cfg.kv.policy == "propagate"
         for l in range(L):
+            if A.layers[l].device != h.device:  # a device_map: the rows' state follows the layer's weights
+                dev = A.layers[l].device
+                h, pos, rope, computing, under, exit_layer, bits, alive, rep, h_at_fusion = to_device(
+                    dev, h, pos, rope, computing, under, exit_layer, bits, alive, rep, h_at_fusion)
+                plans.clear()
+                bias = _group_size_bias(rep, ~alive, pos) if alive is not None else None
             skipping = halting is not None and halting.may_skip(l, L) and not bool(computing.all())
             mlp_m = computing if skipping else None
             attn_m = computing if skipping and halting.skip == "layer" else None
@@ -247,12 +253,13 @@ class Engine:
                 cache.note_peak()
         ledger.exit_layer_sum = int(exit_layer.sum())
         ledger.halted_tokens = int((~computing).sum())
+        h, logit_rows = to_device(A.output_device, h, logit_rows)
         hx = A.final_norm(_take(h, logit_rows))
         ledger.flops["head"] += F_.head_flops(spec, hx.shape[0])
         if self._head_q is not None:
             head, head_bits = self._head_q
-            return head(hx, head_bits), ledger
-        return A.head(hx), ledger
+            return head(hx, head_bits).to(ids.device), ledger
+        return A.head(hx).to(ids.device), ledger
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
         """Autoregressive generation with this engine's mechanisms; see ``quicksilver.generate.generate``."""
@@ -288,8 +295,9 @@ class Engine:
             k = self._lin(l, "k", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)  # (Nk, Hkv, hd)
             v = self._lin(l, "v", x_kv, k_rows, bits).view(-1, spec.n_kv_heads, spec.head_dim)
             q = self._lin(l, "q", _take(x_kv, q_in_kv), q_rows, bits).view(-1, spec.n_heads, spec.head_dim)  # (Nq, H, hd)
+        q, k = self.adapter.layers[l].qk_norm(q, k)  # identity unless the family has QK-norm (Gemma-3)
         if rope is not None:
-            cos, sin = rope
+            cos, sin = self.adapter.layers[l].rope_tables(rope)  # sin carries rotate_half's sign (signed_sin)
             q = apply_rotary_signed(q, _take(cos, q_rows), _take(sin, q_rows))
             k = apply_rotary_signed(k, _take(cos, k_rows), _take(sin, k_rows))
         return q, k, v
@@ -300,12 +308,12 @@ class Engine:
         q_in_kv = _positions_in(attn_rows, kv_rows)
         pos_q, pos_k = _take(pos, attn_rows), _take(pos, kv_rows)
         q, k, v = self._qkv(l, x_kv, q_in_kv, attn_rows, kv_rows, rope, bits)
-        layer_window = kv.window_at(l)
-        visible = lambda qp, kp: kv.visible(qp, kp, l)  # noqa: E731
+        layer_window, sinks, visible = p.attention_rule(kv, l)  # KV skipping within the family's own window
         selecting = kv.selects(l)
         outs, pairs = [], 0
         # A decode step of a batch whose caches share a pool: one attention call for every row.
-        pooled = not kv.enabled and bias is None and attn_rows is None and kv_rows is None and _shared_pool(segments, caches)
+        pooled = (not kv.enabled and layer_window is None and bias is None and attn_rows is None and kv_rows is None
+                  and _shared_pool(segments, caches))
         if pooled:
             out, pairs = self._pooled_decode(l, q, k, v, pos, caches, p.attn_scale)
             outs.append(out)
@@ -329,25 +337,25 @@ class Engine:
                 if window is not None and int(pos_q[qb - 1]) - int(k_pos[0]) < window:
                     window = None  # every key of this segment lies inside every query's window: nothing to skip
                 if window is not None and whole and len(segments) == 1:
-                    if window not in plans:
-                        plans[window] = block_plan(pos_q, k_pos, visible, window, kv.sink_tokens, q.dtype)
-                    plan = plans[window]
+                    if (window, sinks, p.window) not in plans:
+                        plans[(window, sinks, p.window)] = block_plan(pos_q, k_pos, visible, window, sinks, q.dtype)
+                    plan = plans[(window, sinks, p.window)]
                 out, seen = attend(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, visible, window,
-                                   kv.sink_tokens, whole and window is None, plan, bias)
+                                   sinks, whole and window is None, plan, bias)
                 outs.append(out)
                 pairs += seen
             if cache is not None:
                 if layer_window is not None:
-                    cache.evict(l, int(pos[b - 1]) + 1, layer_window, kv.sink_tokens)
+                    cache.evict(l, int(pos[b - 1]) + 1, layer_window, sinks)
                 elif qb > qa and kv.evicts(l) and (fresh or kv.selection != "snapkv"):  # snapkv compresses prompts only
                     self._compress(cache, l, kv, q[qa:qb], pos_q[qa:qb], p.attn_scale, 0 if fresh else max(8, cache.count(l) // 32))
         if outs:  # a decode step whose only row halted has no query here
-            h = _add(h, attn_rows, self._lin(l, "o", torch.cat(outs), attn_rows, bits))
+            h = _add(h, attn_rows, p.post_attn(self._lin(l, "o", torch.cat(outs), attn_rows, bits)))
         if mlp_rows is None or mlp_rows.numel():
             gate_up = None
             if self._fused is not None and "gate_up" in self._fused[l]:
                 gate_up = lambda x, f=self._fused[l]["gate_up"], b=self._bits_of(bits, mlp_rows): f(x, b)  # noqa: E731
-            h = _add(h, mlp_rows, p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up))
+            h = _add(h, mlp_rows, p.post_mlp(p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up)))
         return h, pairs
 
     def _pooled_decode(self, l, q, k, v, pos, caches, scale):
@@ -403,14 +411,14 @@ class Engine:
                 chosen = attend_selected(q[qr], k[kr], v[kr], pos[qr], pos[kr], p.attn_scale, kv, bias, return_mask=True)[2]
                 mask[qr[:, None], kr[None, :]] = chosen
         else:
-            mask = kv.visible(pos, pos, l) & has_kv[None, :]
+            mask = p.attention_rule(kv, l)[2](pos, pos) & has_kv[None, :]
         mask |= torch.eye(T, dtype=torch.bool, device=h.device) & ~is_q[:, None]  # rows whose output is discarded
         scores_bias = _additive(mask, q.dtype)
         if bias is not None:
             scores_bias = scores_bias + bias(pos, pos).to(q.dtype)
         a = _sdpa(q, k, v, p.attn_scale, mask=scores_bias)
-        h = torch.where(is_q[:, None], h + self._lin(l, "o", a, None, bits), h)
-        h = torch.where(is_mlp[:, None], h + p.mlp(p.mlp_norm(h), self._lin_fn(l, None, bits)), h)
+        h = torch.where(is_q[:, None], h + p.post_attn(self._lin(l, "o", a, None, bits)), h)
+        h = torch.where(is_mlp[:, None], h + p.post_mlp(p.mlp(p.mlp_norm(h), self._lin_fn(l, None, bits))), h)
         return h, int((mask & is_q[:, None]).sum())
 
     def _count(self, ledger, T, attn_rows, kv_rows, mlp_rows, pairs, full_pairs, bits):

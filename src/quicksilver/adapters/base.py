@@ -67,7 +67,12 @@ class Linear:
 class LayerParams:
     """One decoder layer as the engine sees it.
 
-    ``mlp_linears`` is (gate, up, down) for a gated MLP, (fc, proj) otherwise.
+    ``mlp_linears`` is (gate, up, down) for a gated MLP, (fc, proj) otherwise. The optional
+    fields are identity/None by default; Gemma-3 fills them: ``q_norm``/``k_norm`` act on
+    (N, heads, head_dim) before RoPE (QK-norm), ``attn_out_norm``/``mlp_out_norm`` on the
+    attention and MLP outputs before the residual add (sandwich norms), ``window`` is the
+    family's own sliding window at this layer, ``rope_key`` picks this layer's RoPE tables
+    when the adapter's ``rotary`` returns one pair per layer type.
     """
 
     attn_norm: Callable[[torch.Tensor], torch.Tensor]
@@ -79,6 +84,52 @@ class LayerParams:
     mlp_linears: tuple[Linear, ...]
     act: Callable[[torch.Tensor], torch.Tensor]
     attn_scale: float
+    q_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    attn_out_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mlp_out_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    window: int | None = None
+    rope_key: str | None = None
+
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head norms of queries and keys, (N, heads, head_dim) each (identity without QK-norm)."""
+        return (q if self.q_norm is None else self.q_norm(q)), (k if self.k_norm is None else self.k_norm(k))
+
+    def post_attn(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.attn_out_norm is None else self.attn_out_norm(x)
+
+    def post_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mlp_out_norm is None else self.mlp_out_norm(x)
+
+    def rope_tables(self, rope):
+        """This layer's (cos, sin) from what the adapter's ``rotary`` returned."""
+        return rope[self.rope_key] if self.rope_key is not None else rope
+
+    def attention_rule(self, kv, layer: int):
+        """(window, sinks, visible) at this layer: KV skipping's rule within the family's own window.
+
+        ``visible(q_pos, k_pos) -> bool (Tq, Tk)``. A query sees a key when KV skipping keeps it
+        and, on a sliding-window layer, when it lies within the last ``self.window`` positions
+        (Gemma-3: ``q - k < window``, as transformers' sliding mask). ``window`` bounds every
+        visible key apart from the ``sinks`` (what the blocked attention path and the cache's
+        eviction need); the sinks only count while KV skipping's window is the tighter one.
+        """
+        kv_window = kv.window_at(layer)
+        if self.window is None:
+            return kv_window, kv.sink_tokens, lambda qp, kp: kv.visible(qp, kp, layer)
+        own = self.window
+
+        def visible(qp, kp):
+            return kv.visible(qp, kp, layer) & (qp[:, None] - kp[None, :] < own)
+
+        if kv_window is not None and kv_window < own:
+            return kv_window, kv.sink_tokens, visible
+        return own, 0, visible
+
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's weights live (accelerate's ``device_map`` may spread layers over GPUs)."""
+        return self.q.weight.device
 
     def linears(self) -> dict[str, Linear]:
         """Every decoder linear of the layer by name (what weight quantization replaces)."""
@@ -112,6 +163,11 @@ class FamilyAdapter:
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def output_device(self) -> torch.device:
+        """Where the final norm and the LM head run (the last device of a ``device_map``)."""
+        return self.model.get_output_embeddings().weight.device
+
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(cos, sin), each (N, head_dim), or None for a family without RoPE."""
         return None
@@ -126,6 +182,23 @@ class FamilyAdapter:
         """The LM head as a plain linear (what head quantization replaces)."""
         head = self._head
         return Linear(head.weight, getattr(head, "bias", None))
+
+
+def to_device(device: torch.device, *values):
+    """``values`` on ``device``: tensors moved (no copy when already there), tuples/dicts of tensors too, None kept.
+
+    The engine's rows follow the layers of a model spread over devices with this.
+    """
+    def move(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v.to(device)
+
+    return tuple(move(v) for v in values)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
