@@ -236,10 +236,10 @@ def test_decode_time_trials_time_generation_against_hf_and_keep_their_own_journa
     levels = mechanism_levels(64, "decode-time")
     assert levels["amq"][0][1]["head_bits"] == 8 and "head_bits" not in mechanism_levels(64)["amq"][0][1]
     config = point_config({"amq": 1}, levels)
-    runner = TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"k": 1}, journal)
+    runner = TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"model": "tiny", "dtype": "float32", "device": "cpu"}, journal)
     trial = runner.measure(config)
     assert trial.seconds > 0 and trial.base_seconds > 0 and -1 < runner.gain(trial) < 1
     assert abs(runner.cost(trial)) < 0.5  # int8 weights: a small perplexity change on the tiny model
     # The same context under the prefill objective does not reuse generation timings.
-    assert TrialRunner(model, tok, ids, 64, None, "wiki", "time", {"k": 1}, journal).resumed == 0
-    assert TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"k": 1}, journal).resumed == 1
+    assert TrialRunner(model, tok, ids, 64, None, "wiki", "time", {"model": "tiny", "dtype": "float32", "device": "cpu"}, journal).resumed == 0
+    assert TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"model": "tiny", "dtype": "float32", "device": "cpu"}, journal).resumed == 1
