@@ -62,8 +62,8 @@ def dense_forward_flops(spec: ArchSpec, seq_len: int, head_rows: int | None = No
     ``head_rows`` is how many rows go through the LM head (default: all). With
     ``causal=False`` attention is counted over all seq_len^2 pairs, which is what a
     dense eager implementation multiplies before masking (and what torch's counter sees).
-    ``spec`` describes the architecture: ``quicksilver.adapters.arch_spec(model.config)``, or an
-    engine's ``Engine.spec``.
+    ``spec`` describes the architecture: ``quicksilver.adapters.arch_spec(model.config)`` (an
+    engine holds the same as its ``spec`` attribute).
     """
     if not isinstance(spec, ArchSpec):
         raise QuicksilverError(f"spec must be an ArchSpec (quicksilver.adapters.arch_spec(model.config)), got {type(spec).__name__}")
