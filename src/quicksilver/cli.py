@@ -330,8 +330,9 @@ def _comparison_table(result: dict) -> Table:
 # Optional libraries that talk when imported or loaded (torchao's kernel probes and torch's
 # pytree deprecations, lm-eval, Ray, datasets, HF's hub notices) would put lines before our
 # output and before an error. Silenced here, at the command line only, never in the library.
+# (Not uvicorn's: a server's "running on" line is output, not noise.)
 QUIET_LOGGERS = ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib", "torchao", "datasets", "lm_eval",
-                 "lm-eval", "ray", "urllib3", "filelock", "fsspec", "numexpr", "absl", "uvicorn.error", "sse_starlette")
+                 "lm-eval", "ray", "urllib3", "filelock", "fsspec", "numexpr", "absl")
 QUIET_WARNINGS_FROM = r"(torch|torchao|transformers|accelerate|datasets|lm_eval|ray|pydantic|huggingface_hub|gguf|sklearn|numpy|pkg_resources|setuptools)(\.|$)"
 
 
