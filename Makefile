@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install results bench-decode clean
+.PHONY: demo test install results bench-decode docs clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The API reference from the docstrings (pdoc), into docs/api/ (git ignores it).
+docs: $(STAMP)
+	$(BIN)/python docs/build_api.py docs/api
+
 results: $(STAMP)
 	$(BIN)/python benchmarks/results.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build docs/api src/*.egg-info .pytest_cache

@@ -452,7 +452,7 @@ def calibrate(
     Returns the chosen Config (its ``calibration`` field holds the provenance and held-out
     results) and a report dict.
     """
-    from .corpora import OFFLINE_CORPORA, check_corpus_args, load_corpus
+    from .corpora import HUB_CORPORA, OFFLINE_CORPORA, load_corpus
     from .evaluate import evaluate_model, tokenize_documents, window_plan
     from .models import bos_per_window, load_model, parse_device
 
@@ -470,7 +470,8 @@ def calibrate(
         raise QuicksilverError("calibrate needs at least one corpus")
     for name in [*corpora, *heldout]:
         if name not in OFFLINE_CORPORA:
-            check_corpus_args(name, "test")
+            if name not in HUB_CORPORA:
+                raise QuicksilverError(f"unknown corpus {name!r} (calibrate takes {' or '.join(OFFLINE_CORPORA)}: corpora with calibration and test splits)")
             raise QuicksilverError(f"calibrate needs corpora with separate calibration and test splits ({', '.join(OFFLINE_CORPORA)}), got {name!r}")
     if max_tokens is not None and max_tokens < 2:
         raise QuicksilverError(f"max-tokens must be at least 2, got {max_tokens}")

@@ -34,7 +34,9 @@ def _progress(description: str):
     """A rich progress bar on stderr, as a callback ``(done, total)`` plus a context manager."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True)
+    # Off when stderr is not a terminal: there rich cannot redraw, and would leave a blank line before an error.
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True,
+                   disable=not err.is_terminal)
     task = bar.add_task(description, total=None)
 
     def update(done: int, total: int) -> None:
@@ -64,7 +66,7 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the GPUs (accelerate)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, int8, int4."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all; baselines int8, int4."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set halting.threshold=0.03 (repeatable)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
@@ -79,6 +81,7 @@ def eval_cmd(
 
     check_writable_target(output)
     config = _config(preset, config_file, settings)
+    _reach_note(config, min(window, max_tokens or window))
     bar, update = _progress("evaluating")
     with bar:
         result = evaluate_model(
@@ -97,7 +100,7 @@ def eval_cmd(
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4 (fusion is prefill-only)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all; baselines int8, int4 (fusion: eval only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
@@ -119,10 +122,12 @@ def generate_cmd(
         raise QuicksilverError("empty prompt")
     if max_new_tokens < 1:
         raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    if config.fusion.enabled and (preset == "fusion" and not config_file or any(s.strip().startswith("fusion.") for s in settings)):
+        raise QuicksilverError(f"Contextual Token Fusion works in eval only: {_FUSION_WHY}")
     hf_model, tok = load_model(model, dtype=dtype, device=device)
     engine = make_engine(hf_model, tok, config)
     if config.fusion.enabled:
-        err.print("note: Contextual Token Fusion is prefill-only; generate runs without it", highlight=False, soft_wrap=True)
+        err.print(f"note: generate runs {config.name} without its fusion part: {_FUSION_WHY}", highlight=False, soft_wrap=True)
     if chat:
         if not getattr(tok, "chat_template", None):
             raise QuicksilverError(f"model {model!r} has no chat template")
@@ -130,6 +135,7 @@ def generate_cmd(
         ids = tok(text, add_special_tokens=False).input_ids
     else:
         ids = tok(prompt).input_ids
+    _reach_note(config, len(ids) + max_new_tokens)
     shown: list[int] = []
     printed = 0
 
@@ -243,7 +249,8 @@ def calibrate_cmd(
     check_writable_target(report)
     journal = journal or output.with_name(output.name + ".trials.jsonl")
     check_writable_target(journal)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
+                   disable=not err.is_terminal)
     task = bar.add_task("calibrating", total=None)
 
     def on_trial(done: int, total: int, what: str) -> None:
@@ -443,6 +450,24 @@ def _config(preset: str, config_file: Optional[Path], settings: list[str]):
     return config.with_settings(settings) if settings else config
 
 
+# Why generate cannot fuse: the engine's generation cache holds one K/V entry per token and layer.
+_FUSION_WHY = "fused tokens write no K/V entries, and the generation cache needs every token's"
+
+
+def _reach_note(config, context: int) -> None:
+    """One line on stderr when the preset's mechanisms (some or all) do nothing at this context."""
+    info = config.promise
+    idle = info.idle_at(context) if info else []
+    if not idle:
+        return
+    reach = ", ".join(f"{section} acts from {info.acts_from[section]:,}" for section in idle)
+    if len(idle) == len(info.acts_from):
+        what = f"preset {config.name} does nothing ({reach} tokens): this run measures the stock model"
+    else:
+        what = f"part of preset {config.name} does nothing ({reach} tokens)"
+    err.print(f"note: at {context:,} tokens of context {what}; see Presets in README.md", highlight=False, soft_wrap=True)
+
+
 def _single_table(result: dict) -> Table:
     table = Table(title=f"{result['model']} on {result['corpus']}/{result['split']} ({result['tokens']} tokens)")
     table.add_column("metric")
@@ -454,7 +479,7 @@ def _single_table(result: dict) -> Table:
 
 def _comparison_table(result: dict) -> Table:
     base = result["baseline"]
-    table = Table(title=f"{result['model']} on {result['corpus']}/{result['split']} ({result['tokens']} tokens): preset {result['preset']} vs baseline")
+    table = Table(title=f"{result['model']} on {result['corpus']}/{result['split']} ({result['tokens']} tokens): {result['preset']} vs baseline")
     for col in ("metric", "baseline", result["preset"]):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for key in ("perplexity", "bits_per_byte", "word_perplexity", "flops", "flops_per_token", "wall_seconds", "tokens_per_second"):
@@ -465,14 +490,39 @@ def _comparison_table(result: dict) -> Table:
     return table
 
 
+# Optional libraries that talk when imported or loaded (torchao's kernel probes and torch's
+# pytree deprecations, lm-eval, Ray, datasets, HF's hub notices) would put lines before our
+# output and before an error. Silenced here, at the command line only, never in the library.
+# (Not uvicorn's: a server's "running on" line is output, not noise.)
+QUIET_LOGGERS = ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib", "torchao", "datasets", "lm_eval",
+                 "lm-eval", "ray", "urllib3", "filelock", "fsspec", "numexpr", "absl")
+QUIET_WARNINGS_FROM = r"(torch|torchao|transformers|accelerate|datasets|lm_eval|ray|pydantic|huggingface_hub|gguf|sklearn|numpy|pkg_resources|setuptools)(\.|$)"
+
+
+def quiet_third_party() -> None:
+    """Silence known third-party loggers and warnings (QUICKSILVER_DEBUG=1 skips this, showing everything)."""
+    import warnings
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)  # ahead of the import: these libraries keep a level set earlier
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # torch sets its own logger's level when imported: TORCH_LOGS for a later import, the level for an earlier one.
+    os.environ.setdefault("TORCH_LOGS", "-torch")
+    if "torch" in sys.modules:
+        logging.getLogger("torch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=QUIET_WARNINGS_FROM)
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)  # addressed to developers, not to users
+
+
 def main() -> None:
     """Entry point: usage errors and QuicksilverError become one line on stderr and exit 2."""
     from typer.exceptions import Abort, Exit, TyperException
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not os.environ.get("QUICKSILVER_DEBUG"):
+        quiet_third_party()
     command = typer.main.get_command(app)
     from .parallel import optional_value
 

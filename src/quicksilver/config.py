@@ -49,9 +49,86 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass(frozen=True)
+class PresetInfo:
+    """What a preset promises, and from what context length each of its mechanisms acts.
+
+    Parameters
+    ----------
+    summary : str
+        One line: what the preset is.
+    budget : float or None
+        The promise: relative perplexity increase at most ``budget`` (0.02 is 2%) on the
+        ``wiki`` test split at 4,096-token windows, the text and context it was checked on.
+        None for a baseline, which promises nothing.
+    acts_from : dict of str to int, default {}
+        Per mechanism section, the shortest context (tokens) at which it changes anything;
+        below it that mechanism runs as the stock model.
+    """
+
+    summary: str
+    budget: float | None
+    acts_from: dict = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> bool:
+        """A baseline (uniform quantization) is a point to compare against, not a promise."""
+        return self.budget is None
+
+    @property
+    def promise(self) -> str:
+        if self.budget is None:
+            return "none (a baseline)"
+        if self.budget == 0:
+            return "exact (logits equal the stock model's)"
+        return f"<= +{self.budget * 100:g}% perplexity"
+
+    @property
+    def min_context(self) -> int:
+        """The shortest context at which the preset does anything at all (0: it never acts)."""
+        return min(self.acts_from.values(), default=0)
+
+    def idle_at(self, context: int) -> list[str]:
+        """The mechanisms of this preset that do nothing at ``context`` tokens."""
+        return [section for section, n in self.acts_from.items() if context < n]
+
+
+# The metadata of every preset: one entry per name in PRESETS (a test checks), so a new preset
+# states its promise and reach here. KV's reach follows from its settings; halting's and
+# fusion's depend on the text: the shortest of the lengths 256, 512, 1,024, 2,048, 3,072 and
+# 4,096 tokens (the start of the wiki test split) at which they acted on the default model
+# (benchmarks/preset_reach.py; halting: none in 2,048 tokens, 4 in 3,072).
+_KV_REACH = KVSKIP["sink_tokens"] + KVSKIP["recent_window"] + 1  # the first query that drops a key
+PRESET_INFO: dict[str, PresetInfo] = {
+    "off": PresetInfo("the stock model (the engine's logits equal HF's)", 0.0),
+    "halting": PresetInfo("halting on relative drift < 0.13 for 3 layers from layer 10, MLP-only skipping, last 5 layers always run",
+                          0.02, {"halting": 3072}),
+    "kvskip": PresetInfo("every query sees 4 sink keys and its 1,024 most recent keys", 0.02, {"kv": _KV_REACH}),
+    "fusion": PresetInfo("fusion after layer 12 at cosine >= 0.92 within 4 predecessors, delta output", 0.02, {"fusion": 512}),
+    "amq": PresetInfo("int8 group-32 weights; tokens with drift < 0.15 at layer 8 run int4 afterwards", 0.02, {"amq": 1}),
+    "all": PresetInfo("halting + kvskip + fusion (deciding after layer 20) + amq: the paper's full stack",
+                      0.03, {"amq": 1, "fusion": 1024, "kv": _KV_REACH, "halting": 3072}),
+    "int8": PresetInfo("uniform int8 per-channel weights through the real int8 kernel, SmoothQuant alpha 0.65", None, {"amq": 1}),
+    "int4": PresetInfo("uniform int4 (MSB slice of group-32 int8; no fast kernel)", None, {"amq": 1}),
+}
+
+
 @dataclass
 class Config:
-    """Everything the engine needs to know about the mechanisms; all off by default."""
+    """Everything the engine needs to know about the mechanisms; all off by default.
+
+    Parameters
+    ----------
+    halting, kv, fusion, amq : mechanism settings, default all off
+        ``DynamicTokenHalting``, ``KVCacheSkipping``, ``ContextualTokenFusion``,
+        ``AdaptiveMatryoshkaQuantization``.
+    name : str, default "custom"
+        A preset's name when the settings are exactly that preset's; ``custom`` or
+        ``PRESET+custom`` once they differ (``from_dict``, ``load`` and ``with_settings``
+        relabel, so a label never claims a preset's promise for other settings).
+    calibration : dict, optional
+        Provenance written by ``quicksilver calibrate``; not a setting.
+    """
 
     halting: DynamicTokenHalting = field(default_factory=DynamicTokenHalting)
     kv: KVCacheSkipping = field(default_factory=KVCacheSkipping)
@@ -64,14 +141,38 @@ class Config:
     def is_off(self) -> bool:
         return not any(getattr(self, key).enabled for key in MECHANISMS)
 
+    @property
+    def promise(self) -> PresetInfo | None:
+        """The preset's promise and reach (``PresetInfo``); None for a custom config."""
+        return PRESET_INFO.get(self.name)
+
     @classmethod
     def preset(cls, name: str) -> "Config":
-        if name not in PRESETS:
+        """The named preset (``off``, ``halting``, ``kvskip``, ``fusion``, ``amq``, ``all``, ``int8``, ``int4``)."""
+        if not isinstance(name, str) or name not in PRESETS:
             raise QuicksilverError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
-        return cls.from_dict({**PRESETS[name], "name": name})
+        return cls._build({**PRESETS[name], "name": name})
+
+    @classmethod
+    def resolve(cls, config: "Config | str | None") -> "Config":
+        """A Config from a Config, a preset name, or None (all off): what the API accepts as ``config``."""
+        if config is None:
+            return cls.preset("off")
+        if isinstance(config, str):
+            return cls.preset(config)
+        if not isinstance(config, Config):
+            raise QuicksilverError(f"config must be a Config or a preset name, got {type(config).__name__}")
+        return config
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
+        """A Config from ``to_dict``'s form; a preset's name whose settings differ becomes ``PRESET+custom``."""
+        config = cls._build(data)
+        config.name = _honest_name(config)
+        return config
+
+    @classmethod
+    def _build(cls, data: dict) -> "Config":
         if not isinstance(data, dict):
             raise QuicksilverError("a config must be a JSON object")
         unknown = set(data) - set(MECHANISMS) - {"name", "calibration"}
@@ -101,6 +202,8 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> "Config":
         path = Path(path)
+        if path.is_dir():
+            raise QuicksilverError(f"config file {path} is a folder; give a file")
         if not path.is_file():
             raise QuicksilverError(f"config file {path} does not exist")
         try:
@@ -118,8 +221,11 @@ class Config:
         """A copy with ``section.field=value`` assignments applied (the CLI's ``--set``).
 
         Values are parsed by the field's type; setting any field of a mechanism enables it
-        unless ``enabled`` is given explicitly.
+        unless ``enabled`` is given explicitly. Settings that differ from a preset's rename
+        the copy ``custom`` (from ``off``) or ``PRESET+custom``; any other name gets ``+custom``.
         """
+        if isinstance(assignments, str) or not all(isinstance(a, str) for a in assignments):
+            raise QuicksilverError(f"with_settings expects a list of 'SECTION.FIELD=VALUE' strings, got {assignments!r}")
         data = self.to_dict()
         for item in assignments:
             key, sep, raw = item.partition("=")
@@ -132,7 +238,27 @@ class Config:
             data[section][name] = _parse_value(raw.strip(), fields[name].default, item)
             if name != "enabled" and not any(a.strip().startswith(f"{section}.enabled") for a in assignments):
                 data[section]["enabled"] = True
-        return Config.from_dict(data)
+        config = Config.from_dict(data)
+        changed = any(getattr(config, key) != getattr(self, key) for key in MECHANISMS)
+        if changed and config.name not in PRESETS and config.name != "custom" and not config.name.endswith("+custom"):
+            config.name += "+custom"  # e.g. a calibrated config: its provenance no longer describes these settings
+        return config
+
+
+def _honest_name(config: Config) -> str:
+    """The config's name if its settings are its preset's; else ``custom`` or ``PRESET+custom``.
+
+    Settings are compared field by field after construction, so a file that spells a preset's
+    defaults differently still carries the preset's name.
+    """
+    name = config.name if isinstance(config.name, str) else "custom"
+    base = name.removesuffix("+custom")
+    if base not in PRESETS:
+        return name  # a custom name (e.g. a calibrated config's) promises nothing by itself
+    preset = Config._build({**PRESETS[base], "name": base})
+    if all(getattr(config, key) == getattr(preset, key) for key in MECHANISMS):
+        return base
+    return "custom" if base in ("off", "custom") else f"{base}+custom"
 
 
 

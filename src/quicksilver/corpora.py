@@ -185,6 +185,8 @@ def _hub_documents(name: str) -> tuple[str, ...]:
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's contents; a clear error if missing, not UTF-8, or empty."""
     path = Path(path)
+    if path.is_dir():
+        raise QuicksilverError(f"text file {path} is a folder; give a file")
     if not path.is_file():
         raise QuicksilverError(f"text file {path} does not exist")
     try:

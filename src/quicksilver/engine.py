@@ -85,16 +85,16 @@ class Engine:
     Parameters
     ----------
     model : a loaded HF causal LM (its weights are used in place, never copied).
-    config : Config, default all mechanisms off (then logits equal the stock forward).
+    config : Config or preset name, default all mechanisms off (then logits equal the stock forward).
     calibration_ids : (T,) token ids, optional
         Calibration text for settings that need activation statistics (``amq.smoothing``).
     """
 
-    def __init__(self, model, config: Config | None = None, calibration_ids: torch.Tensor | None = None):
+    def __init__(self, model, config: Config | str | None = None, calibration_ids: torch.Tensor | None = None):
         self.model = model
         self.adapter = adapter_for(model)
         self.spec = self.adapter.arch
-        self.config = config or Config()
+        self.config = Config.resolve(config)
         spec = self.spec
         self.config.halting.check_model(spec.n_layers)
         self.config.amq.check_model(spec.n_layers, spec.d_model, spec.d_ff)

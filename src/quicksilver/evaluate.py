@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
-from .errors import QuicksilverError
+from .errors import QuicksilverError, check_int
 from .flops import dense_forward_flops
 from .ledger import Ledger
 
@@ -39,6 +39,8 @@ def window_plan(n_tokens: int, window: int, stride: int, bos: bool) -> list[Wind
     window moves by ``stride`` (at most ``window - 1``, so that every scored token has at
     least one token of context in its window) and scores only tokens no earlier window scored.
     """
+    for name, value in (("n_tokens", n_tokens), ("window", window), ("stride", stride)):
+        check_int(name, value)
     ctx = window - (1 if bos else 0)
     if window < 2:
         raise QuicksilverError(f"window must be at least 2 tokens, got {window}")
@@ -278,8 +280,8 @@ def evaluate_model(
         Evaluate only the first N tokens of the text.
     loaded : (model, tokenizer), optional
         An already loaded model to reuse (``model`` then only names it).
-    config : Config, optional
-        Mechanisms to run. Unless all are off, the stock model (baseline) and the
+    config : Config or str, optional
+        Mechanisms to run: a Config or a preset name (default ``off``). Unless all are off, the stock model (baseline) and the
         engine run on the same windows, interleaved, and the result adds the baseline's
         metrics and the comparisons (``delta_perplexity``, ``flop_reduction``, ``speedup``...).
     ray : str, optional
@@ -291,18 +293,21 @@ def evaluate_model(
     from .corpora import check_corpus_args, load_corpus
     from .models import bos_per_window, load_model, parse_device
 
+    from .config import Config
+
+    config = Config.resolve(config)
+    if loaded is None and not isinstance(model, str):
+        raise QuicksilverError(f"model must be a name, folder or hub id (a loaded model goes in loaded=(model, tokenizer)), got {type(model).__name__}")
     dev = parse_device(device)
-    if max_tokens is not None and max_tokens < 1:
-        raise QuicksilverError(f"max-tokens must be at least 1, got {max_tokens}")
+    check_int("window", window)
+    check_int("max-tokens", max_tokens, 1, allow_none=True)
+    check_int("stride", stride, allow_none=True)
     window_plan(window, window, window - 1 if stride is None else stride, bos=False)  # fail before loading
     check_corpus_args(corpus, split, text_file)
     hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev, device_map=device_map)
     if device_map is not None:  # windows start where the embedding lives
         dev = hf_model.get_input_embeddings().weight.device
     text = load_corpus(corpus, split, text_file)
-    from .config import Config
-
-    config = config or Config.preset("off")
     engine_corpus = text.name if text_file is None else "wiki"
     from .adapters import arch_spec
 

@@ -12,6 +12,7 @@ look-ups. Mechanism probes are counted by the mechanism that runs them.
 from __future__ import annotations
 
 from .adapters.base import ArchSpec
+from .errors import QuicksilverError, check_int
 
 
 def linear_flops(rows: int, in_features: int, out_features: int) -> int:
@@ -61,7 +62,13 @@ def dense_forward_flops(spec: ArchSpec, seq_len: int, head_rows: int | None = No
     ``head_rows`` is how many rows go through the LM head (default: all). With
     ``causal=False`` attention is counted over all seq_len^2 pairs, which is what a
     dense eager implementation multiplies before masking (and what torch's counter sees).
+    ``spec`` describes the architecture: ``quicksilver.adapters.arch_spec(model.config)`` (an
+    engine holds the same as its ``spec`` attribute).
     """
+    if not isinstance(spec, ArchSpec):
+        raise QuicksilverError(f"spec must be an ArchSpec (quicksilver.adapters.arch_spec(model.config)), got {type(spec).__name__}")
+    check_int("seq_len", seq_len, 1)
+    check_int("head_rows", head_rows, 0, allow_none=True)
     head_rows = seq_len if head_rows is None else head_rows
     windows = spec.attn_windows or (None,) * spec.n_layers
     pairs = sum(causal_pairs(seq_len, w) if causal else seq_len * seq_len for w in windows)

@@ -22,6 +22,8 @@ def arch_spec(config) -> ArchSpec:
 
 def adapter_for(model) -> FamilyAdapter:
     """The engine adapter for a loaded HF causal LM (GPT-2, Llama or Gemma-3 text family)."""
+    if not hasattr(model, "config"):
+        raise QuicksilverError(f"the engine needs a loaded HF model (model, tokenizer = load_model(name)), got {type(model).__name__}")
     kind = getattr(model.config, "model_type", None)
     if kind not in _ADAPTERS:
         raise QuicksilverError(
