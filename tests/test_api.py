@@ -68,7 +68,7 @@ def test_every_preset_states_a_promise_and_baselines_promise_nothing():
         for section in info.acts_from:
             assert getattr(Config.preset(name), section).enabled, f"{name}: acts_from names {section}, which it leaves off"
     assert Config.preset("off").with_settings(["kv.recent_window=8"]).promise is None
-    assert PRESET_INFO["all"].idle_at(512) == ["fusion", "kv", "halting"]
+    assert PRESET_INFO["all"].idle_at(512) == ["kv", "halting"]
 
 
 def test_kvskip_reach_is_where_the_engine_first_drops_a_key():

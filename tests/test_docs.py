@@ -69,7 +69,7 @@ def _default_problem(param: click.Parameter, cell: str) -> str | None:
     if real is None or real == [] or real == ():
         # No fixed default: the cell may describe what happens (``all``, ``window-1``), never claim a number.
         return f"has no default, README says {documented}" if re.fullmatch(r"-?[\d.]+", documented) else None
-    expected = str(real)
+    expected = ", ".join(map(str, real)) if isinstance(real, (list, tuple)) else str(real)
     return None if documented == expected else f"default is {expected}, README says {documented or '(empty)'}"
 
 

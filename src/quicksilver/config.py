@@ -104,10 +104,13 @@ PRESET_INFO: dict[str, PresetInfo] = {
     "halting": PresetInfo("halting on relative drift < 0.13 for 3 layers from layer 10, MLP-only skipping, last 5 layers always run",
                           0.02, {"halting": 3072}),
     "kvskip": PresetInfo("every query sees 4 sink keys and its 1,024 most recent keys", 0.02, {"kv": _KV_REACH}),
-    "fusion": PresetInfo("fusion after layer 12 at cosine >= 0.92 within 4 predecessors, delta output", 0.02, {"fusion": 512}),
     "amq": PresetInfo("int8 group-32 weights; tokens with drift < 0.15 at layer 8 run int4 afterwards", 0.02, {"amq": 1}),
-    "all": PresetInfo("halting + kvskip + fusion (deciding after layer 20) + amq: the paper's full stack",
-                      0.03, {"amq": 1, "fusion": 1024, "kv": _KV_REACH, "halting": 3072}),
+    "fusion": PresetInfo("fusion after layer 12 at cosine >= 0.92 within 4 predecessors, only where the 2 rows before "
+                         "both tokens match too (a repeated phrase), delta output; saves almost nothing", 0.02, {"fusion": 512}),
+    "all": PresetInfo("halting + kvskip + amq (fusion left out: once safe it saves almost nothing and slows attention)",
+                      0.03, {"amq": 1, "kv": _KV_REACH, "halting": 3072}),
+    "fast": PresetInfo("weight-only int8 per output channel for every decoder linear and the LM head, through the "
+                       "fastest kernel measured on this machine", 0.01, {"amq": 1}),
     "int8": PresetInfo("uniform int8 per-channel weights through the real int8 kernel, SmoothQuant alpha 0.65", None, {"amq": 1}),
     "int4": PresetInfo("uniform int4 (MSB slice of group-32 int8; no fast kernel)", None, {"amq": 1}),
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-LM_EVAL_TARGET = "quicksilver.integrations.lm_eval:QuickSilverLM"
+LM_EVAL_TARGET = "quicksilver.integrations.lm_eval_model:QuickSilverLM"
 
 
 def register_lm_eval() -> bool:
