@@ -132,7 +132,7 @@ def test_kv_levels_follow_the_window_and_never_exceed_it():
 @pytest.mark.real_model
 def test_calibrate_keeps_the_budget_writes_a_loadable_config_and_resumes(tmp_path, default_model):
     journal = tmp_path / "trials.jsonl"
-    args = dict(window=128, max_tokens=384, mechanisms=["kv", "fusion"], heldout=["news"], journal=journal, loaded=default_model)
+    args = dict(window=128, max_tokens=256, mechanisms=["kv"], heldout=["news"], journal=journal, loaded=default_model)
     config, report = calibrate(0.02, **args)
     cal = config.calibration
     assert cal["calibration_split"]["relative_delta_perplexity"] <= cal["search_target"] + 1e-12
