@@ -18,9 +18,14 @@ from quicksilver.speculative import PromptLookup, draft_engine, accept_greedy, a
 def _one_thread():
     # Tiny models do microseconds of work per op: a second OpenMP thread only adds hand-off
     # latency, which dominates on a busy machine. Restored afterwards for the other modules.
+    # Kernel choices measured here, in memory: the per-machine cache file is shared with other checkouts.
+    from quicksilver import kernels
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    kernels.set_kernel_table(kernels.KernelTable(None))
     yield
+    kernels.set_kernel_table(None)
     torch.set_num_threads(threads)
 
 

@@ -95,7 +95,7 @@ def eval_cmd(
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4 (fusion is prefill-only)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4, lossless (fusion is prefill-only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
@@ -151,10 +151,20 @@ def generate_cmd(
     err.print(
         f"{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.time_to_first_token * 1000:.0f} ms, "
         f"mean exit layer {result.mean_exit_layer:.1f}/{engine.spec.n_layers}, KV {result.kv_bytes / 2**20:.2f} MiB "
-        f"of {result.kv_full_bytes / 2**20:.2f} MiB full ({kv_ratio:.0%}), stop: {result.stop_reasons[0]}",
+        f"of {result.kv_full_bytes / 2**20:.2f} MiB full ({kv_ratio:.0%}), stop: {result.stop_reasons[0]}{_speculation(result)}",
         highlight=False,
         soft_wrap=True,  # one line, whatever the terminal width
     )
+
+
+def _speculation(result) -> str:
+    """The generate summary's speculative part: acceptance, tokens per verify step, and by which source."""
+    s = getattr(result, "speculative", None)
+    if not s:
+        return ""
+    by = ", ".join(f"{name} {v['accepted']}/{v['drafted']}" for name, v in s["sources"].items() if v["steps"])
+    return (f", speculative: {s['acceptance_rate']:.0%} of drafted tokens accepted, {s['tokens_per_step']:.2f} tokens per verify step"
+            f" ({by or 'no drafts'})")
 
 
 @app.command("calibrate")

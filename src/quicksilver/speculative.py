@@ -14,9 +14,11 @@ drafts) has q = one-hot.
 
 Drafting adapts per sequence and source: the draft length follows the acceptance (+2 after a
 fully accepted draft, -1 after a rejection), a model draft stops before a token it is not
-confident about, and a source whose acceptance for a sequence falls under ``off_below`` is
-switched off there for a while (doubling each time), so that drafting gets out of the way
-where it does not pay.
+confident about, and a source is switched off for a sequence for a while (doubling each time)
+when its acceptance there falls under ``off_below`` or, for a model draft, when its measured
+cost outweighs what it gains: the tokens a step emits against the verify pass's time plus the
+draft passes' time, both measured as they run. So drafting gets out of the way where it
+does not pay (a float32 int8 draft on a CPU whose int8 kernel is slower than float32, say).
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ class ModelDraft(DraftSource):
         self._caches: dict[int, SequenceCache] = {}
         self._fed: dict[int, list[int]] = {}  # the tokens each row's draft cache holds, in order
         self.ledger = Ledger(n_layers=engine.spec.n_layers)
+        self.seconds_per_pass: float | None = None  # running average of one draft pass's wall time
 
     def _pick(self, logits: torch.Tensor):
         """Tokens, the draft's confidence (its top probability) and the distributions (sampling).
@@ -194,8 +197,11 @@ class ModelDraft(DraftSource):
         return tokens.tolist(), dist.max(-1).values.tolist(), dist
 
     def _run(self, ids, pos, segments, caches, logit_rows):
+        t0 = time.perf_counter()
         logits, ledger = self.engine.run(ids, pos, segments, caches, logit_rows)
         self.ledger.merge(ledger)
+        took = time.perf_counter() - t0  # logits are read right after, so no device sync is needed here
+        self.seconds_per_pass = took if self.seconds_per_pass is None else 0.8 * self.seconds_per_pass + 0.2 * took
         return logits
 
     def propose(self, rows, contexts, lengths):
@@ -317,6 +323,7 @@ class _RowPolicy:
 
     length: int
     acceptance: float = 1.0
+    gain: float = 2.0  # running estimate of tokens per unit of plain-step time (model drafts)
     off_until: int = 0
     backoff: int = 0
 
@@ -390,6 +397,8 @@ def generate_speculative(
     plain = SourceStats()  # steps where a sequence had no draft
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
+    verify_s = None  # running average of a verify pass's wall time
+    by_name = {s.name: s for s in sources}
 
     def emit(i: int, tok: int) -> bool:
         """Append a token to row i; True when the row is finished."""
@@ -443,8 +452,12 @@ def generate_speculative(
             ids += toks
             pos += range(caches[i].length, caches[i].length + len(toks))
             segments.append((start, len(ids)))
+        tv = time.perf_counter()
         logits, ledger = engine.run(torch.tensor(ids, device=device), torch.tensor(pos, device=device), segments,
                                     [caches[i] for i in active])
+        logits = logits.float()
+        took = time.perf_counter() - tv
+        verify_s = took if verify_s is None else 0.8 * verify_s + 0.2 * took
         decode_ledger.merge(ledger)
         total.merge(ledger)
         # 3. Accept, emit, roll back, adapt.
@@ -470,10 +483,13 @@ def generate_speculative(
             s.accepted += n
             s.emitted += emitted
             if name:
-                _adapt(policy[i][name], len(d.tokens), n, step, cfg)
-                for src in sources:
-                    if src.name == name:
-                        src.update(i, n)
+                src = by_name[name]
+                # A model draft of d tokens took about d draft passes; a plain step, one verify pass.
+                cost = None
+                if isinstance(src, ModelDraft) and src.seconds_per_pass and verify_s:
+                    cost = 1.0 + len(d.tokens) * src.seconds_per_pass / verify_s
+                _adapt(policy[i][name], len(d.tokens), n, step, cfg, cost)
+                src.update(i, n)
             if not done:
                 still.append(i)
         active = still
@@ -510,16 +526,21 @@ def generate_speculative(
     )
 
 
-def _adapt(pol: _RowPolicy, drafted: int, accepted: int, step: int, cfg) -> None:
-    """Draft length follows acceptance; a source that keeps failing for a row backs off."""
+def _adapt(pol: _RowPolicy, drafted: int, accepted: int, step: int, cfg, cost: float | None = None) -> None:
+    """Draft length follows acceptance; a source that keeps failing (or costs more than it gains) backs off.
+
+    ``cost``: the step's time in units of a plain one-token step (model drafts), None: not measured.
+    """
     if accepted == drafted:
         pol.length = min(cfg.max_draft, pol.length + 2)
     else:
         pol.length = max(1, pol.length - 1)
     pol.acceptance = 0.7 * pol.acceptance + 0.3 * (accepted / drafted)
-    if pol.acceptance < cfg.off_below:
+    if cost is not None:
+        pol.gain = 0.7 * pol.gain + 0.3 * (accepted + 1) / cost
+    if pol.acceptance < cfg.off_below or pol.gain < 1.0:
         pol.backoff = cfg.retry_after if pol.backoff == 0 else 2 * pol.backoff
         pol.off_until = step + pol.backoff
-        pol.acceptance = 1.0  # a fresh start when it retries
+        pol.acceptance, pol.gain = 1.0, 2.0  # a fresh start when it retries
     elif accepted == drafted:
         pol.backoff = 0
