@@ -196,12 +196,14 @@ class ModelDraft(DraftSource):
         tokens = torch.multinomial(dist, 1, generator=self.generator).squeeze(1)
         return tokens.tolist(), dist.max(-1).values.tolist(), dist
 
-    def _run(self, ids, pos, segments, caches, logit_rows):
+    def _run(self, ids, pos, segments, caches, logit_rows, timed: bool = False):
         t0 = time.perf_counter()
         logits, ledger = self.engine.run(ids, pos, segments, caches, logit_rows)
         self.ledger.merge(ledger)
-        took = time.perf_counter() - t0  # logits are read right after, so no device sync is needed here
-        self.seconds_per_pass = took if self.seconds_per_pass is None else 0.8 * self.seconds_per_pass + 0.2 * took
+        if timed:  # one-token passes only: a catch-up pass may be a whole prompt's prefill
+            logits = logits.float().cpu()
+            took = time.perf_counter() - t0
+            self.seconds_per_pass = took if self.seconds_per_pass is None else 0.8 * self.seconds_per_pass + 0.2 * took
         return logits
 
     def propose(self, rows, contexts, lengths):
@@ -248,7 +250,7 @@ class ModelDraft(DraftSource):
             feed = [t for _, t in going]
             cs = [caches[i] for i in live]
             logits = self._run(torch.tensor(feed, device=dev), torch.tensor([c.length for c in cs], device=dev),
-                               [(j, j + 1) for j in range(len(live))], cs, None)
+                               [(j, j + 1) for j in range(len(live))], cs, None, timed=True)
             for i, t in going:
                 self._fed[rows[i]].append(t)
         for d in drafts:
@@ -323,7 +325,7 @@ class _RowPolicy:
 
     length: int
     acceptance: float = 1.0
-    gain: float = 2.0  # running estimate of tokens per unit of plain-step time (model drafts)
+    gain: float | None = None  # running estimate of tokens per unit of plain-step time (model drafts)
     off_until: int = 0
     backoff: int = 0
 
@@ -537,10 +539,11 @@ def _adapt(pol: _RowPolicy, drafted: int, accepted: int, step: int, cfg, cost: f
         pol.length = max(1, pol.length - 1)
     pol.acceptance = 0.7 * pol.acceptance + 0.3 * (accepted / drafted)
     if cost is not None:
-        pol.gain = 0.7 * pol.gain + 0.3 * (accepted + 1) / cost
-    if pol.acceptance < cfg.off_below or pol.gain < 1.0:
+        now = (accepted + 1) / cost
+        pol.gain = now if pol.gain is None else 0.7 * pol.gain + 0.3 * now
+    if pol.acceptance < cfg.off_below or (pol.gain is not None and pol.gain < 1.0):
         pol.backoff = cfg.retry_after if pol.backoff == 0 else 2 * pol.backoff
         pol.off_until = step + pol.backoff
-        pol.acceptance, pol.gain = 1.0, 2.0  # a fresh start when it retries
+        pol.acceptance, pol.gain = 1.0, None  # a fresh start when it retries
     elif accepted == drafted:
         pol.backoff = 0
