@@ -34,6 +34,7 @@ STEPS = {
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
     "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "bitflops", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
+    "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
 }
 
 
