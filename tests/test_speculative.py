@@ -11,7 +11,7 @@ from quicksilver.config import Config
 from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
 from quicksilver.generate import decode_one_token, prefill
-from quicksilver.speculative import PromptLookup, draft_engine, accept_greedy, accept_sampled, make_probs
+from quicksilver.speculative import PromptLookup, draft_engine, usable_sources, accept_greedy, accept_sampled, make_probs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +48,7 @@ def test_greedy_equals_plain_decoding(family):
     plain = Engine(model, Config())
     eos = plain.generate(prompts, 20).tokens[0][8]  # row 0 stops at its 9th token (or earlier), mid-draft for some sources
     ref = plain.generate(prompts, 20, eos_token_id=eos)
-    for sources in ("lookup", "int8", "int4", "skip", "lookup,int4"):
+    for sources in ("lookup", "int8", "int4", "skip", "lookup,skip"):
         r = Engine(model, Config.from_dict({"speculative": _spec(sources)})).generate(prompts, 20, eos_token_id=eos)
         assert r.tokens == ref.tokens and r.stop_reasons == ref.stop_reasons, sources
         s = r.speculative
@@ -63,7 +63,7 @@ def test_greedy_with_kv_window_and_other_mechanisms_equals_same_config_without_s
             "halting": {"enabled": True, "threshold": 0.3, "min_layer": 1, "patience": 1, "tail_layers": 1}}
     prompts = _prompts() + [torch.arange(40) % 17]
     ref = Engine(model, Config.from_dict(base)).generate(prompts, 30)
-    r = Engine(model, Config.from_dict({**base, "speculative": _spec("lookup,int8", max_draft=6)})).generate(prompts, 30)
+    r = Engine(model, Config.from_dict({**base, "speculative": _spec("lookup,skip", max_draft=6)})).generate(prompts, 30)
     assert r.tokens == ref.tokens
     assert r.speculative["accepted"] > 0
 
@@ -178,6 +178,9 @@ def test_config_section_set_and_errors():
     cfg = Config().with_settings(["speculative.sources=lookup,int4", "speculative.max_draft=6"])
     assert cfg.speculative.enabled and cfg.speculative.source_list == ["lookup", "int4"]
     assert Config.from_dict(cfg.to_dict()).speculative == cfg.speculative
+    engine = Engine(tiny_llama(), cfg)  # float32 on a CPU: the int4 draft would cost more than it saves
+    assert usable_sources(engine) == ["lookup"]
+    assert usable_sources(Engine(tiny_llama(), Config().with_settings(["speculative.sources=int4"]))) == ["int4"]
     assert Config.from_dict({"speculative": {"sources": ["skip"], "skip_layers": [2, 1]}}).speculative.skip_layers == [1, 2]
     for bad in ({"sources": "lookup,gpu"}, {"sources": ""}, {"max_draft": 0}, {"initial_draft": 9}, {"confidence": 2.0}):
         with pytest.raises(QuicksilverError):

@@ -341,11 +341,28 @@ class SpeculativeResult(GenerationResult):
 # The decoding loop
 
 
+def usable_sources(engine) -> list[str]:
+    """The configured sources this engine can profit from.
+
+    On a CPU the weight-only low-bit kernels are fast for bfloat16 activations only: for a
+    float32 model an int8/int4 draft costs more than a full step (and choosing its kernels
+    means measuring slow candidates at first use), so it is left out when another source is
+    configured. Alone, it still runs (and its measured cost switches it off).
+    """
+    names = engine.config.speculative.source_list
+    weight = next(engine.model.parameters())
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        kept = [n for n in names if n not in ("int8", "int4")]
+        if kept:
+            return kept
+    return names
+
+
 def make_sources(engine, temperature: float, top_k, top_p, generator) -> list[DraftSource]:
     cfg = engine.config.speculative
     probs = make_probs(temperature, top_k, top_p) if temperature > 0 else None
     out: list[DraftSource] = []
-    for name in cfg.source_list:
+    for name in usable_sources(engine):
         if name == "lookup":
             out.append(PromptLookup(cfg.lookup_min_ngram, cfg.lookup_max_ngram))
         else:
