@@ -41,6 +41,7 @@ STEPS = {
     "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
     "leave-one-out": ["benchmarks/leave_one_out.py", "--out", OUT],
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
+    "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
 }
 
 

@@ -100,7 +100,7 @@ def eval_cmd(
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all; baselines int8, int4 (fusion: eval only)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, fast, lossless; baselines int8, int4 (fusion: eval only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
@@ -159,7 +159,7 @@ def generate_cmd(
     err.print(
         f"{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, first token {result.time_to_first_token * 1000:.0f} ms, "
         f"mean exit layer {result.mean_exit_layer:.1f}/{engine.spec.n_layers}, KV {result.kv_bytes / 2**20:.2f} MiB "
-        f"of {result.kv_full_bytes / 2**20:.2f} MiB full ({kv_ratio:.0%}), stop: {result.stop_reasons[0]}",
+        f"of {result.kv_full_bytes / 2**20:.2f} MiB full ({kv_ratio:.0%}), stop: {result.stop_reasons[0]}{_speculation(result)}",
         highlight=False,
         soft_wrap=True,  # one line, whatever the terminal width
     )
@@ -213,6 +213,14 @@ def serve_cmd(
     server_app = create_app(engine, tok, model, serve_settings)
     err.print(f"serving {model} on http://{host}:{port}/v1 (max batch {max_batch}, max queue {max_queue})", highlight=False, soft_wrap=True)
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
+def _speculation(result) -> str:
+    """The generate summary's speculative part: acceptance, tokens per verify step, and by which source."""
+    s = getattr(result, "speculative", None)
+    if not s:
+        return ""
+    by = ", ".join(f"{name} {v['accepted']}/{v['drafted']}" for name, v in s["sources"].items() if v["steps"])
+    return (f", speculative: {s['acceptance_rate']:.0%} of drafted tokens accepted, {s['tokens_per_step']:.2f} tokens per verify step"
+            f" ({by or 'no drafts'})")
 
 
 @app.command("calibrate")

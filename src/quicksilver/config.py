@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import QuicksilverError
 from .mechanisms import AdaptiveMatryoshkaQuantization, ContextualTokenFusion, DynamicTokenHalting, KVCacheSkipping
+from .mechanisms.speculative import SpeculativeDecoding
 
 MECHANISMS = {
     "halting": DynamicTokenHalting,
@@ -16,6 +17,9 @@ MECHANISMS = {
     "fusion": ContextualTokenFusion,
     "amq": AdaptiveMatryoshkaQuantization,
 }
+# Every config section: the mechanisms, and speculative decoding, which changes how fast tokens
+# come but never which (so calibration does not search it and ``is_off`` ignores it).
+SECTIONS = {**MECHANISMS, "speculative": SpeculativeDecoding}
 
 # Each preset is the best point of the sweeps in docs/RESULTS.md with relative perplexity
 # increase <= 2% on wiki (benchmarks/sweep_engine.py, scouting on the calibration split).
@@ -46,6 +50,8 @@ PRESETS: dict[str, dict] = {
     # (alpha 0.65, the best on the calibration split); int4 slices (no fast kernel).
     "int8": {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65, "activation_quant": True}},
     "int4": {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}},
+    # Lossless decoding: output equals "off"; drafts from prompt lookup, else the int8 weights.
+    "lossless": {"speculative": {"enabled": True, "sources": "lookup,int8"}},
 }
 
 
@@ -109,6 +115,8 @@ PRESET_INFO: dict[str, PresetInfo] = {
                          "both tokens match too (a repeated phrase), delta output; saves almost nothing", 0.02, {"fusion": 512}),
     "all": PresetInfo("halting + kvskip + amq (fusion left out: once safe it saves almost nothing and slows attention)",
                       0.03, {"amq": 1, "kv": _KV_REACH, "halting": 3072}),
+    "lossless": PresetInfo("speculative decoding: drafts from prompt lookup, else the int8 weights, verified by the full "
+                           "model; greedy output equals off (generation only; teacher-forced it is off)", 0.0),
     "fast": PresetInfo("weight-only int8 per output channel for every decoder linear and the LM head, through the "
                        "fastest kernel measured on this machine", 0.01, {"amq": 1}),
     "int8": PresetInfo("uniform int8 per-channel weights through the real int8 kernel, SmoothQuant alpha 0.65", None, {"amq": 1}),
@@ -137,6 +145,7 @@ class Config:
     kv: KVCacheSkipping = field(default_factory=KVCacheSkipping)
     fusion: ContextualTokenFusion = field(default_factory=ContextualTokenFusion)
     amq: AdaptiveMatryoshkaQuantization = field(default_factory=AdaptiveMatryoshkaQuantization)
+    speculative: SpeculativeDecoding = field(default_factory=SpeculativeDecoding)
     name: str = "custom"
     calibration: dict | None = None  # provenance written by ``quicksilver calibrate``; not a setting
 
@@ -178,11 +187,11 @@ class Config:
     def _build(cls, data: dict) -> "Config":
         if not isinstance(data, dict):
             raise QuicksilverError("a config must be a JSON object")
-        unknown = set(data) - set(MECHANISMS) - {"name", "calibration"}
+        unknown = set(data) - set(SECTIONS) - {"name", "calibration"}
         if unknown:
-            raise QuicksilverError(f"unknown config section(s): {', '.join(sorted(unknown))} (known: {', '.join(MECHANISMS)})")
+            raise QuicksilverError(f"unknown config section(s): {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
         parts = {}
-        for key, kind in MECHANISMS.items():
+        for key, kind in SECTIONS.items():
             settings = data.get(key, {}) or {}
             if not isinstance(settings, dict):
                 raise QuicksilverError(f"config section {key!r} must be a JSON object, got {type(settings).__name__}")
@@ -197,7 +206,7 @@ class Config:
         return cls(**parts, name=data.get("name", "custom"), calibration=calibration)
 
     def to_dict(self) -> dict:
-        data = {"name": self.name, **{key: dataclasses.asdict(getattr(self, key)) for key in MECHANISMS}}
+        data = {"name": self.name, **{key: dataclasses.asdict(getattr(self, key)) for key in SECTIONS}}
         if self.calibration is not None:
             data["calibration"] = self.calibration
         return data
@@ -233,9 +242,9 @@ class Config:
         for item in assignments:
             key, sep, raw = item.partition("=")
             section, dot, name = key.strip().partition(".")
-            if not sep or not dot or section not in MECHANISMS:
-                raise QuicksilverError(f"--set expects SECTION.FIELD=VALUE with SECTION in {', '.join(MECHANISMS)}, got {item!r}")
-            fields = {f.name: f for f in dataclasses.fields(MECHANISMS[section])}
+            if not sep or not dot or section not in SECTIONS:
+                raise QuicksilverError(f"--set expects SECTION.FIELD=VALUE with SECTION in {', '.join(SECTIONS)}, got {item!r}")
+            fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
             if name not in fields:
                 raise QuicksilverError(f"unknown {section} setting {name!r} (known: {', '.join(sorted(fields))})")
             data[section][name] = _parse_value(raw.strip(), fields[name].default, item)

@@ -159,6 +159,11 @@ def generate(
     stop_strings : a row stops once its decoded continuation contains one (needs ``tokenizer``).
     on_token : called as ``on_token(row, token_id)`` for every generated token (streaming).
     """
+    if engine.config.speculative.enabled:  # same tokens (greedy) or distribution (sampling), drafted and verified
+        from .speculative import generate_speculative
+
+        return generate_speculative(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                    stop_strings, tokenizer, on_token)
     spec = engine.spec
     rows = _check_prompts(prompts, max_new_tokens, spec.max_positions)
     if stop_strings and tokenizer is None:

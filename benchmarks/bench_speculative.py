@@ -1,0 +1,211 @@
+"""Speculative decoding benchmark: lossless drafting against HF ``generate`` and HF prompt lookup.
+
+Prompts: benchmarks/prompts/speculative.json (8 open-ended wiki openings; 9 input-grounded
+prompts that repeat, lightly edit or continue a 300-600 token wiki passage, chat template
+applied). For each dtype and batch size (1 and 8) and each prompt group, in turn: HF
+``generate`` (greedy, same dtype), HF assisted generation with ``prompt_lookup_num_tokens=10``
+(batch 1 only: HF runs it at batch 1 only), the engine with speculation off, and the engine
+with each draft setting. EOS does not stop anyone, so every side produces exactly
+``--new-tokens`` tokens. Reported per (dtype, batch, prompt kind, system): tok/s and the ratio
+to HF ``generate`` of the same run, acceptance rate, tokens per verify step, tokens by
+source, and token agreement with the engine's own plain greedy output (first divergence).
+In float32 the speculative outputs must equal plain greedy on every prompt; in bfloat16 a
+k-token verify and k one-token steps may round differently, and the table says how often.
+
+    python benchmarks/bench_speculative.py [--quick] [--threads 1] [--dtypes float32,bfloat16] [--out docs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from quicksilver import load_model  # noqa: E402
+from quicksilver.config import Config  # noqa: E402
+from quicksilver.engine import Engine  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
+
+# name -> speculative settings (None: the engine with speculation off)
+SYSTEMS = {
+    "off": None,
+    "lossless": {"enabled": True, "sources": "lookup,int8"},
+    "lookup": {"enabled": True, "sources": "lookup"},
+    "int8": {"enabled": True, "sources": "int8"},
+    "int4": {"enabled": True, "sources": "int4"},
+}
+KINDS = ("open", "repeat", "edit", "continue")
+
+
+def load_prompts(tok, quick: bool) -> list[dict]:
+    prompts = json.loads((HERE / "prompts" / "speculative.json").read_text(encoding="utf-8"))
+    for p in prompts:
+        if p["chat"]:
+            text = tok.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False, add_generation_prompt=True)
+            p["ids"] = tok(text, add_special_tokens=False).input_ids
+        else:
+            p["ids"] = tok(p["text"]).input_ids
+    if quick:  # two prompts of each kind
+        prompts = [p for k in KINDS for p in [q for q in prompts if q["kind"] == k][:2]]
+    return prompts
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int, **extra):
+    """HF greedy generate on a left-padded batch: (tokens per row, seconds)."""
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dev = model.device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, **extra)
+    _sync(dev)
+    return out[:, width:].tolist(), time.perf_counter() - t0
+
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int | None]:
+    same = total = 0
+    first = None
+    for a, b in zip(ours, ref):
+        for step, (x, y) in enumerate(zip(a, b)):
+            same += x == y
+            total += 1
+            if x != y and (first is None or step < first):
+                first = step
+    return same / max(total, 1), first
+
+
+def run_dtype(dtype: str, args, log) -> list[dict]:
+    model, tok = load_model("smollm2-135m", dtype=dtype)
+    model.generation_config.eos_token_id = None
+    prompts = load_prompts(tok, args.quick)
+    # On a CPU a float32 model has no fast low-bit kernel: the int8/int4 drafts are bfloat16 systems
+    # (the lossless preset leaves them out in float32 by itself; see speculative.usable_sources).
+    skip = {"int8", "int4"} if dtype == "float32" else set()
+    engines = {name: Engine(model, Config.from_dict({"speculative": s} if s else {})) for name, s in SYSTEMS.items()
+               if name in args.systems and name not in skip}
+    rows = []
+    for batch in args.batches:
+        for kind in KINDS:
+            group_all = [p["ids"] for p in prompts if p["kind"] == kind]
+            groups = [group_all[i : i + batch] for i in range(0, len(group_all), batch)]
+            if batch > 1 and len(group_all) < batch:  # fill a batch of 8 by repeating the kind's prompts
+                groups = [(group_all * batch)[:batch]]
+            # Warm-up (kernel choices, allocator) on the first group, a few tokens.
+            hf_generate(model, tok, groups[0], 4)
+            for e in engines.values():
+                e.generate([torch.tensor(p) for p in groups[0]], 12)
+            res: dict[str, dict] = {}
+            systems = ["hf"] + (["hf-lookup"] if batch == 1 else []) + list(engines)
+            for s in systems:
+                res[s] = {"tokens": [], "seconds": 0.0, "spec": []}
+            for group in groups:  # systems alternate group by group
+                for s in systems:
+                    if s.startswith("hf"):
+                        extra = {"prompt_lookup_num_tokens": 10} if s == "hf-lookup" else {}
+                        toks, sec = hf_generate(model, tok, group, args.new_tokens, **extra)
+                    else:
+                        r = engines[s].generate([torch.tensor(p) for p in group], args.new_tokens)
+                        toks, sec = r.tokens, r.total_seconds
+                        if getattr(r, "speculative", None):
+                            res[s]["spec"].append(r.speculative)
+                    res[s]["tokens"] += toks
+                    res[s]["seconds"] += sec
+            hf_tps = sum(map(len, res["hf"]["tokens"])) / res["hf"]["seconds"]
+            plain = res["off"]["tokens"] if "off" in res else res["hf"]["tokens"]
+            for s in systems:
+                n = sum(map(len, res[s]["tokens"]))
+                agree, first = agreement(res[s]["tokens"], plain)
+                row = {"dtype": dtype, "batch": batch, "kind": kind, "system": s, "prompts": len(group_all),
+                       "new_tokens": n, "tokens_per_s": n / res[s]["seconds"], "speed_ratio": n / res[s]["seconds"] / hf_tps,
+                       "agreement_with_plain": agree, "first_divergence": first}
+                if res[s]["spec"]:
+                    specs = res[s]["spec"]
+                    drafted = sum(x["drafted"] for x in specs)
+                    accepted = sum(x["accepted"] for x in specs)
+                    steps = sum(x["verify_steps"] for x in specs)
+                    row.update(acceptance_rate=accepted / drafted if drafted else 0.0, tokens_per_step=n / steps if steps else 0.0,
+                               by_source={name: {k: sum(x["sources"][name][k] for x in specs) for k in ("drafted", "accepted", "emitted", "steps")}
+                                          for name in specs[0]["sources"]})
+                rows.append(row)
+                log(f"{dtype} batch {batch} {kind:8s} {s:9s}: {row['tokens_per_s']:6.1f} tok/s ({row['speed_ratio']:.2f}x HF), "
+                    f"agreement {agree:.1%}" + (f", acceptance {row['acceptance_rate']:.0%}, {row['tokens_per_step']:.2f} tok/step"
+                                               if "acceptance_rate" in row else ""))
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; smollm2-135m, "
+             f"{meta['new_tokens']} new tokens per prompt, greedy, EOS ignored. {meta['note']}", "",
+             "| dtype | batch | prompts | system | tok/s | vs HF generate | agreement with plain greedy | first divergence "
+             "| acceptance | tokens / verify | accepted by source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        by = ", ".join(f"{k} {v['accepted']}/{v['drafted']}" for k, v in r.get("by_source", {}).items() if v["steps"])
+        acc = f"{r['acceptance_rate']:.0%}" if "acceptance_rate" in r else ""
+        tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else ""
+        first = "none" if r["first_divergence"] is None else r["first_divergence"]
+        lines.append(f"| {r['dtype']} | {r['batch']} | {r['kind']} ({r['prompts']}) | {r['system']} | {r['tokens_per_s']:.1f} "
+                     f"| {r['speed_ratio']:.2f}x | {r['agreement_with_plain']:.1%} | {first} | {acc} | {tps} | {by} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--quick", action="store_true", help="two prompts per kind, 32 new tokens")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--out", default="docs/results")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from quicksilver import kernels
+
+    # Kernel choices measured in this process (during the warm-ups), not read from the shared cache file.
+    kernels.set_kernel_table(kernels.KernelTable(None))
+    args.new_tokens = args.new_tokens or (32 if args.quick else 128)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.systems = args.systems.split(",")
+    from sweep_engine import machine
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    rows = []
+    for dtype in args.dtypes.split(","):
+        rows += run_dtype(dtype, args, log)
+    meta = {
+        "command": "python benchmarks/bench_speculative.py " + " ".join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine("cpu"),
+        "torch": torch.__version__, "new_tokens": args.new_tokens,
+        "note": "Ratios are within one run (HF and the engine alternate prompt group by prompt group)."
+                + (" Quick run: two prompts per kind." if args.quick else ""),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "speculative.json", {"meta": meta, "rows": rows})
+    write_atomic(out / "speculative.md", markdown(meta, rows))
+    bad = [r for r in rows if r["dtype"] == "float32" and r["system"] in SYSTEMS and r["agreement_with_plain"] < 1]
+    for r in bad:
+        log(f"NOT EQUAL in float32: {r['system']} batch {r['batch']} {r['kind']} (first divergence {r['first_divergence']})")
+
+
+if __name__ == "__main__":
+    main()
