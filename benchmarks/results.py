@@ -64,7 +64,6 @@ def run(step: str) -> None:
 
 def pareto_markdown(folder: Path) -> str:
     """Tables for one ``quicksilver sweep`` output folder, and its plot."""
-    from quicksilver.hardware import describe
     from quicksilver.results_io import write_atomic
     from quicksilver.sweep import TIE, matched_comparison, plot_pareto
 
@@ -102,6 +101,7 @@ def pareto_markdown(folder: Path) -> str:
 
 def assemble() -> None:
     sys.path.insert(0, str(ROOT / "src"))
+    from quicksilver.hardware import describe
     from quicksilver.results_io import write_atomic
 
     template = (ROOT / "benchmarks" / "RESULTS.template.md").read_text()
