@@ -39,7 +39,7 @@ def test_local_folder_loads_a_saved_tiny_model(tmp_path):
     m.save_pretrained(tmp_path)
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tmodels.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
     tok.save_pretrained(tmp_path)
-    loaded, _ = load_model(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path), dtype="float32")
     ids = torch.randint(0, 99, (1, 9))
     assert torch.equal(loaded(ids).logits, m(ids).logits)
 
