@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -35,19 +34,10 @@ import torch
 from quicksilver import load_corpus, load_model
 from quicksilver.config import Config
 from quicksilver.evaluate import make_engine
+from quicksilver.hardware import describe
 from quicksilver.results_io import write_atomic, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def prompts_from_corpus(tok, n: int) -> list[str]:
@@ -258,7 +248,7 @@ def main() -> None:
     meta = {
         "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, CPU", "torch": torch.__version__,
+        "machine": describe(), "torch": torch.__version__,
         "model": args.model, "preset": args.preset, "dtype": args.dtype, "max_tokens": args.max_tokens,
         "max_batch": args.max_batch, "prompts": len(prompts),
     }
