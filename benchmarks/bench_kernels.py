@@ -91,7 +91,7 @@ def main() -> None:
             sequence[f"int{bits} {name} (group {group})"] = (t, nbytes)
     header = (f"Command: `python benchmarks/bench_kernels.py --out {args.out}` — "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; "
-              f"activations {args.dtype}; medians of interleaved runs.")
+              f"activations {args.dtype}; medians of repeated runs, one kernel after another.")
     lines = [header, "", f"Copy bandwidth (read + write): **{bw:.1f} GB/s**.", "",
              "**Decode working set**: all 210 decoder linears + LM head at one row, in sequence (one decode step's matmuls):", "",
              "| kernel | ms per step | weight MB read | GB/s | share of copy bandwidth |", "|---|---|---|---|---|"]

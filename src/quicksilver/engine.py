@@ -111,7 +111,6 @@ class Engine:
         self._uniform_bits = amq.initial_bits() if amq.enabled and not amq.adaptive else None
         self._fused = None  # per layer: {"qkv": ..., "gate_up": ...} quantized linears over concatenated weights
         self._record = None  # per (layer, linear): running max |x| of inputs, while calibrating
-        amq = self.config.amq
         if amq.enabled:
             from .quant import QuantizedLinear, smoothing_factors
 

@@ -205,7 +205,7 @@ def time_call(fn, reps: int = 7, budget_s: float = 0.05) -> float:
 
 
 def measure_shape(w: NestedWeight, bits: int, dtype: torch.dtype, rows=ROW_BUCKETS) -> dict[int, dict[str, float]]:
-    """Microseconds of every applicable kernel at each row count, candidates interleaved per row count."""
+    """Microseconds of every applicable kernel at each row count, one kernel after another (median of a few runs each)."""
     names = candidates(w, bits)
     out = {}
     for n in rows:
