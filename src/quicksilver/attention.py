@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .kernels import decode_attention
 from .mechanisms import kv_select
 
 QUERY_BLOCK = 128
@@ -25,6 +26,8 @@ QUEST_PER_QUERY = 32  # up to this many queries, quest selects pages per query r
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
     # q (Tq, H, hd), k/v (Tk, Hkv, hd) -> (Tq, H*hd); SDPA wants (1, heads, T, hd).
+    if q.shape[0] == 1 and not is_causal:  # one decode query: the kernel measured fastest for it
+        return decode_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, scale)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=None if mask is None else mask[None, None], is_causal=is_causal, scale=scale,

@@ -18,6 +18,7 @@ from .adapters import adapter_for
 from .adapters.base import apply_rotary_signed, signed_sin, to_device
 from .attention import _additive, _sdpa, attend, attend_selected, block_plan
 from .config import Config
+from .kernels import decode_attention
 from .ledger import Ledger
 from .mechanisms import kv_select
 from .mechanisms.halting import relative_drift
@@ -285,8 +286,14 @@ class Engine:
         ``rope`` holds per-row (cos, sin) tables; ``q_rows``/``k_rows`` pick the rows (None: all).
         """
         spec = self.spec
-        if self._fused is not None and q_in_kv is None:  # queries are the K/V rows: one matmul for q, k and v
-            q, k, v = self._fused[l]["qkv"](x_kv, self._bits_of(bits, k_rows)).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+        fused = None
+        if q_in_kv is None:  # queries are the K/V rows: one matmul for q, k and v
+            if self._fused is not None:
+                fused = self._fused[l]["qkv"](x_kv, self._bits_of(bits, k_rows))
+            elif self._quant is None and self._record is None and self.adapter.layers[l].qkv is not None:
+                fused = self.adapter.layers[l].qkv(x_kv)
+        if fused is not None:
+            q, k, v = fused.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
             q = q.reshape(-1, spec.n_heads, spec.head_dim)
             k = k.reshape(-1, spec.n_kv_heads, spec.head_dim)
             v = v.reshape(-1, spec.n_kv_heads, spec.head_dim)
@@ -354,6 +361,8 @@ class Engine:
             gate_up = None
             if self._fused is not None and "gate_up" in self._fused[l]:
                 gate_up = lambda x, f=self._fused[l]["gate_up"], b=self._bits_of(bits, mlp_rows): f(x, b)  # noqa: E731
+            elif self._quant is None and self._record is None:
+                gate_up = p.gate_up
             h = _add(h, mlp_rows, p.post_mlp(p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up)))
         return h, pairs
 
@@ -366,21 +375,20 @@ class Engine:
         n = [c.count(l) for c in caches]
         slots = [c.slot for c in caches]
         slot_t, at = torch.tensor(slots, device=q.device), torch.tensor(n, device=q.device)
-        for buf, new in ((pool.k[l], k), (pool.v[l], v), (pool.pos[l], pos)):
-            buf[slot_t, at] = new  # row i's new entry into its next free slot
+        pool.k[l][slot_t, :, at] = k  # row i's new entry into its next free slot (buffers are head-major)
+        pool.v[l][slot_t, :, at] = v
+        pool.pos[l][slot_t, at] = pos
         for c, m in zip(caches, n):
             c._n[l] = m + 1
         T = max(n) + 1
-        if slots == list(range(slots[0], slots[0] + len(slots))):  # (B, T, Hkv, hd) views, no copy
-            keys, values = pool.k[l][slots[0] : slots[-1] + 1, :T], pool.v[l][slots[0] : slots[-1] + 1, :T]
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # (B, Hkv, T, hd) views, no copy
+            keys, values = pool.k[l][slots[0] : slots[-1] + 1, :, :T], pool.v[l][slots[0] : slots[-1] + 1, :, :T]
         else:
-            keys, values = pool.k[l][slot_t, :T], pool.v[l][slot_t, :T]
-        live = torch.arange(T, device=q.device)[None, :] <= at[:, None]  # (B, T): each row's own entries
-        mask = _additive(live, q.dtype)[:, None, None, :]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1])  # (B, H, 1, hd)
-        return out.reshape(q.shape[0], -1), sum(n) + len(n)
+            keys, values = pool.k[l][slot_t, :, :T], pool.v[l][slot_t, :, :T]
+        mask = None
+        if min(n) != max(n):  # rows of different lengths: each row reads only its own entries
+            mask = _additive(torch.arange(T, device=q.device)[None, :] <= at[:, None], q.dtype)  # (B, T)
+        return decode_attention(q, keys, values, mask, scale), sum(n) + len(n)
 
     @staticmethod
     def _compress(cache, l, kv, q, q_pos, scale, slack):

