@@ -9,7 +9,7 @@ before any server starts: a response that differs, is cut short or fails counts 
 the run. Reports throughput (generated tokens per second of wall clock), p50/p95 time to
 first token and latency per level, and writes serve.json, serve.md and serve_latency.png.
 
-    python benchmarks/bench_serve.py [--concurrency 1,8,32] [--requests 16,64,128] [--max-tokens 16] [--out docs/results]
+    python benchmarks/bench_serve.py [--concurrency 1,8,32] [--requests 16,64,128] [--sequential 8:24] [--max-tokens 32] [--out docs/results]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--requests", default="16,64,128", help="requests at each concurrency (>= 200 in all by default)")
     ap.add_argument("--sequential", default="8:24", help="CLIENTS:REQUESTS sent to the one-at-a-time server")
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=16, help="distinct wiki prompts")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
@@ -226,21 +226,36 @@ def main() -> None:
     refs = references(args, prompts)
     print(f"references: {len(refs)} prompts served alone in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    rows = []
-    for mode, max_batch, plan in (("continuous", args.max_batch, list(zip(levels, counts))),
-                                  ("one-at-a-time", 1, [(seq_clients, seq_requests)])):
-        server = Server(args, max_batch)
-        try:
-            asyncio.run(run_level(server.url, prompts[:2], 2, 2, 4))  # warm-up
-            for concurrency, n in plan:
-                results, wall = asyncio.run(run_level(server.url, prompts, concurrency, n, args.max_tokens))
-                row = summarize(mode, concurrency, results, wall, refs)
-                rows.append(row)
-                print(f"{mode} x{concurrency}: {row['requests']} requests, {row['tokens_per_second']:.1f} tok/s, "
-                      f"TTFT p50 {row['ttft_p50']:.2f} s, latency p50 {row['latency_p50']:.2f} s p95 {row['latency_p95']:.2f} s, "
-                      f"errors {row['errors']}, mismatched {row['mismatched']}", file=sys.stderr, flush=True)
-        finally:
+    # Both servers run side by side and their levels are interleaved (one-at-a-time, then the
+    # continuous levels, then one-at-a-time again), so that a change in the machine's load
+    # during the run falls on both sides of the ratio.
+    load_before = os.getloadavg()
+    servers = {}
+    try:
+        for mode, max_batch in (("continuous", args.max_batch), ("one-at-a-time", 1)):
+            servers[mode] = Server(args, max_batch)
+            asyncio.run(run_level(servers[mode].url, prompts[:2], 2, 2, 4))  # warm-up
+        first = seq_requests // 2
+        plan = ([("one-at-a-time", seq_clients, first)] + [("continuous", c, n) for c, n in zip(levels, counts)]
+                + [("one-at-a-time", seq_clients, seq_requests - first)])
+        rows, seq_results, seq_wall = [], [], 0.0
+        for mode, concurrency, n in plan:
+            results, wall = asyncio.run(run_level(servers[mode].url, prompts, concurrency, n, args.max_tokens))
+            if mode == "one-at-a-time":  # two halves, one row
+                seq_results += results
+                seq_wall += wall
+                if len(seq_results) < seq_requests:
+                    continue
+                results, wall = seq_results, seq_wall
+            row = summarize(mode, concurrency, results, wall, refs)
+            rows.append(row)
+            print(f"{mode} x{concurrency}: {row['requests']} requests, {row['tokens_per_second']:.1f} tok/s, "
+                  f"TTFT p50 {row['ttft_p50']:.2f} s, latency p50 {row['latency_p50']:.2f} s p95 {row['latency_p95']:.2f} s, "
+                  f"errors {row['errors']}, mismatched {row['mismatched']}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
             server.close()
+    load_after = os.getloadavg()
 
     seq = next(r for r in rows if r["mode"] == "one-at-a-time")
     for r in rows:
@@ -251,6 +266,8 @@ def main() -> None:
         "machine": describe(), "torch": torch.__version__,
         "model": args.model, "preset": args.preset, "dtype": args.dtype, "max_tokens": args.max_tokens,
         "max_batch": args.max_batch, "prompts": len(prompts),
+        # Load average (1 min) before and after the timed levels; QS_QUIET: other processes were paused.
+        "load_1min": [round(load_before[0], 2), round(load_after[0], 2)], "quiet": os.environ.get("QS_QUIET") == "1",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,10 +276,13 @@ def main() -> None:
                                           f"{args.max_tokens} new tokens per request ({meta['date']})")
     total = sum(r["requests"] for r in rows)
     lines = [
-        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']} — load average "
+        f"{meta['load_1min'][0]:.1f} before, {meta['load_1min'][1]:.1f} after"
+        f"{' (other processes paused: /work/wt/bin/quiet)' if meta['quiet'] else ' (machine shared with other work)'}; "
         f"{args.model} {args.dtype}, preset `{args.preset}`, {len(prompts)} wiki prompts of 12-48 tokens, greedy, "
         f"{args.max_tokens} new tokens at most per request (EOS may end one earlier), streamed; {total} requests in all. "
-        f"Continuous batching: `--max-batch {args.max_batch}`; one-at-a-time: `--max-batch 1`. Every response is checked against "
+        f"Continuous batching: `--max-batch {args.max_batch}`; one-at-a-time: `--max-batch 1`; both servers up at once, "
+        "one-at-a-time measured in two halves, before and after the continuous levels. Every response is checked against "
         "the same prompt's greedy output generated alone in the benchmark's process.",
         "",
         "| server | clients | requests | errors | mismatched or cut | tokens/s | vs one-at-a-time | TTFT p50 | TTFT p95 | latency p50 | latency p95 |",

@@ -66,7 +66,7 @@ def engine(tiny_folder):
     from quicksilver.engine import Engine
     from quicksilver.models import load_model
 
-    model, tok = load_model(str(tiny_folder))
+    model, tok = load_model(str(tiny_folder), dtype="float32")  # the equality promise is for float32
     return Engine(model, Config()), tok
 
 
@@ -104,16 +104,59 @@ def test_a_batched_request_equals_itself_served_alone(server_process, engine):
     from quicksilver.serve import GenerationRequest
 
     eng, tok = engine
-    prompts = [tok(t).input_ids for t in ("The history of Rome", "Once upon a time there was", "A", "Water boils at")]
-    settings = [dict(temperature=0.0), dict(temperature=0.9, seed=1), dict(temperature=0.0), dict(temperature=0.7, top_p=0.9, seed=5)]
-    reqs = [GenerationRequest(prompt_ids=p, max_tokens=5 + 2 * i, **s) for i, (p, s) in enumerate(zip(prompts, settings))]
-    # one newcomer per step boundary: rows join a running batch and leave it at different steps
-    sched = _run_scheduler(eng, tok, reqs, max_batch=3, prefill_tokens_per_step=1)
-    for r, p, s in zip(reqs, prompts, settings):
-        alone = eng.generate(torch.tensor(p), r.max_tokens, eos_token_id=tok.eos_token_id, **s).tokens[0]
-        assert r.tokens == alone and r.finish_reason == "length"
-        assert r.text == tok.decode(alone, skip_special_tokens=True)
-    assert sched.generated_tokens == sum(r.max_tokens for r in reqs) and sched.batch_size == 0
+    long = tok("The history of Rome " * 80).input_ids  # longer than the pool's first rows (256): the pool grows mid-run
+    prompts = [tok(t).input_ids for t in ("The history of Rome", "Once upon a time there was", "A", "Water boils at")] + [long]
+    settings = [dict(temperature=0.0), dict(temperature=0.9, seed=1), dict(temperature=0.0), dict(temperature=0.7, top_p=0.9, seed=5),
+                dict(temperature=0.0)]
+    for per_step in (1, 512):  # one newcomer per step boundary (rows join and leave at different steps), then several at once
+        reqs = [GenerationRequest(prompt_ids=p, max_tokens=5 + 2 * i, **s) for i, (p, s) in enumerate(zip(prompts, settings))]
+        sched = _run_scheduler(eng, tok, reqs, max_batch=3, prefill_tokens_per_step=per_step)
+        for r, p, s in zip(reqs, prompts, settings):
+            alone = eng.generate(torch.tensor(p), r.max_tokens, eos_token_id=tok.eos_token_id, **s).tokens[0]
+            assert r.tokens == alone and r.finish_reason == "length"
+            assert r.text == tok.decode(alone, skip_special_tokens=True)
+        assert sched.generated_tokens == sum(r.max_tokens for r in reqs) and sched.batch_size == 0 and sched.free_rows == 3
+        spec = eng.spec
+        assert sched.pool_bytes > 3 * 256 * spec.n_layers * 2 * spec.kv_dim * 4  # 3 rows of more than 256 float32 entries
+
+
+def test_a_cancelled_request_gives_its_row_to_the_next(server_process, engine):
+    """One pool row: a running request is dropped, the waiting one gets that row, with none of its entries."""
+    from quicksilver.serve import GenerationRequest, Scheduler
+
+    eng, tok = engine
+    sched = Scheduler(eng, tok, max_batch=1, eos_token_ids=[tok.eos_token_id]).start()
+    first = GenerationRequest(prompt_ids=tok("A long story about ships").input_ids, max_tokens=LIMIT)
+    second = GenerationRequest(prompt_ids=tok("Water boils at").input_ids, max_tokens=6)
+    sched.submit(first)
+    deadline = time.time() + 30
+    while len(first.tokens) < 20 and time.time() < deadline:  # it has written more entries than the next one will
+        time.sleep(0.01)
+    sched.submit(second)
+    held, pool = sched.free_rows, sched.pool_bytes
+    sched.cancel(first)
+    while second.finished_at is None and time.time() < deadline:
+        time.sleep(0.01)
+    sched.stop()
+    assert held == 0 and second.finish_reason == "length" and first.finish_reason is None
+    assert second.tokens == eng.generate(torch.tensor(second.prompt_ids), 6, eos_token_id=tok.eos_token_id).tokens[0]
+    assert sched.free_rows == 1 and sched.pool_bytes == pool and sched.outcomes() == {"cancelled": 1, "length": 1}
+
+
+def test_kv_skipping_rows_keep_caches_of_their_own(server_process, engine):
+    """KV skipping shrinks caches row by row: no pool, and a batched row still equals itself alone."""
+    from quicksilver import Config
+    from quicksilver.engine import Engine
+    from quicksilver.serve import GenerationRequest
+
+    eng, tok = engine
+    kv = Engine(eng.model, Config.from_dict({"kv": {"enabled": True, "sink_tokens": 1, "recent_window": 4}}))
+    prompts = [tok(t).input_ids for t in ("The history of Rome", "Once upon a time there was")]
+    reqs = [GenerationRequest(prompt_ids=p, max_tokens=8) for p in prompts]
+    sched = _run_scheduler(kv, tok, reqs, max_batch=2)
+    for r, p in zip(reqs, prompts):
+        assert r.tokens == kv.generate(torch.tensor(p), 8, eos_token_id=tok.eos_token_id).tokens[0]
+    assert sched.pool_bytes == 0 and sched.free_rows == 2
 
 
 def test_an_engine_fault_fails_that_request_alone(server_process, engine):
@@ -256,7 +299,7 @@ def test_full_queue_gets_429_and_dropped_streams_free_their_rows(server):
     for s in streams:  # clients go away mid-stream
         s.close()
     after = _wait(server, lambda h: h["batch_size"] == 0 and h["queue_depth"] == 0)
-    assert after["kv_bytes"] == 0 and after["finished"].get("cancelled", 0) - before["finished"].get("cancelled", 0) == 3
+    assert after["kv_bytes"] == 0 and after["free_rows"] == 2 and after["finished"].get("cancelled", 0) - before["finished"].get("cancelled", 0) == 3
     assert after["generated_tokens"] - before["generated_tokens"] < LIMIT  # cancelled long before the end
     assert client.completions.create(model=None, prompt="x", max_tokens=3).choices[0].finish_reason == "length"
     assert _health(server)["status"] == "ok"

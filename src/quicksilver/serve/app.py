@@ -370,6 +370,7 @@ def create_app(engine, tokenizer, model_name: str, settings: ServeSettings | Non
             "queue_depth": scheduler.queue_depth,
             "max_batch": settings.max_batch,
             "max_queue": settings.max_queue,
+            "free_rows": scheduler.free_rows,
             "generated_tokens": scheduler.generated_tokens,
             "kv_bytes": scheduler.kv_bytes,
             "kv_full_bytes": scheduler.kv_full_bytes,

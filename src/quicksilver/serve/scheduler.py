@@ -1,17 +1,24 @@
 """Continuous batching: one thread owns the engine's batch.
 
 Requests wait in a bounded queue. At every step boundary the scheduler drops cancelled
-rows, admits waiting requests while the batch has room (each newcomer's prefill runs
-between two decode steps of the others, at most ``prefill_tokens_per_step`` prompt
-tokens per boundary), then runs one batched decode step for every active row and
-samples each row with the request's own sampler, so a request's tokens never depend on
-its neighbours. A row leaves the batch, and its cache is released, when it finishes or
-is cancelled. The HTTP layer only submits, cancels and listens to events.
+rows, admits waiting requests while the batch has room (the newcomers' prompts are
+prefilled together, in one pass, between two decode steps of the others, at most
+``prefill_tokens_per_step`` prompt tokens per boundary), then runs one batched decode
+step for every active row and samples each row with the request's own sampler, so a
+request's tokens never depend on its neighbours.
+
+The caches are rows of one preallocated ``CachePool`` of ``max_batch`` rows, so a decode
+step attends for every row in one call per layer: a request takes a free row when it
+joins and gives it back when it finishes, is cancelled or fails. The pool grows (live
+rows copied over) when a newcomer needs more entries than a row holds. With KV skipping
+on, whose caches shrink row by row, every request gets a cache of its own instead (as
+``generate`` does). The HTTP layer only submits, cancels and listens to events.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import secrets
 import threading
@@ -21,8 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cache import SequenceCache
-from ..generate import decode_one_token, make_sampler, prefill
+from ..cache import CachePool, SequenceCache
+from ..generate import decode_one_token, make_sampler, prefill, prefill_batch
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +92,19 @@ class GenerationRequest:
         return None if self.first_token_at is None else self.first_token_at - self.submitted_at
 
 
-@dataclass
 class _Row:
-    request: GenerationRequest
-    cache: SequenceCache
-    sample: Callable
-    next_token: int = -1  # sampled, not yet fed to the model
+    """A running request: its cache (a pool row, or one of its own at ``slot`` -1), sampler and text state."""
+
+    __slots__ = ("request", "cache", "slot", "sample", "greedy", "next_token", "full_text", "prefix_offset", "read_offset")
+
+    def __init__(self, request: GenerationRequest, cache: SequenceCache, slot: int, sample: Callable):
+        self.request, self.cache, self.slot, self.sample = request, cache, slot, sample
+        self.greedy = request.temperature == 0  # argmax over the whole batch at once
+        self.next_token = -1  # sampled, not yet fed to the model
+        self.full_text = ""  # decoded so far, including what stop strings hold back
+        # Incremental detokenization: decode only a window of recent tokens per step
+        # (tokens[prefix_offset:read_offset] were decoded already; vLLM does the same).
+        self.prefix_offset = self.read_offset = 0
 
 
 class Scheduler:
@@ -100,23 +114,33 @@ class Scheduler:
     ----------
     engine : quicksilver Engine (its config's mechanisms apply; fusion is prefill-only in the engine)
     tokenizer : decodes generated tokens (stop strings, streaming text)
-    max_batch : int, default 8. Rows decoded together at most.
+    max_batch : int, default 8. Rows decoded together at most (the rows of the cache pool).
     max_queue : int, default 64. Requests waiting for a row at most; more raise QueueFull.
     prefill_tokens_per_step : int, default 512. Prompt tokens prefilled between two decode
         steps at most (one newcomer always fits), so newcomers delay running rows by a bounded amount.
     eos_token_ids : ids that end a request with finish_reason ``stop``.
+    pool_bytes : int, default 2 GiB. Largest cache pool (keys and values of ``max_batch`` rows);
+        a request that needs longer rows than that allows gets a cache of its own, and
+        while it runs the batch attends row by row.
     """
 
     def __init__(self, engine, tokenizer, max_batch: int = 8, max_queue: int = 64, prefill_tokens_per_step: int = 512,
-                 eos_token_ids=()):
+                 eos_token_ids=(), pool_bytes: int = 2 << 30):
         if max_batch < 1 or max_queue < 0 or prefill_tokens_per_step < 1:
             raise ValueError("max_batch and prefill_tokens_per_step must be >= 1 and max_queue >= 0")
         self.engine, self.tokenizer = engine, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens_per_step = max_batch, max_queue, prefill_tokens_per_step
         self.eos = set(eos_token_ids)
-        self.device = next(engine.model.parameters()).device
+        param = next(engine.model.parameters())
+        self.device, self._dtype = param.device, param.dtype
         spec = engine.spec
-        self._entry_bytes = spec.n_layers * 2 * spec.kv_dim * next(engine.model.parameters()).element_size()
+        self._entry_bytes = spec.n_layers * 2 * spec.kv_dim * param.element_size()  # one token, every layer
+        # As generate.new_caches: KV skipping shrinks caches row by row, so its rows are not pooled.
+        self._pooling = not engine.config.kv.enabled
+        self._pool: Optional[CachePool] = None
+        self._pool_capacity = 0  # entries per row and layer
+        self._max_pool_capacity = min(spec.max_positions, pool_bytes // (max_batch * self._entry_bytes))
+        self._free = list(range(max_batch))  # a heap: the lowest free rows first, so a batch's rows stay contiguous
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._rows: list[_Row] = []
         self._cv = threading.Condition()
@@ -129,8 +153,11 @@ class Scheduler:
         self.failed = 0
         self.last_error: Optional[str] = None
         self.batch_size = 0
+        self.free_rows = max_batch  # pool rows not held by a request
+        self.pool_bytes = 0  # keys and values allocated for the pool
         self.kv_bytes = 0
         self.kv_full_bytes = 0
+        self._kv_noted_at = 0.0
         self.steps = 0
         self.step_tokens_per_second = 0.0
 
@@ -200,13 +227,13 @@ class Scheduler:
                     newcomers = self._take_newcomers()
                 try:
                     self._drop_cancelled()
-                    for request in newcomers:
-                        self._admit(request)
+                    if newcomers:
+                        self._admit(newcomers)
                     if self._rows:
                         self._step()
                 except Exception as e:  # a bug outside any one request: fail the batch, keep serving
                     for row in self._rows:
-                        self._fail(row.request, e)
+                        self._fail(row, e)
                     self._rows = []
                 self._note_state()
         for row in self._rows:
@@ -227,35 +254,91 @@ class Scheduler:
         for row in self._rows:
             if row.request.cancelled:
                 self._count("cancelled")
+                self._release(row)
             else:
                 kept.append(row)
-        self._rows = kept  # dropping the row drops its cache
+        self._rows = kept
 
-    def _fail(self, request: GenerationRequest, error: BaseException) -> None:
+    def _fail(self, row: _Row, error: BaseException) -> None:
         log.exception("request failed", exc_info=error)
+        self._release(row)
         self.failed += 1
         self._count("error")
         self.last_error = f"{type(error).__name__}: {error}"
-        request.finished_at = time.perf_counter()
-        request.on_event(Event("error", message=f"internal error ({type(error).__name__}: {error})"))
+        row.request.finished_at = time.perf_counter()
+        row.request.on_event(Event("error", message=f"internal error ({type(error).__name__}: {error})"))
 
-    def _admit(self, request: GenerationRequest) -> None:
-        if request.cancelled:
-            self._count("cancelled")
+    # ---- cache rows ----------------------------------------------------------------------
+
+    def _acquire(self, request: GenerationRequest) -> tuple[SequenceCache, int]:
+        """A cache for the request: a free pool row when pooling applies and one fits, else its own."""
+        need = len(request.prompt_ids) + request.max_tokens
+        if not self._pooling or need > self._max_pool_capacity:
+            return SequenceCache(self.engine.spec.n_layers, capacity=need), -1
+        if need > self._pool_capacity:
+            self._grow_pool(need)
+        slot = heapq.heappop(self._free)
+        cache = self._pool.rows[slot]
+        cache.truncate(0)  # forget the previous holder's entries (every position is >= 0)
+        cache.peak_bytes = 0
+        return cache, slot
+
+    def _release(self, row: _Row) -> None:
+        """Give the row's pool slot back (idempotent); a cache of its own is simply dropped."""
+        if row.slot >= 0:
+            heapq.heappush(self._free, row.slot)
+            row.slot = -1
+
+    def _grow_pool(self, need: int) -> None:
+        """Replace the pool by one with rows of at least ``need`` entries; live rows move over."""
+        spec = self.engine.spec
+        capacity = min(self._max_pool_capacity, max(need, 2 * self._pool_capacity, 256))
+        pool = CachePool(spec.n_layers, self.max_batch, capacity, spec.n_kv_heads, spec.head_dim, self._dtype, self.device)
+        for row in self._rows:
+            if row.slot >= 0:
+                new = pool.rows[row.slot]
+                for layer in range(spec.n_layers):
+                    e = row.cache.get(layer)
+                    if e is not None:
+                        new.append(layer, e.k, e.v, e.pos)
+                new.length, new.peak_bytes = row.cache.length, row.cache.peak_bytes
+                row.cache = new
+        self._pool, self._pool_capacity = pool, capacity
+        self.pool_bytes = sum(k.nbytes + v.nbytes for k, v in zip(pool.k, pool.v))
+
+    # ---- prefill and decode --------------------------------------------------------------
+
+    def _admit(self, requests: list[GenerationRequest]) -> None:
+        """Prefill the newcomers together, each into its own row; sample their first tokens."""
+        rows = []
+        for request in requests:
+            if request.cancelled:
+                self._count("cancelled")
+                continue
+            try:
+                seed = request.seed if request.seed is not None else secrets.randbits(63)
+                sample = make_sampler(request.temperature, request.top_k, request.top_p, seed)
+                cache, slot = self._acquire(request)
+            except Exception as e:  # this request alone fails
+                self._fail(_Row(request, None, -1, None), e)
+                continue
+            rows.append(_Row(request, cache, slot, sample))
+        if not rows:
             return
+        ids = [torch.tensor(r.request.prompt_ids, dtype=torch.long, device=self.device) for r in rows]
         try:
-            seed = request.seed if request.seed is not None else secrets.randbits(63)
-            sample = make_sampler(request.temperature, request.top_k, request.top_p, seed)
-            cache = SequenceCache(self.engine.spec.n_layers)
-            ids = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-            logits, _ = prefill(self.engine, ids, cache)  # (1, V)
-            token = int(sample(logits)[0])
-        except Exception as e:  # this request alone fails
-            self._fail(request, e)
-            return
-        row = _Row(request, cache, sample)
-        if self._advance(row, token):
-            self._rows.append(row)
+            logits, _ = prefill_batch(self.engine, ids, [r.cache for r in rows])  # (B, V)
+            outcome = [logits[j : j + 1] for j in range(len(rows))]
+        except Exception:
+            outcome = []  # find the culprit: each prompt alone, from an empty cache
+            for row, x in zip(rows, ids):
+                row.cache.truncate(0)
+                try:
+                    outcome.append(prefill(self.engine, x, row.cache)[0])
+                except Exception as e:
+                    outcome.append(e)
+        self._rows.extend(self._sample_and_advance(rows, outcome))
+        self._rows.sort(key=lambda r: r.slot)  # slots in order: the pool's rows are read as one view
 
     def _step(self) -> None:
         """One decode step for every active row; a row that fails (alone) leaves, the others go on."""
@@ -264,8 +347,7 @@ class Scheduler:
         snapshots = [_snapshot(r.cache) for r in rows]
         t0 = time.perf_counter()
         try:
-            logits, _ = decode_one_token(self.engine, tokens, [r.cache for r in rows])  # (B, V)
-            outcome = [logits[j : j + 1] for j in range(len(rows))]
+            outcome, _ = decode_one_token(self.engine, tokens, [r.cache for r in rows])  # (B, V)
         except Exception:
             # Find the culprit: restore every cache and run each row alone.
             outcome = []
@@ -278,19 +360,31 @@ class Scheduler:
         elapsed = time.perf_counter() - t0
         self.steps += 1
         self.step_tokens_per_second = len(rows) / elapsed if elapsed > 0 else 0.0
+        self._rows = self._sample_and_advance(rows, outcome)
+
+    def _sample_and_advance(self, rows: list[_Row], outcome) -> list[_Row]:
+        """Sample each row's next token from its logits (a (B, V) tensor, or per row (1, V) or an
+        exception); the rows that go on."""
+        greedy = None
+        if isinstance(outcome, torch.Tensor):
+            if any(r.greedy for r in rows):
+                greedy = outcome.argmax(-1).tolist()  # one op for every greedy row; argmax is per row
+            outcome = [outcome[j : j + 1] for j in range(len(rows))]
         kept = []
-        for row, result in zip(rows, outcome):
+        for j, (row, result) in enumerate(zip(rows, outcome)):
             if isinstance(result, Exception):
-                self._fail(row.request, result)
+                self._fail(row, result)
                 continue
             try:
-                token = int(row.sample(result)[0])
+                token = greedy[j] if greedy is not None and row.greedy else int(row.sample(result)[0])
             except Exception as e:
-                self._fail(row.request, e)
+                self._fail(row, e)
                 continue
             if self._advance(row, token):
                 kept.append(row)
-        self._rows = kept
+            else:
+                self._release(row)
+        return kept
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Record a sampled token, send the new text; False when the request is finished."""
@@ -302,16 +396,15 @@ class Scheduler:
         self.generated_tokens += 1
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
-        text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
-        reason = None
-        if token in self.eos:
-            reason = "stop"
+        reason = "stop" if token in self.eos else None
+        if reason is None and len(req.tokens) >= req.max_tokens:
+            reason = "length"
+        row.full_text += self._new_text(row, final=reason is not None)
+        text = row.full_text
         cut = _first_stop(text, req.stop)
         if cut is not None:
             text, reason = text[:cut], "stop"
-        elif reason is None and len(req.tokens) >= req.max_tokens:
-            reason = "length"
-        if reason is None:
+        elif reason is None:
             text = _safe_prefix(text, req.stop)
         if len(text) > len(req.text):
             delta, req.text = text[len(req.text):], text
@@ -324,10 +417,32 @@ class Scheduler:
         row.next_token = token
         return True
 
+    def _new_text(self, row: _Row, final: bool) -> str:
+        """The text the row's newest token completes: decodes a few recent tokens, not the whole output.
+
+        A token that ends inside a multi-byte character yields nothing until the character
+        is complete; ``final`` flushes whatever is left.
+        """
+        tokens, decode = row.request.tokens, self.tokenizer.decode
+        before = decode(tokens[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+        now = decode(tokens[row.prefix_offset :], skip_special_tokens=True)
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        row.prefix_offset, row.read_offset = row.read_offset, len(tokens)
+        return now[len(before) :]
+
     def _note_state(self) -> None:
-        self.batch_size = len(self._rows)
-        self.kv_bytes = sum(r.cache.nbytes() for r in self._rows)
-        self.kv_full_bytes = sum(r.cache.length for r in self._rows) * self._entry_bytes
+        rows = self._rows
+        self.batch_size = len(rows)
+        self.free_rows = len(self._free)
+        now = time.perf_counter()
+        # Counting KV bytes walks every layer of every row (about 1 ms a step at 8 rows, 1% of a
+        # decode step): a few times a second is enough for monitoring, and at once when the batch empties.
+        if rows and now - self._kv_noted_at < 0.2:
+            return
+        self._kv_noted_at = now
+        self.kv_bytes = sum(r.cache.nbytes() for r in rows)
+        self.kv_full_bytes = sum(r.cache.length for r in rows) * self._entry_bytes
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> Optional[int]:
