@@ -13,6 +13,7 @@ produce exactly ``--new-tokens`` tokens. Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -126,6 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_at_start = round(os.getloadavg()[0], 2)
     dtype = parse_dtype(args.dtype, args.device)
     model, tok = load_model("smollm2-135m", dtype=dtype, device=args.device)
     model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
@@ -154,7 +156,7 @@ def main() -> None:
         "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": describe(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "n_layers": spec.n_layers,
+        "n_layers": spec.n_layers, "load_average_at_start": load_at_start,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def main() -> None:
              f"smollm2-135m, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy. "
              "`ratio`: against HF `generate` on the same model in the same dtype, same run; `vs HF fp32`: against "
              "HF `generate` in float32 (what a user gets without choosing a dtype). Agreement is with HF's greedy "
-             "tokens in the row's own dtype.", "",
+             f"tokens in the row's own dtype. Load average at start: {meta['load_average_at_start']}.", "",
              "| batch | preset | dtype | tok/s | HF tok/s | ratio | vs HF fp32 | TTFT ms | HF TTFT ms | KV bytes vs full "
              "| greedy agreement | first divergence |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -321,7 +321,7 @@ class Engine:
         pooled = (not kv.enabled and layer_window is None and bias is None and attn_rows is None and kv_rows is None
                   and _shared_pool(segments, caches))
         if pooled:
-            out, pairs = self._pooled_decode(l, q, k, v, pos, caches, p.attn_scale)
+            out, pairs = self._pooled_decode(l, q, k, v, pos, caches, p.attn_scale, plans)
             outs.append(out)
         for (a, b), cache in ([] if pooled else zip(segments, caches)):
             qa, qb = _bounds(attn_rows, a, b)
@@ -366,18 +366,27 @@ class Engine:
             h = _add(h, mlp_rows, p.post_mlp(p.mlp(p.mlp_norm(_take(h, mlp_rows)), self._lin_fn(l, mlp_rows, bits), gate_up)))
         return h, pairs
 
-    def _pooled_decode(self, l, q, k, v, pos, caches, scale):
+    def _pooled_decode(self, l, q, k, v, pos, caches, scale, plans):
         """One query row per cache, caches rows of one pool: write the new entries, attend in one call.
 
-        q (B, H, hd), k/v (B, Hkv, hd), pos (B,). Returns ((B, H*hd), pairs seen).
+        q (B, H, hd), k/v (B, Hkv, hd), pos (B,). Returns ((B, H*hd), pairs seen). The index
+        tensors and the mask are built once per step and shared by layers with the same counts.
         """
         pool = caches[0].pool
         n = [c.count(l) for c in caches]
         slots = [c.slot for c in caches]
-        slot_t, at = torch.tensor(slots, device=q.device), torch.tensor(n, device=q.device)
-        pool.k[l][slot_t, :, at] = k  # row i's new entry into its next free slot (buffers are head-major)
-        pool.v[l][slot_t, :, at] = v
-        pool.pos[l][slot_t, at] = pos
+        step = plans.get(("pooled", tuple(n), tuple(slots)))
+        if step is None:
+            step = plans[("pooled", tuple(n), tuple(slots))] = self._pooled_step(n, slots, q)
+        slot_t, at, mask = step
+        if len(n) == 1:  # one row: a plain copy, no advanced indexing
+            pool.k[l][slots[0], :, n[0]] = k[0]
+            pool.v[l][slots[0], :, n[0]] = v[0]
+            pool.pos[l][slots[0], n[0]] = pos[0]
+        else:
+            pool.k[l][slot_t, :, at] = k  # row i's new entry into its next free slot (buffers are head-major)
+            pool.v[l][slot_t, :, at] = v
+            pool.pos[l][slot_t, at] = pos
         for c, m in zip(caches, n):
             c._n[l] = m + 1
         T = max(n) + 1
@@ -385,10 +394,17 @@ class Engine:
             keys, values = pool.k[l][slots[0] : slots[-1] + 1, :, :T], pool.v[l][slots[0] : slots[-1] + 1, :, :T]
         else:
             keys, values = pool.k[l][slot_t, :, :T], pool.v[l][slot_t, :, :T]
+        return decode_attention(q, keys, values, mask, scale), sum(n) + len(n)
+
+    @staticmethod
+    def _pooled_step(n, slots, q):
+        """(slot index, next free entry per row, additive (B, T) mask or None) of one pooled decode step."""
+        slot_t, at = torch.tensor(slots, device=q.device), torch.tensor(n, device=q.device)
         mask = None
         if min(n) != max(n):  # rows of different lengths: each row reads only its own entries
+            T = max(n) + 1
             mask = _additive(torch.arange(T, device=q.device)[None, :] <= at[:, None], q.dtype)  # (B, T)
-        return decode_attention(q, keys, values, mask, scale), sum(n) + len(n)
+        return slot_t, at, mask
 
     @staticmethod
     def _compress(cache, l, kv, q, q_pos, scale, slack):

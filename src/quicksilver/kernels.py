@@ -292,7 +292,14 @@ def set_kernel_table(table: KernelTable | None) -> None:
 def matmul(w: NestedWeight, x: torch.Tensor, bits: int, kernel: str | None = None) -> torch.Tensor:
     """``x`` (n, in) times the ``bits`` slice of ``w``, through the fastest kernel measured for n rows."""
     if kernel is None:
-        kernel = kernel_table().choose(w, bits, x.shape[0], x.dtype) if x.shape[0] else "dequant"
+        n = x.shape[0]
+        if n == 0:
+            kernel = "dequant"
+        else:  # the choice per (bits, dtype, row count) is remembered on the weight: no table lookup per call
+            key = ("choice", bits, x.dtype, n)
+            kernel = w._cache.get(key)
+            if kernel is None:
+                kernel = w._cache[key] = kernel_table().choose(w, bits, n, x.dtype)
     return KERNELS[bits][kernel][0](w, x)
 
 
