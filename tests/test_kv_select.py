@@ -43,6 +43,32 @@ def test_rules_are_causal_and_equal_the_masked_reference(selection):
     assert 0.3 < stats["kv_fraction"] < 0.75  # really skipped, near the 40% asked (recent windows of blocks add some)
 
 
+@pytest.mark.parametrize("selection", RULES)
+def test_each_kv_head_chooses_its_own_keys(selection):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(40, 4, 8, generator=g), torch.randn(40, 2, 8, generator=g), torch.randn(40, 2, 8, generator=g)
+    pos = torch.arange(40)
+    kv = _kv(selection).kv
+    _, pairs, mask = attention.attend_selected(q, k, v, pos, pos, 0.35, kv, return_mask=True)
+    assert mask.shape == (2, 40, 40) and not torch.equal(mask[0], mask[1])
+    assert torch.equal(mask[0].sum(1), mask[1].sum(1)) and pairs == int(mask[0].sum())  # same budget per head
+    assert not torch.triu(mask, diagonal=1).any()
+
+
+def test_page_summaries_are_computed_once_per_page_and_follow_truncation():
+    g = torch.Generator().manual_seed(0)
+    k, pos = torch.randn(50, 2, 4, generator=g), torch.arange(50)
+    pages = kv_select.PageSummaries(4)
+    for n in (9, 10, 17, 33, 12, 50):  # growing, then cut back (a rollback), then growing again
+        kmin, kmax = pages.update(k[:n], pos[:n], 1)
+        full = k[1 : 1 + (n - 1) // 4 * 4].view(-1, 4, 2, 4)
+        assert torch.equal(kmin, full.amin(1)) and torch.equal(kmax, full.amax(1))
+    k2 = k.clone()
+    k2[5] += 10  # a different cache with the same length: noticed by the last summarized position only if it moved
+    pages.update(k2[:50], pos[:50] + 1, 1)
+    assert torch.equal(pages.kmax[:12], k2[1:49].view(12, 4, 2, 4).amax(1))
+
+
 def test_rules_choose_differently():
     model = TINY["llama"](seed=3)
     ids = torch.randint(0, 99, (40,), generator=torch.Generator().manual_seed(2))
@@ -59,13 +85,25 @@ def test_quest_with_halted_rows_matches_masked_reference():
     assert torch.allclose(engine(ids).logits, engine(ids, compact=False).logits, atol=1e-5)
 
 
-def test_compress_index_keeps_sinks_recent_and_the_lowest_norms():
-    k = torch.ones(12, 1, 2)
-    k[3] *= 0.1  # the lowest norm among the older keys
+def test_compress_index_keeps_sinks_recent_and_each_heads_lowest_norms():
+    k = torch.ones(12, 2, 2)
+    k[3, 0] *= 0.1  # the lowest norm among head 0's older keys
+    k[6, 1] *= 0.1  # and among head 1's
     pos = torch.arange(12)
     q = torch.randn(1, 2, 2)
     index = kv_select.compress_index("knorm", 0.5, k, pos, q, pos[-1:], 1.0, sinks=2, recent=4, observation=1)
-    assert index.tolist() == [0, 1, 3, 9, 10, 11]  # 2 sinks + 1 older + 3 recent = 6 = ceil(0.5 * 12)
+    assert index.tolist() == [[0, 1, 3, 9, 10, 11], [0, 1, 6, 9, 10, 11]]  # 2 sinks + 1 older + 3 recent = ceil(0.5 * 12)
+
+
+def test_per_head_keep_moves_each_heads_entries():
+    cache = SequenceCache(1)
+    k = torch.arange(6.0)[:, None, None].expand(6, 2, 3).clone()  # entry i holds i in both heads
+    k[:, 1] += 100
+    cache.append(0, k, -k, torch.arange(6))
+    cache.keep(0, torch.tensor([[0, 2, 5], [0, 4, 5]]))
+    e = cache.get(0)
+    assert e.k[:, 0, 0].tolist() == [0, 2, 5] and e.k[:, 1, 0].tolist() == [100, 104, 105]
+    assert torch.equal(e.v, -e.k) and e.pos.tolist() == [0, 4, 5]  # the latest of the heads' positions
 
 
 @pytest.mark.parametrize("selection", ("knorm", "tova", "snapkv", "h2o"))

@@ -6,7 +6,8 @@ Four paths, one meaning (``visible(q_pos, k_pos)`` says which keys each query se
 - a recent window (plus sinks): queries in blocks, each block gathering only the keys
   it can see (sinks + a contiguous recent range), so skipped keys cost no time;
 - an importance rule (``attend_selected``): each query block gathers the sinks, its
-  recent range and the older keys the rule ranks best, scored from the past only.
+  recent range and the older keys the rule ranks best in each KV head, scored from the
+  past only.
 Excluded keys never enter the softmax: masks are boolean, keys are never zeroed.
 """
 
@@ -26,13 +27,27 @@ QUEST_PER_QUERY = 32  # up to this many queries, quest selects pages per query r
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
     # q (Tq, H, hd), k/v (Tk, Hkv, hd) -> (Tq, H*hd); SDPA wants (1, heads, T, hd).
-    if q.shape[0] == 1 and not is_causal:  # one decode query: the kernel measured fastest for it
+    if q.shape[0] == 1 and not is_causal and (mask is None or mask.dim() == 2):  # one decode query: the kernel measured fastest
         return decode_attention(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, scale)
+    # mask: (Tq, Tk) for every head, or (Hkv, Tq, Tk) per KV head (repeated over its query heads).
+    if mask is not None and mask.dim() == 3:
+        mask = mask.repeat_interleave(q.shape[1] // mask.shape[0], dim=0)[None]
+    elif mask is not None:
+        mask = mask[None, None]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=None if mask is None else mask[None, None], is_causal=is_causal, scale=scale,
+        attn_mask=mask, is_causal=is_causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def _sdpa_heads(q, kh, vh, scale, mask):
+    """Like ``_sdpa`` with head-major keys and values kh/vh (Hkv, Tk, hd), as a per-head gather leaves them."""
+    if mask.dim() == 3:
+        mask = mask.repeat_interleave(q.shape[1] // mask.shape[0], dim=0)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kh[None], vh[None], attn_mask=mask[None] if mask.dim() == 3 else mask[None, None],
+                                         scale=scale, enable_gqa=q.shape[1] != kh.shape[0])
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
@@ -114,27 +129,31 @@ def attend_selected(
     kv,
     bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     return_mask: bool = False,
+    pages: kv_select.PageSummaries | None = None,
 ):
-    """Attention where each query block reads sinks + its recent range + the best older keys.
+    """Attention where each query block reads sinks + its recent range + the best older keys, per KV head.
 
     ``kv`` is the KVCacheSkipping settings (``selection``, ``keep_fraction``, ``sink_tokens``,
     recent window, ``page_size``, ``observation``). A block whose first query sits at p0
-    reads ``kv_select.budget(keep_fraction, p0)`` keys: the sinks, every key from p0 - W + 1
-    on (causally), and the best older ones. Older keys are ranked only from keys before p0
-    and from queries at or before p0 (the block's first row and earlier rows), so no query
-    depends on a later token. Returns (Tq, H*hd), pairs seen, and with ``return_mask`` the
-    (Tq, Tk) visibility it used (for the masked reference path).
+    reads ``kv_select.budget(keep_fraction, p0)`` keys in each KV head: the sinks, every key
+    from p0 - W + 1 on (causally), and the older ones that head ranks best. Older keys are
+    ranked only from keys before p0 and from queries at or before p0 (the block's first row
+    and earlier rows), so no query depends on a later token. ``pages`` keeps quest's page
+    summaries between calls on a growing cache (a decode step summarizes only a page it
+    completed). Returns (Tq, H*hd), pairs seen per head, and with ``return_mask`` the
+    (Hkv, Tq, Tk) visibility it used (for the masked reference path).
     """
-    tq, tk, dev = q.shape[0], k.shape[0], k.device
+    tq, tk, dev, hkv = q.shape[0], k.shape[0], k.device, k.shape[1]
     sel, window, page, m = kv.selection, kv.recent_at(0), kv.page_size, kv.observation
     n_sink = int(torch.searchsorted(k_pos, kv.sink_tokens))
     static = kv_select.knorm_scores(k) if sel == "knorm" else None
     kmin = kmax = None
     if sel == "quest":
-        kmin, kmax = kv_select.page_summaries(k, n_sink, page)
-    acc = torch.zeros(tk, device=dev) if sel == "h2o" else None
+        kmin, kmax = (pages or kv_select.PageSummaries(page)).update(k, k_pos, n_sink)
+    acc = torch.zeros(tk, hkv, device=dev) if sel == "h2o" else None
     outs, pairs = [], 0
-    full = torch.zeros(tq, tk, dtype=torch.bool, device=dev) if return_mask else None
+    full = torch.zeros(hkv, tq, tk, dtype=torch.bool, device=dev) if return_mask else None
+    heads = torch.arange(hkv, device=dev)
     # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
     step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
     for i0 in range(0, tq, step):
@@ -147,38 +166,47 @@ def attend_selected(
         if acc is not None and i0 > 0:  # h2o: the previous block's last queries add their attention
             acc[:before] += kv_select.attention_scores(q[max(0, i0 - m):i0], q_pos[max(0, i0 - m):i0], k[:before], k_pos[:before], scale)
         room = kv_select.budget(kv.keep_fraction, p0) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
-        middle = torch.arange(n_sink, lo, device=dev)
         if room < lo - n_sink:
             middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
-        ks = torch.cat([torch.arange(n_sink, device=dev), middle, torch.arange(lo, hi, device=dev)])
-        kp = k_pos[ks]
+            ks = torch.cat([kv_select.per_head(torch.arange(n_sink, device=dev), hkv), middle,
+                            kv_select.per_head(torch.arange(lo, hi, device=dev), hkv)], dim=1)  # (Hkv, n)
+            flat = (ks * hkv + heads[:, None]).flatten()  # rows of k viewed as (Tk * Hkv, hd), head by head
+            kb, vb = (x.reshape(-1, x.shape[2]).index_select(0, flat).view(hkv, -1, x.shape[2]) for x in (k, v))  # (Hkv, n, hd)
+            kp = k_pos[ks[0]]  # the heads differ only in older keys, all before p0: one causal mask serves all
+        else:  # every older key fits: one contiguous range shared by all heads
+            ks = slice(0, hi)
+            kb, vb, kp = k[ks].transpose(0, 1), v[ks].transpose(0, 1), k_pos[ks]
         seen = kp[None, :] <= qb[:, None]  # sinks and older keys lie before p0; the recent range is causal
         mask = _additive(seen, q.dtype)
         if bias is not None:
-            mask = mask + bias(qb, kp).to(q.dtype)
-        outs.append(_sdpa(q[qs], k[ks], v[ks], scale, mask=mask))
+            b = bias(qb, k_pos[ks]) if isinstance(ks, slice) else torch.stack([bias(qb, k_pos[ks[h]]) for h in range(hkv)])
+            mask = mask + b.to(q.dtype)  # (Tq, n) or per head (Hkv, Tq, n)
+        outs.append(_sdpa_heads(q[qs], kb, vb, scale, mask))
         pairs += int(seen.sum())
         if full is not None:
-            full[qs, ks] = seen
+            if isinstance(ks, slice):
+                full[:, qs, ks] = seen
+            else:
+                full[heads[:, None, None], torch.arange(tq, device=dev)[qs][None, :, None], ks[:, None, :]] = seen
     return torch.cat(outs), pairs, full
 
 
 def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m):
-    """Indices of the older keys (in [n_sink, lo)) that the block starting at row i0 reads."""
-    dev = k.device
+    """Indices (Hkv, n) of the older keys (in [n_sink, lo)) that each KV head of the block starting at row i0 reads."""
+    dev, hkv = k.device, k.shape[1]
     if room <= 0:
-        return torch.empty(0, dtype=torch.long, device=dev)
+        return torch.empty(hkv, 0, dtype=torch.long, device=dev)
     if sel == "quest":
         n_pages = (lo - n_sink) // page  # whole pages below the recent range; a partial rest is always read
-        rest = torch.arange(n_sink + n_pages * page, lo, device=dev)
-        n_pick = (room - rest.numel()) // page
+        rest = kv_select.per_head(torch.arange(n_sink + n_pages * page, lo, device=dev), hkv)
+        n_pick = (room - rest.shape[1]) // page
         if n_pick <= 0 or n_pages == 0:
             return rest
         obs = slice(max(0, i0 + 1 - m), i0 + 1)  # the block's first query and the ones before it
-        scores = kv_select.quest_page_scores(q[obs], kmin[:n_pages], kmax[:n_pages], scale)
-        pages = kv_select.top_index(scores, n_pick)
-        picked = (pages[:, None] * page + torch.arange(page, device=dev)[None, :]).flatten() + n_sink
-        return torch.cat([picked, rest])
+        scores = kv_select.quest_page_scores(q[obs], kmin[:n_pages], kmax[:n_pages], scale)  # (P, Hkv)
+        pages = kv_select.top_index(scores, n_pick)  # (Hkv, n_pick)
+        picked = (pages[:, :, None] * page + torch.arange(page, device=dev)).flatten(1) + n_sink
+        return torch.cat([picked, rest], dim=1)
     if sel == "knorm":
         scores = static[n_sink:lo]
     elif sel == "h2o":

@@ -58,6 +58,7 @@ class SequenceCache:
         self._v: list[torch.Tensor | None] = [None] * n_layers
         self._pos: list[torch.Tensor | None] = [None] * n_layers
         self._n = [0] * n_layers
+        self.pages: list = [None] * n_layers  # per layer: quest's page summaries (kv_select.PageSummaries)
         self.pool: CachePool | None = None  # set while this cache's buffers are rows of a shared pool
         self.slot = -1
 
@@ -97,15 +98,28 @@ class SequenceCache:
         self._k[layer], self._v[layer], self._pos[layer] = new_k, new_v, new_pos
 
     def keep(self, layer: int, index: torch.Tensor) -> None:
-        """Keep only the entries at ``index`` (sorted, within the live entries); drop the rest."""
+        """Keep only the entries at ``index`` (sorted, within the live entries); drop the rest.
+
+        ``index`` is (m,) for every head, or (Hkv, m) for each KV head its own entries (the
+        same count). Per head, entry i's stored position becomes the latest among the heads'
+        i-th kept positions: RoPE is already applied, and a per-head choice only differs in
+        entries older than every future query, so visibility rules still read them right.
+        """
         n = self._n[layer]
         if n == 0:
             return
         index = index.to(self._pos[layer].device)
-        m = index.numel()
-        for buf in (self._k[layer], self._v[layer]):
-            buf[:, :m] = buf[:, :n].index_select(1, index)
-        self._pos[layer][:m] = self._pos[layer][:n].index_select(0, index)
+        if index.dim() == 2:  # per KV head: buffers are head-major, so each head gathers along its own row
+            m = index.shape[1]
+            gather = index[:, :, None].expand(-1, -1, self._k[layer].shape[2])
+            for buf in (self._k[layer], self._v[layer]):
+                buf[:, :m] = torch.gather(buf[:, :n], 1, gather)
+            self._pos[layer][:m] = self._pos[layer][:n][index].amax(dim=0)
+        else:
+            m = index.numel()
+            for buf in (self._k[layer], self._v[layer]):
+                buf[:, :m] = buf[:, :n].index_select(1, index)
+            self._pos[layer][:m] = self._pos[layer][:n].index_select(0, index)
         self._n[layer] = m
 
     def evict(self, layer: int, next_pos: int, window: int, sinks: int) -> None:

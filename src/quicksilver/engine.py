@@ -334,7 +334,10 @@ class Engine:
                     e = cache.get(l)
                     keys, values, k_pos = e.k, e.v, e.pos
             if qb > qa and selecting and (cache is None or kv.selection == "quest"):
-                out, seen, _ = attend_selected(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, kv, bias)
+                pages = None
+                if cache is not None:  # quest's page summaries live beside the cache, computed once per page
+                    pages = cache.pages[l] = cache.pages[l] or kv_select.PageSummaries(kv.page_size)
+                out, seen, _ = attend_selected(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, kv, bias, pages=pages)
                 outs.append(out)
                 pairs += seen
             elif qb > qa:  # an eviction rule's cache holds only what its queries may read: plain causal
@@ -426,13 +429,13 @@ class Engine:
 
         is_q, has_kv, is_mlp = mask_of(attn_rows), mask_of(kv_rows), mask_of(mlp_rows)
         q, k, v = self._qkv(l, p.attn_norm(h), None, None, None, rope, bits)
-        if kv.selects(l):  # the importance rule's visibility, as its compact path chooses it
-            mask = torch.zeros(T, T, dtype=torch.bool, device=h.device)
+        if kv.selects(l):  # the importance rule's visibility per KV head, as its compact path chooses it
+            mask = torch.zeros(k.shape[1], T, T, dtype=torch.bool, device=h.device)
             kr = has_kv.nonzero().squeeze(1)
             qr = is_q.nonzero().squeeze(1)
             if qr.numel():
                 chosen = attend_selected(q[qr], k[kr], v[kr], pos[qr], pos[kr], p.attn_scale, kv, bias, return_mask=True)[2]
-                mask[qr[:, None], kr[None, :]] = chosen
+                mask[:, qr[:, None], kr[None, :]] = chosen
         else:
             mask = p.attention_rule(kv, l)[2](pos, pos) & has_kv[None, :]
         mask |= torch.eye(T, dtype=torch.bool, device=h.device) & ~is_q[:, None]  # rows whose output is discarded
@@ -442,7 +445,7 @@ class Engine:
         a = _sdpa(q, k, v, p.attn_scale, mask=scores_bias)
         h = torch.where(is_q[:, None], h + p.post_attn(self._lin(l, "o", a, None, bits)), h)
         h = torch.where(is_mlp[:, None], h + p.post_mlp(p.mlp(p.mlp_norm(h), self._lin_fn(l, None, bits))), h)
-        return h, int((mask & is_q[:, None]).sum())
+        return h, int((mask & is_q[:, None]).sum()) // (mask.shape[0] if mask.dim() == 3 else 1)  # pairs per head
 
     def _count(self, ledger, T, attn_rows, kv_rows, mlp_rows, pairs, full_pairs, bits):
         spec = self.spec

@@ -7,7 +7,8 @@ eviction rule compresses the cache at the end of prefill); the question is never
 compressed: it and the answer read whatever the cache kept, in full, except under
 ``quest``, which chooses pages per query. The kept fraction is measured, not assumed:
 the share of the context's K/V entries that the question's and answer's queries read,
-averaged over layers, heads (every head reads the same entries) and trials.
+averaged over layers, heads (each KV head reads its own entries, the same number in every
+head) and trials.
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@
 Pure scoring functions on tensors (keys (Tk, Hkv, hd), queries (To, H, hd), true
 positions); the attention primitive (``attention.attend_selected``) gathers what they
 pick and the engine drops from a generation cache what they rank lowest
-(``compress_index``). One choice per key is shared by every head (the cache stores one
-position per entry), so scores are averaged over heads. A query never uses a score from a
-query or key after itself: that is what keeps teacher-forced evaluation causal.
+(``compress_index``). Each KV head chooses its own older keys (as kvpress, SnapKV and H2O
+do): a retrieval head keeps the keys it attends to even when the other heads rank them low.
+Scores of the query heads that share a KV head (grouped-query attention) are averaged, or
+maxed for Quest's bounds. Every head reads the same number of keys, and the sinks and the
+recent window are shared. A query never uses a score from a query or key after itself: that
+is what keeps teacher-forced evaluation causal.
 """
 
 from __future__ import annotations
@@ -24,55 +27,92 @@ def budget(keep_fraction: float, position: int) -> int:
 
 
 def knorm_scores(k: torch.Tensor) -> torch.Tensor:
-    """(Tk, Hkv, hd) -> (Tk,): minus the key norm, averaged over heads (KnormPress keeps low norms)."""
-    return -k.float().norm(dim=-1).mean(dim=1)
+    """(Tk, Hkv, hd) -> (Tk, Hkv): minus each head's key norm (KnormPress keeps low norms)."""
+    return -k.float().norm(dim=-1)
 
 
 def attention_scores(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """(Tk,) attention probability mass each key gets from the queries ``q`` (To, H, hd), summed
-    over queries and averaged over heads; a query spreads its mass over keys at or before it."""
+    """(Tk, Hkv) attention probability mass each key gets from the queries ``q`` (To, H, hd),
+    summed over queries and averaged over the query heads that share a KV head (as kvpress
+    does under grouped-query attention); a query spreads its mass over keys at or before it."""
     h, hkv = q.shape[1], k.shape[1]
-    kk = k.float().repeat_interleave(h // hkv, dim=1)  # (Tk, H, hd)
-    s = torch.einsum("ohd,khd->hok", q.float(), kk) * scale  # (H, To, Tk)
-    s = s.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-    return s.softmax(dim=-1).sum(dim=1).mean(dim=0)
+    qg = q.float().view(q.shape[0], hkv, h // hkv, q.shape[2])  # (To, Hkv, g, hd)
+    s = torch.einsum("okgd,tkd->kgot", qg, k.float()) * scale  # (Hkv, g, To, Tk)
+    s = s.masked_fill(k_pos[None, None, None, :] > q_pos[None, None, :, None], float("-inf"))
+    return s.softmax(dim=-1).sum(dim=2).mean(dim=1).T
 
 
-def page_summaries(k: torch.Tensor, start: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per page of ``page`` keys from index ``start`` on: elementwise min and max, (P, Hkv, hd) each.
+class PageSummaries:
+    """Elementwise min and max of each full page of keys, computed once per page and kept.
 
-    The last page may be partial; its summary covers the keys it has.
+    Quest's summaries of a growing cache: each call summarizes only the pages completed
+    since the last call (a decode step adds at most one). A cache that was truncated or
+    compacted below what was summarized is noticed (entry count and the position of the
+    last summarized key) and summarized again from its start.
+
+    Parameters
+    ----------
+    page : int
+        Keys per page.
     """
-    kk = k[start:].float()
-    n = kk.shape[0]
-    if n == 0:
-        empty = kk.new_zeros((0, *kk.shape[1:]))
-        return empty, empty
-    pad = (-n) % page
-    lo = torch.cat([kk, kk[-1:].expand(pad, -1, -1)]) if pad else kk
-    lo = lo.view(-1, page, *kk.shape[1:])
-    return lo.amin(dim=1), lo.amax(dim=1)
+
+    def __init__(self, page: int):
+        self.page = page
+        self.start = -1
+        self.n_pages = 0
+        self.last_pos = -1
+        self.kmin: torch.Tensor | None = None  # (capacity, Hkv, hd) float32
+        self.kmax: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, k_pos: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summaries (P, Hkv, hd) of the full pages of ``k[start:]`` (a partial last page is left out)."""
+        page = self.page
+        full = (k.shape[0] - start) // page
+        if start != self.start or self.n_pages > full or (self.n_pages and int(k_pos[start + self.n_pages * page - 1]) != self.last_pos):
+            self.start, self.n_pages = start, 0  # a different cache or one changed below the summaries
+        if self.kmin is None or self.kmin.shape[0] < full:
+            cap = max(full, 2 * (self.kmin.shape[0] if self.kmin is not None else 0), 16)
+            kmin, kmax = k.new_empty((cap, *k.shape[1:]), dtype=torch.float32), k.new_empty((cap, *k.shape[1:]), dtype=torch.float32)
+            if self.n_pages:
+                kmin[: self.n_pages], kmax[: self.n_pages] = self.kmin[: self.n_pages], self.kmax[: self.n_pages]
+            self.kmin, self.kmax = kmin, kmax
+        if full > self.n_pages:
+            new = k[start + self.n_pages * page : start + full * page].float().view(full - self.n_pages, page, *k.shape[1:])
+            self.kmin[self.n_pages : full] = new.amin(dim=1)
+            self.kmax[self.n_pages : full] = new.amax(dim=1)
+            self.n_pages = full
+            self.last_pos = int(k_pos[start + full * page - 1])
+        return self.kmin[:full], self.kmax[:full]
 
 
 def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, scale: float) -> torch.Tensor:
-    """(P,) how much attention each page may get from the queries ``q`` (To, H, hd).
+    """(P, Hkv) how much attention each page may get from the queries ``q`` (To, H, hd).
 
-    Quest's upper bound of q.k over a page, sum_d max(q_d min_d, q_d max_d), turned into a
-    per-head softmax over pages, then the max over queries and heads.
+    Quest's upper bound of q.k over a page, sum_d max(q_d min_d, q_d max_d), written as two
+    matrix products (positive parts of q against the maxima, negative parts against the
+    minima), turned into a per-query-head softmax over pages, then the max over queries and
+    over the query heads that share a KV head (a page one head needs is kept for it).
     """
     h, hkv = q.shape[1], kmin.shape[1]
-    lo = kmin.repeat_interleave(h // hkv, dim=1)  # (P, H, hd)
-    hi = kmax.repeat_interleave(h // hkv, dim=1)
-    qf = q.float()[:, None]  # (To, 1, H, hd)
-    bound = torch.maximum(qf * lo[None], qf * hi[None]).sum(-1) * scale  # (To, P, H)
-    return bound.softmax(dim=1).amax(dim=0).amax(dim=-1)  # a page one head needs (a retrieval head) is kept
+    qg = q.float().view(q.shape[0], hkv, h // hkv, q.shape[2])  # (To, Hkv, g, hd)
+    bound = (torch.einsum("okgd,pkd->okgp", qg.clamp(min=0), kmax) + torch.einsum("okgd,pkd->okgp", qg.clamp(max=0), kmin)) * scale
+    return bound.softmax(dim=-1).amax(dim=(0, 2)).T  # (P, Hkv)
 
 
 def top_index(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the ``n`` highest scores, in increasing order."""
+    """Indices of the ``n`` highest scores, in increasing order: (T,) -> (n,), or per head (T, Hkv) -> (Hkv, n)."""
+    if scores.dim() == 2:
+        if n >= scores.shape[0]:
+            return torch.arange(scores.shape[0], device=scores.device).expand(scores.shape[1], -1)
+        return torch.topk(scores.T, n, dim=1).indices.sort(dim=1).values
     if n >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
     return torch.topk(scores, n).indices.sort().values
+
+
+def per_head(index: torch.Tensor, heads: int) -> torch.Tensor:
+    """A shared index (n,) as the same index for every head (heads, n); a per-head one unchanged."""
+    return index.expand(heads, -1) if index.dim() == 1 else index
 
 
 def compress_index(
@@ -88,10 +128,11 @@ def compress_index(
     observation: int,
     slack: int = 0,
 ) -> torch.Tensor | None:
-    """Entries of a cache to keep after its queries ``q`` ran (None: keep all).
+    """Entries of a cache to keep after its queries ``q`` ran, per KV head (Hkv, m) (None: keep all).
 
     Keeps the sinks, the keys the next query's recent window covers and the best-ranked
-    older keys, ``keep_fraction`` of the positions in all. Scores: key norms (knorm), the
+    older keys, ``keep_fraction`` of the positions in all; each KV head ranks the older keys
+    by its own scores (the same count for every head). Scores: key norms (knorm), the
     latest query's attention (tova), the latest ``observation`` queries' (snapkv), or the
     attention summed over up to ``H2O_PREFILL_QUERIES`` latest queries (h2o). Nothing is
     dropped until the cache exceeds its target by more than ``slack``.
@@ -106,14 +147,14 @@ def compress_index(
     room = target - n_sink - (n - lo)
     if room >= lo - n_sink:
         return None
+    dev, hkv = k.device, k.shape[1]
     if room > 0:
         if selection == "knorm":
             scores = knorm_scores(k[n_sink:lo])
         else:
             m = {"tova": 1, "snapkv": observation, "h2o": H2O_PREFILL_QUERIES}[selection]
             scores = attention_scores(q[-m:], q_pos[-m:], k, k_pos, scale)[n_sink:lo]
-        middle = top_index(scores, room) + n_sink
+        middle = top_index(scores, room) + n_sink  # (Hkv, room)
     else:
-        middle = torch.empty(0, dtype=torch.long, device=k.device)
-    dev = k.device
-    return torch.cat([torch.arange(n_sink, device=dev), middle.to(dev), torch.arange(lo, n, device=dev)])
+        middle = torch.empty(hkv, 0, dtype=torch.long, device=dev)
+    return torch.cat([per_head(torch.arange(n_sink, device=dev), hkv), middle.to(dev), per_head(torch.arange(lo, n, device=dev), hkv)], dim=1)

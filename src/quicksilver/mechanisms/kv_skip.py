@@ -12,7 +12,8 @@ Two sources of skipped entries (QuickSilver, arXiv 2506.22396, Sec. 3.2, made pr
    keys; older entries are skipped. Visibility depends only on positions, so it is causal.
 3. Entries an importance rule ranks low (``selection``, see ``kv_select``): each query reads
    the sinks, its recent window and the best of the older keys, up to ``keep_fraction`` of
-   its past. Scores come from keys and from queries at or before the reading query only.
+   its past; each KV head ranks and keeps its own older keys. Scores come from keys and
+   from queries at or before the reading query only.
 
 RoPE positions stay the true positions in every case.
 """
