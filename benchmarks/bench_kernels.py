@@ -81,6 +81,9 @@ def main() -> None:
     total_bf16 = sum(w.numel() * w.element_size() for w in all_w)
     t = K.time_call(lambda: [F.linear(x1[w.shape[1]], w) for w in all_w], reps=5, budget_s=3)
     sequence["bf16 F.linear (stock weights)"] = (t, total_bf16)
+    fused = [m.weight for p in A.layers for m in (p.qkv, p.o, p.gate_up, p.mlp_linears[-1])] + [A.head_linear().weight]
+    t = K.time_call(lambda: [F.linear(x1[w.shape[1]], w) for w in fused], reps=5, budget_s=3)
+    sequence["bf16 F.linear, q/k/v and gate/up fused (the engine's `off`)"] = (t, total_bf16)
     for bits, group in ((8, None), (8, 32), (4, 32)):
         nws = [nested(w.float(), group) for w in all_w]
         for name in K.candidates(nws[0], bits):
@@ -108,10 +111,20 @@ def main() -> None:
         cells = [f"{ks[k]['us']:.0f} ({ks[k]['weight_GBps']:.1f})" if k in ks else "" for k in ("dequant", "int8pack", "planes8", "int4pack")]
         fastest = min(ks, key=lambda k: ks[k]["us"])
         lines.append(f"| {label} | {bits} | {n} | {ref:.0f} | " + " | ".join(cells) + f" | {fastest} |")
+    spec = A.arch
+    attention = {f"{n}x{t}": K.measure_attention(spec.n_heads, spec.n_kv_heads, spec.head_dim, n, t, dtype)
+                 for n in (1, 8) for t in K.ATTN_KEYS}
+    lines += ["", "**Decode attention** (one query row per sequence over head-major cached keys; microseconds per layer; "
+              "`sdpa` = torch's fused kernel, `matmul` = two matmuls and a float32 softmax, as transformers' eager attention):", "",
+              "| rows | cached keys | sdpa us | matmul us | fastest |", "|---|---|---|---|---|"]
+    for key, us in attention.items():
+        n, t = key.split("x")
+        lines.append(f"| {n} | {t} | {us['sdpa']:.0f} | {us['matmul']:.0f} | {min(us, key=us.get)} |")
     out = Path(args.out)
     write_atomic(out / "kernels.md", "\n".join(lines) + "\n")
     write_json_atomic(out / "kernels.json", {"header": header, "copy_GBps": bw, "rows": rows_out,
-                                              "sequence": {k: {"seconds": t, "bytes": b} for k, (t, b) in sequence.items()}})
+                                              "sequence": {k: {"seconds": t, "bytes": b} for k, (t, b) in sequence.items()},
+                                              "decode_attention_us": attention})
     print("\n".join(lines))
 
 
