@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--corpora", nargs="+", default=list(OFFLINE_CORPORA))
     ap.add_argument("--configs", nargs="+", default=None, help="names to run (default: every preset with a budget and calibrated config)")
+    ap.add_argument("--split", default="test", choices=["test", "calibration"],
+                    help="calibration: the same cells on the calibration splits, the data a preset's values may be set from "
+                         "(writes promises_calibration.md/json)")
     ap.add_argument("--journal", default=None, help="trial journal (default OUT/calibrated/trials.jsonl, shared with the calibration)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
@@ -93,7 +96,7 @@ def main() -> None:
     rows = []
     for window in args.windows:
         for corpus in args.corpora:
-            runner = split_runner(hf_model, tokenizer, MODEL, corpus, "test", window, args.max_tokens, bos, dev, journal)
+            runner = split_runner(hf_model, tokenizer, MODEL, corpus, args.split, window, args.max_tokens, bos, dev, journal)
             for name, config in todo:
                 promise = promise_of(name, config)
                 if idle_by_construction(config, window):
@@ -115,8 +118,9 @@ def main() -> None:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": describe(),
             "python": platform.python_version(), "torch": torch.__version__,
             "dtype": str(hf_model.dtype).removeprefix("torch."), "skipped": skipped}
-    write_json_atomic(out / "promises.json", {"meta": meta, "rows": rows})
-    write_atomic(out / "promises.md", markdown(rows, meta, args))
+    stem = "promises" if args.split == "test" else "promises_calibration"
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    write_atomic(out / f"{stem}.md", markdown(rows, meta, args))
 
 
 def markdown(rows: list[dict], meta: dict, args) -> str:
@@ -127,7 +131,10 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
     lines = [
         f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']}; torch {meta['torch']}, Python {meta['python']} "
         f"(its standard library is the `code` and `pydoc` text); smollm2-135m {meta['dtype']}, the stock model in the same dtype "
-        f"on the same windows. Test splits (never tuned on), first {args.max_tokens} tokens of each. Cell: relative perplexity "
+        f"on the same windows. "
+        + ("Test splits (never tuned on)" if args.split == "test" else "**Calibration** splits (what preset values may be set from; "
+           "not a check of any promise)")
+        + f", first {args.max_tokens} tokens of each. Cell: relative perplexity "
         f"increase; below it the change in FLOPs executed (negative: saved). **{len(failures)} of {len(rows)} cells miss their promise** (marked FAIL). "
         f"Not run: {'; '.join(meta['skipped']) or 'none'}. *idle*: KV skipping alone "
         f"with sinks + recent window at least the context, so no key is ever dropped and the engine attends as the stock model "
