@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--corpora", nargs="+", default=list(OFFLINE_CORPORA))
+    ap.add_argument("--left-out", nargs="+", default=None, help="leave out only these corpora, in turn (default: each of --corpora)")
     ap.add_argument("--mechanism", nargs="+", default=None, help="restrict the search (default: all)")
     ap.add_argument("--journal", default=None, help="trial journal (default OUT/calibrated/trials.jsonl)")
     ap.add_argument("--out", default="docs/results")
@@ -48,7 +49,7 @@ def main() -> None:
     journal.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for budget in args.budgets:
-        for left in args.corpora:
+        for left in args.left_out or args.corpora:
             others = [c for c in args.corpora if c != left]
             t0 = time.time()
             config, _ = calibrate(budget, corpus=others, objective=args.objective, window=args.window, max_tokens=args.tokens,
