@@ -66,6 +66,13 @@ def main() -> None:
             print(f"[{objective} {budget * 100:g}%] {cal['setting']}: " + ", ".join(
                 f"{k} {v['relative_delta_perplexity'] * 100:+.2f}% FLOPs -{v['flop_reduction'] * 100:.1f}%"
                 for k, v in cal["test_splits"].items()) + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+            # Tables after every budget: an interrupted run leaves the budgets it finished (the rest listed as not reached).
+            pending = [f"{o} {b * 100:g}%" for o in args.objectives for b in BUDGETS][len(runs):]
+            write_tables(runs, args, loaded, pending)
+
+
+def write_tables(runs: list[dict], args, loaded, pending: list[str]) -> None:
+    out = Path(args.out)
     meta = {
         "command": "python benchmarks/calibrate_budgets.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -74,18 +81,17 @@ def main() -> None:
         "python": platform.python_version(),
         "dtype": str(loaded[0].dtype).removeprefix("torch."),
     }
-    for r in runs:
-        r["meta"] = meta
+    runs = [{**r, "meta": meta} for r in runs]
     previous = out / "calibration.json"
     if previous.is_file():  # keep the runs of objectives this invocation did not run, searched on the same corpora
         kept = [r for r in json.loads(previous.read_text()).get("runs", []) if r["objective"] not in args.objectives and "meta" in r
                 and r["config"]["calibration"].get("corpora") == args.corpora]
         runs = kept + runs
-    write_json_atomic(out / "calibration.json", {"runs": runs})
-    write_atomic(out / "calibration.md", markdown(runs, args))
+    write_json_atomic(out / "calibration.json", {"runs": runs, "not_reached": pending})
+    write_atomic(out / "calibration.md", markdown(runs, args, pending))
 
 
-def markdown(runs: list[dict], args) -> str:
+def markdown(runs: list[dict], args, pending: list[str] = ()) -> str:
     metas = list({r["meta"]["command"]: r["meta"] for r in runs}.values())
     corpora = runs[0]["config"]["calibration"]["corpora"]
     lines = [
@@ -109,6 +115,8 @@ def markdown(runs: list[dict], args) -> str:
         saved = ", ".join(f"{tests[c]['flop_reduction'] * 100:.1f}%" for c in corpora)
         lines.append(f"| {r['objective']} | {r['budget'] * 100:g}% | {cal['setting']} | {cal['calibration_split']['relative_delta_perplexity'] * 100:+.2f}% "
                      f"| {cells} | {saved} | {len(r['trials'])} |")
+    if pending:
+        lines += ["", f"**Not reached** (the run was stopped before these budgets; no config is committed for them): {', '.join(pending)}."]
     lines += ["", "Config files in `docs/results/calibrated/`: " + ", ".join(f"`{r['config_file']}`" for r in runs)
               + " (use with `--config`); the trial journal `trials.jsonl` beside them lets a rerun resume (it also holds the "
               "stock model's totals per split and older float32 trials, which a bfloat16 run ignores)."]

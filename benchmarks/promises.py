@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=["test", "calibration"],
                     help="calibration: the same cells on the calibration splits, the data a preset's values may be set from "
                          "(writes promises_calibration.md/json)")
+    ap.add_argument("--journal-only", action="store_true",
+                    help="measure nothing: tabulate the cells the journal holds, the rest shown as not run")
     ap.add_argument("--journal", default=None, help="trial journal (default OUT/calibrated/trials.jsonl, shared with the calibration)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
@@ -96,16 +98,20 @@ def main() -> None:
     rows = []
     for window in args.windows:
         for corpus in args.corpora:
-            runner = split_runner(hf_model, tokenizer, MODEL, corpus, args.split, window, args.max_tokens, bos, dev, journal)
+            runner = split_runner(hf_model, tokenizer, MODEL, corpus, args.split, window, args.max_tokens, bos, dev, journal,
+                                  read_only=args.journal_only)
             for name, config in todo:
                 promise = promise_of(name, config)
                 if idle_by_construction(config, window):
-                    rows.append({"config": name, "promise": promise, "corpus": corpus, "window": window, "tokens": runner.baseline.count,
+                    rows.append({"config": name, "promise": promise, "corpus": corpus, "window": window, "tokens": args.max_tokens,
                                  "relative_delta_perplexity": 0.0, "flop_reduction": 0.0, "bit_weighted_flop_reduction": 0.0,
                                  "held": True, "idle": True})
                     continue
                 t0 = time.time()
-                trial = runner.measure(config)
+                trial = runner.known(config) if args.journal_only else runner.measure(config)
+                if trial is None:
+                    rows.append({"config": name, "promise": promise, "corpus": corpus, "window": window, "not_run": True})
+                    continue
                 b = runner.baseline
                 delta = runner.cost(trial)
                 rows.append({"config": name, "promise": promise, "corpus": corpus, "window": window, "tokens": trial.count,
@@ -124,10 +130,13 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], meta: dict, args) -> str:
+    missing = [r for r in rows if r.get("not_run")]
+    rows = [r for r in rows if not r.get("not_run")]
     failures = [r for r in rows if not r["held"]]
-    names = list(dict.fromkeys(r["config"] for r in rows))
+    everything = [*rows, *missing]
+    names = list(dict.fromkeys(r["config"] for r in everything))
     cells = {(r["config"], r["corpus"], r["window"]): r for r in rows}
-    corpora, windows = list(dict.fromkeys(r["corpus"] for r in rows)), list(dict.fromkeys(r["window"] for r in rows))
+    corpora, windows = list(dict.fromkeys(r["corpus"] for r in everything)), sorted({r["window"] for r in everything})
     lines = [
         f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']}; torch {meta['torch']}, Python {meta['python']} "
         f"(its standard library is the `code` and `pydoc` text); smollm2-135m {meta['dtype']}, the stock model in the same dtype "
@@ -135,7 +144,8 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
         + ("Test splits (never tuned on)" if args.split == "test" else "**Calibration** splits (what preset values may be set from; "
            "not a check of any promise)")
         + f", first {args.max_tokens} tokens of each. Cell: relative perplexity "
-        f"increase; below it the change in FLOPs executed (negative: saved). **{len(failures)} of {len(rows)} cells miss their promise** (marked FAIL). "
+        f"increase; below it the change in FLOPs executed (negative: saved). **{len(failures)} of {len(rows)} cells miss their promise** (marked FAIL)"
+        + (f"; {len(missing)} cells were not run (*not run*: no CPU time left for them this session)" if missing else "") + ". "
         f"Not run: {'; '.join(meta['skipped']) or 'none'}. *idle*: KV skipping alone "
         f"with sinks + recent window at least the context, so no key is ever dropped and the engine attends as the stock model "
         f"(not run). (= stock): run, and nothing fired (halting acts only where drift stays low for long).",
@@ -149,7 +159,7 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
             for w in windows:
                 r = cells.get((name, c, w))
                 if r is None:
-                    row.append("")
+                    row.append("not run")
                     continue
                 mark = "" if r["held"] else " **FAIL**"
                 if r["idle"]:
@@ -157,7 +167,7 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
                     continue
                 same = " (= stock)" if r["relative_delta_perplexity"] == 0 and r["flop_reduction"] == 0 else ""
                 row.append(f"{r['relative_delta_perplexity'] * 100:+.2f}%{mark}{same}<br>FLOPs {-r['flop_reduction'] * 100:+.1f}%")
-        promise = cells[next((name, c, w) for c in corpora for w in windows if (name, c, w) in cells)]["promise"]
+        promise = next(r["promise"] for r in [*rows, *missing] if r["config"] == name)
         lines.append(f"| {name} | {promise * 100:g}% | " + " | ".join(row) + " |")
     if failures:
         lines += ["", "Failures: " + "; ".join(f"`{r['config']}` on {r['corpus']} at {r['window']} "

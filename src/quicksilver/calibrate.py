@@ -152,7 +152,7 @@ class TrialRunner:
     """Measures configs on fixed calibration windows, with a resumable journal."""
 
     def __init__(self, model, tokenizer, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str,
-                 objective: str, context: dict, journal: Path | None, ray: str | None = None):
+                 objective: str, context: dict, journal: Path | None, ray: str | None = None, read_only: bool = False):
         from .evaluate import StockRunner, score_windows
         from .parallel import ModelSource
 
@@ -182,7 +182,8 @@ class TrialRunner:
                 elif "baseline" in entry and objective not in TIMED:  # timed objectives re-time the stock model
                     self.baseline = Baseline(**entry["baseline"])
             self.resumed = len(self.trials)
-        if self.baseline is None:
+        self.read_only = read_only  # only what the journal holds: nothing is measured (``known`` answers)
+        if self.baseline is None and not read_only:
             # The stock model's totals are deterministic: measured once per context, then read
             # back from the journal (a search run in chunks does not pay for it each time).
             base = score_windows([StockRunner(model)], ids, window, window - 1, bos_id, self.device, warmup=objective == "time")[0]
@@ -201,7 +202,16 @@ class TrialRunner:
             with open(self.journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"context": self.context, "trial": asdict(trial)}) + "\n")
 
+    def known(self, config: Config) -> Trial | None:
+        """The journaled trial of ``config`` (the stock totals for an all-off config), or None."""
+        if config.is_off and self.baseline is not None:
+            b = self.baseline
+            return Trial(config_key(config), b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
+        return self._known(config_key(config)) if self.baseline is not None else None
+
     def measure(self, config: Config) -> Trial:
+        if self.read_only:
+            raise QuicksilverError("this trial runner only reads its journal")
         key = config_key(config)
         known = self._known(key)
         if known is not None:
@@ -577,7 +587,8 @@ def calibrate(
 
 
 def split_runner(hf_model, tokenizer, model: str, corpus: str, split: str, window: int, max_tokens: int | None, bos: bool,
-                 device, journal: str | Path | None, objective: str = "flops", ray: str | None = None) -> TrialRunner:
+                 device, journal: str | Path | None, objective: str = "flops", ray: str | None = None,
+                 read_only: bool = False) -> TrialRunner:
     """A TrialRunner on one split of an offline corpus (the stock model's totals from the journal when there)."""
     from .corpora import load_corpus
     from .evaluate import tokenize_documents
@@ -589,7 +600,7 @@ def split_runner(hf_model, tokenizer, model: str, corpus: str, split: str, windo
     if split != "calibration":  # calibration contexts keep their old form, so older journals still resume
         context["split"] = split
     return TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
-                       context, Path(journal) if journal else None, ray)
+                       context, Path(journal) if journal else None, ray, read_only)
 
 
 def _ledger_check(runner: TrialRunner, trial: Trial, budget: float) -> dict:
