@@ -38,6 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--objectives", nargs="+", default=["flops"], choices=["flops", "bitflops", "time"],
                     help="runs of other objectives already in calibration.json are kept")
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
+                    help="a subset of 0.005 0.01 0.02 (the others are listed as not reached)")
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens of each split (calibration and test)")
     ap.add_argument("--mechanisms", nargs="+", default=None, help="restrict the search (default: all four)")
@@ -49,7 +51,7 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     runs = []
     for objective in args.objectives:
-        for budget in BUDGETS:
+        for budget in args.budgets:
             t0 = time.time()
 
             def on_trial(i, n, what):
@@ -67,7 +69,8 @@ def main() -> None:
                 f"{k} {v['relative_delta_perplexity'] * 100:+.2f}% FLOPs -{v['flop_reduction'] * 100:.1f}%"
                 for k, v in cal["test_splits"].items()) + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
             # Tables after every budget: an interrupted run leaves the budgets it finished (the rest listed as not reached).
-            pending = [f"{o} {b * 100:g}%" for o in args.objectives for b in BUDGETS][len(runs):]
+            done = {(r["objective"], r["budget"]) for r in runs}
+            pending = [f"{o} {b * 100:g}%" for o in args.objectives for b in BUDGETS if (o, b) not in done]
             write_tables(runs, args, loaded, pending)
 
 
