@@ -53,6 +53,8 @@ def idle_by_construction(config: Config, window: int) -> bool:
     """True when only position-window KV skipping is on and no query of a ``window``-token
     context is old enough to drop a key (the first that does sits at sinks + recent): the
     engine then attends exactly like the stock model, so the cell is not run."""
+    if config.is_off:  # a calibrated config where nothing fit: the stock model itself
+        return True
     kv = config.kv
     others = [m for m in ("halting", "fusion", "amq") if getattr(config, m).enabled]
     return (not others and kv.enabled and kv.selection == "window" and kv.recent_window is not None
@@ -146,8 +148,8 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
         + f", first {args.max_tokens} tokens of each. Cell: relative perplexity "
         f"increase; below it the change in FLOPs executed (negative: saved). **{len(failures)} of {len(rows)} cells miss their promise** (marked FAIL)"
         + (f"; {len(missing)} cells were not run (*not run*: no CPU time left for them this session)" if missing else "") + ". "
-        f"Not run: {'; '.join(meta['skipped']) or 'none'}. *idle*: KV skipping alone "
-        f"with sinks + recent window at least the context, so no key is ever dropped and the engine attends as the stock model "
+        f"Not run: {'; '.join(meta['skipped']) or 'none'}. *idle*: the config is off (a "
+        f"calibrated budget where nothing fit), or KV skipping alone with sinks + recent window at least the context, so no key is ever dropped and the engine attends as the stock model "
         f"(not run). (= stock): run, and nothing fired (halting acts only where drift stays low for long).",
         "",
         "| config | promise | " + " | ".join(f"{c} {w}" for c in corpora for w in windows) + " |",
