@@ -117,6 +117,26 @@ def test_several_domains_constrain_the_worst_one():
     assert chosen.cost == max(d.cost(Trial(json.dumps(point), 0.0, 1, 0, 0.0, 0.0)) for d in domains.values()) <= target
 
 
+def test_a_point_stops_at_the_first_domain_that_breaks_the_target():
+    domains = {"wiki": DomainRunner(0.4, 6.0), "code": DomainRunner(4.0, 0.2)}
+    runner = WorstDomainRunner(domains)
+    harsh = point_config({"kv": 3, "fusion": 0}, LEVELS)  # code: 4 x 0.02, wiki: 0.4 x 0.02
+    runner.worst["code"] = 1  # code was the worst before: measured first
+    trials = runner.measure_within(harsh, 0.01)
+    assert list(trials) == ["code"] and runner.cost(trials) > 0.01 and not domains["wiki"].measured
+    mild = point_config({"kv": 1, "fusion": 0}, LEVELS)
+    assert set(runner.measure_within(mild, 0.01)) == {"wiki", "code"}  # fits: every domain measured
+
+
+def test_the_grid_stops_at_a_mechanisms_first_level_over_target():
+    runner = FakeRunner()
+    point, steps = search(runner, LEVELS, 0.0015)  # kv level 2 (0.004) and fusion level 1 (0.002) break it
+    measured = [s.point for s in steps]
+    assert {"kv": 2, "fusion": 0} in measured and {"kv": 0, "fusion": 1} in measured
+    assert {"kv": 3, "fusion": 0} not in measured and {"kv": 0, "fusion": 2} not in measured
+    assert point == brute_force(0.0015)
+
+
 def test_search_with_nothing_that_fits_returns_off():
     point, _ = search(FakeRunner(), LEVELS, -1.0)
     assert point == {"kv": 0, "fusion": 0}

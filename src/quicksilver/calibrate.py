@@ -6,7 +6,8 @@ split, then checks the chosen configuration on the *test* split it never saw.
 
 The search, every trial measured (never predicted) before it is accepted:
 
-1. grid: each mechanism alone at each of its levels (``mechanism_levels``);
+1. grid: each mechanism alone at each of its levels (``mechanism_levels``), mildest first,
+   up to the first level that breaks the budget;
 2. combine: every combination of levels is predicted from the grid (costs add, savings
    compose multiplicatively); the best predicted ones that fit are measured, best first;
 3. refine: from the best measured point, move each mechanism one level up or down and
@@ -15,7 +16,8 @@ The search, every trial measured (never predicted) before it is accepted:
 With several corpora (``corpus=["wiki", "news", "code"]``) every trial is measured on
 each corpus's calibration split and the budget binds the *worst* of them: a config is
 accepted only if it keeps the budget on every calibration split; the saving is the
-objective summed over all of them.
+objective summed over all of them. A point stops being measured at the first corpus that
+breaks the budget (the corpus that was the worst most often goes first).
 
 Search trials run the engine alone on the calibration windows and compare with the stock
 model's totals measured once (FLOPs and perplexity are deterministic); with
@@ -150,7 +152,7 @@ class TrialRunner:
     """Measures configs on fixed calibration windows, with a resumable journal."""
 
     def __init__(self, model, tokenizer, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str,
-                 objective: str, context: dict, journal: Path | None, ray: str | None = None):
+                 objective: str, context: dict, journal: Path | None, ray: str | None = None, read_only: bool = False):
         from .evaluate import StockRunner, score_windows
         from .parallel import ModelSource
 
@@ -166,17 +168,29 @@ class TrialRunner:
         self.journal = journal
         self.trials: dict[str, Trial] = {}
         self.resumed = 0
+        self.baseline: Baseline | None = None
         if journal is not None and journal.is_file():
             for line in journal.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interruption
-                if entry.get("context") == self.context and "trial" in entry:
+                if entry.get("context") != self.context:
+                    continue
+                if "trial" in entry:
                     self.trials[entry["trial"]["key"]] = Trial(**entry["trial"])
+                elif "baseline" in entry and objective not in TIMED:  # timed objectives re-time the stock model
+                    self.baseline = Baseline(**entry["baseline"])
             self.resumed = len(self.trials)
-        base = score_windows([StockRunner(model)], ids, window, window - 1, bos_id, self.device, warmup=objective == "time")[0]
-        self.baseline = Baseline(base.nll, base.count, base.flops, base.seconds)
+        self.read_only = read_only  # only what the journal holds: nothing is measured (``known`` answers)
+        if self.baseline is None and not read_only:
+            # The stock model's totals are deterministic: measured once per context, then read
+            # back from the journal (a search run in chunks does not pay for it each time).
+            base = score_windows([StockRunner(model)], ids, window, window - 1, bos_id, self.device, warmup=objective == "time")[0]
+            self.baseline = Baseline(base.nll, base.count, base.flops, base.seconds)
+            if journal is not None and objective not in TIMED:
+                with open(journal, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"context": self.context, "baseline": asdict(self.baseline)}) + "\n")
 
     def _known(self, key: str) -> Trial | None:
         known = self.trials.get(key)
@@ -188,7 +202,16 @@ class TrialRunner:
             with open(self.journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"context": self.context, "trial": asdict(trial)}) + "\n")
 
+    def known(self, config: Config) -> Trial | None:
+        """The journaled trial of ``config`` (the stock totals for an all-off config), or None."""
+        if config.is_off and self.baseline is not None:
+            b = self.baseline
+            return Trial(config_key(config), b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
+        return self._known(config_key(config)) if self.baseline is not None else None
+
     def measure(self, config: Config) -> Trial:
+        if self.read_only:
+            raise QuicksilverError("this trial runner only reads its journal")
         key = config_key(config)
         known = self._known(key)
         if known is not None:
@@ -238,9 +261,23 @@ class WorstDomainRunner:
 
     def __init__(self, runners: dict[str, TrialRunner]):
         self.runners = runners
+        self.worst = {name: 0 for name in runners}  # how often each corpus was the worst, to measure it first
 
     def measure(self, config: Config) -> dict[str, Trial]:
         return {name: r.measure(config) for name, r in self.runners.items()}
+
+    def measure_within(self, config: Config, target: float) -> dict[str, Trial]:
+        """Like ``measure``, but stop at the first corpus above ``target``: the point cannot fit,
+        so the others need not be measured (its cost is then a lower bound, still above target).
+        The corpus that was the worst most often is measured first."""
+        trials = {}
+        for name in sorted(self.runners, key=lambda n: -self.worst[n]):
+            trials[name] = self.runners[name].measure(config)
+            if self.runners[name].cost(trials[name]) > target:
+                break
+        costs = self.costs(trials)
+        self.worst[max(costs, key=costs.get)] += 1
+        return trials
 
     def costs(self, trials: dict[str, Trial]) -> dict[str, float]:
         return {name: self.runners[name].cost(t) for name, t in trials.items()}
@@ -332,7 +369,9 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
     def measure(point: dict, phase: str) -> Step:
         if on_trial:
             on_trial(len(steps), max(planned, len(steps) + 1), f"{phase}: {_describe(point, levels)}")
-        trial = runner.measure(point_config(point, levels))
+        config = point_config(point, levels)
+        within = getattr(runner, "measure_within", None)  # several corpora: stop at the first one that breaks the target
+        trial = within(config, target) if within is not None else runner.measure(config)
         c, g = runner.cost(trial), runner.gain(trial)
         step = Step(phase, dict(point), c, g, c <= target)
         steps.append(step)
@@ -343,7 +382,13 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
     best = measure(off, "grid")
     alone: dict[str, list[Step]] = {}
     for m in mechs:
-        alone[m] = [measure({**off, m: i}, "grid") for i in range(1, len(levels[m]) + 1)]
+        # Levels go from mildest to most aggressive: the first level that breaks the target ends
+        # this mechanism's grid (the harsher ones would cost more still; refine may try one).
+        alone[m] = []
+        for i in range(1, len(levels[m]) + 1):
+            alone[m].append(measure({**off, m: i}, "grid"))
+            if not alone[m][-1].fits:
+                break
         for s in alone[m]:
             if s.fits and s.gain > best.gain:
                 best = s
@@ -358,7 +403,7 @@ def search(runner: TrialRunner, levels: dict[str, list[tuple[str, dict]]], targe
         return cost, 1.0 - kept
 
     combos = []
-    for combo in itertools.product(*[range(len(levels[m]) + 1) for m in mechs]):
+    for combo in itertools.product(*[range(len(alone[m]) + 1) for m in mechs]):
         point = dict(zip(mechs, combo))
         if sum(1 for i in combo if i) < 2:
             continue
@@ -419,6 +464,7 @@ def calibrate(
     on_trial: Callable[[int, int, str], None] | None = None,
     on_window: Callable[[int, int], None] | None = None,
     ray: str | None = None,
+    timed_checks: bool = True,
 ) -> tuple[Config, dict]:
     """Search the cheapest config within ``budget`` on the calibration split, then check it on test splits.
 
@@ -448,12 +494,17 @@ def calibrate(
     ray : str, optional
         A Ray address (``local``: a local cluster): independent trials run as Ray tasks,
         with the same journal and the same choice as serially.
+    timed_checks : bool, default True
+        Check each test split with the stock model interleaved (``evaluate_model``: a speedup
+        too). False: the engine alone against the stock model's totals measured once per
+        split and journaled (perplexity and FLOPs are the same; ``speedup`` is None), about
+        a quarter of the work. Timed objectives always time their checks.
 
     Returns the chosen Config (its ``calibration`` field holds the provenance and held-out
     results) and a report dict.
     """
-    from .corpora import HUB_CORPORA, OFFLINE_CORPORA, load_corpus
-    from .evaluate import evaluate_model, tokenize_documents, window_plan
+    from .corpora import HUB_CORPORA, OFFLINE_CORPORA
+    from .evaluate import evaluate_model, window_plan
     from .models import bos_per_window, load_model, parse_device
 
     if objective not in OBJECTIVES:
@@ -490,14 +541,8 @@ def calibrate(
     if not searched:
         raise QuicksilverError(f"nothing to search: {', '.join(mechanisms)} cannot reduce {objective} at window {window}")
     levels = {m: all_levels[m] for m in searched}
-    runners = {}
-    for name in corpora:
-        ids = tokenize_documents(tokenizer, load_corpus(name, "calibration").documents, max_tokens)
-        # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
-        context = {"model": model, "corpus": name, "window": window, "tokens": int(ids.numel()),
-                   "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(dev)}
-        runners[name] = TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, name, objective,
-                                    context, Path(journal) if journal else None, ray)
+    runners = {name: split_runner(hf_model, tokenizer, model, name, "calibration", window, max_tokens, bos, dev, journal,
+                                  objective, ray) for name in corpora}
     runner = runners[corpora[0]] if len(corpora) == 1 else WorstDomainRunner(runners)
     target = budget * (1.0 - margin)
     point, steps = search(runner, levels, target, on_trial)
@@ -507,9 +552,14 @@ def calibrate(
 
     checks = {}
     for name in [*corpora, *[h for h in heldout if h not in corpora]]:
-        r = evaluate_model(model, name, "test", window=window, max_tokens=max_tokens, config=config,
-                           loaded=(hf_model, tokenizer), progress=on_window) if not config.is_off else None
-        checks[name] = _check(r, budget)
+        if config.is_off:
+            checks[name] = _check(None, budget)
+        elif timed_checks or objective in TIMED:
+            checks[name] = _check(evaluate_model(model, name, "test", window=window, max_tokens=max_tokens, config=config,
+                                                 loaded=(hf_model, tokenizer), progress=on_window), budget)
+        else:
+            test = split_runner(hf_model, tokenizer, model, name, "test", window, max_tokens, bos, dev, journal)
+            checks[name] = _ledger_check(test, test.measure(config), budget)
     config.calibration = {
         "budget": budget,
         "objective": objective,
@@ -534,6 +584,39 @@ def calibrate(
         "baseline": {name: asdict(r.baseline) for name, r in runners.items()} if len(corpora) > 1 else asdict(runners[corpora[0]].baseline),
     }
     return config, report
+
+
+def split_runner(hf_model, tokenizer, model: str, corpus: str, split: str, window: int, max_tokens: int | None, bos: bool,
+                 device, journal: str | Path | None, objective: str = "flops", ray: str | None = None,
+                 read_only: bool = False) -> TrialRunner:
+    """A TrialRunner on one split of an offline corpus (the stock model's totals from the journal when there)."""
+    from .corpora import load_corpus
+    from .evaluate import tokenize_documents
+
+    ids = tokenize_documents(tokenizer, load_corpus(corpus, split).documents, max_tokens)
+    # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
+    context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()),
+               "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(device)}
+    if split != "calibration":  # calibration contexts keep their old form, so older journals still resume
+        context["split"] = split
+    return TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
+                       context, Path(journal) if journal else None, ray, read_only)
+
+
+def _ledger_check(runner: TrialRunner, trial: Trial, budget: float) -> dict:
+    """A test split's line from the engine alone against the stock model's journaled totals (no timing)."""
+    b = runner.baseline
+    cost = runner.cost(trial)
+    return {
+        "tokens": trial.count,
+        "perplexity": math.exp(trial.nll / trial.count),
+        "baseline_perplexity": math.exp(b.nll / b.count),
+        "relative_delta_perplexity": cost,
+        "flop_reduction": 1.0 - trial.flops / b.flops,
+        "bit_weighted_flop_reduction": 1.0 - trial.bit_flops / b.flops,
+        "speedup": None,
+        "within_budget": cost <= budget,
+    }
 
 
 def _check(result: dict | None, budget: float) -> dict:
