@@ -108,11 +108,12 @@ def test_a_batched_request_equals_itself_served_alone(server_process, engine):
     prompts = [tok(t).input_ids for t in ("The history of Rome", "Once upon a time there was", "A", "Water boils at")] + [long]
     settings = [dict(temperature=0.0), dict(temperature=0.9, seed=1), dict(temperature=0.0), dict(temperature=0.7, top_p=0.9, seed=5),
                 dict(temperature=0.0)]
+    lengths = [5 + 2 * i for i in range(len(prompts))]
+    alones = [eng.generate(torch.tensor(p), n, eos_token_id=tok.eos_token_id, **s).tokens[0] for p, n, s in zip(prompts, lengths, settings)]
     for per_step in (1, 512):  # one newcomer per step boundary (rows join and leave at different steps), then several at once
-        reqs = [GenerationRequest(prompt_ids=p, max_tokens=5 + 2 * i, **s) for i, (p, s) in enumerate(zip(prompts, settings))]
+        reqs = [GenerationRequest(prompt_ids=p, max_tokens=n, **s) for p, n, s in zip(prompts, lengths, settings)]
         sched = _run_scheduler(eng, tok, reqs, max_batch=3, prefill_tokens_per_step=per_step)
-        for r, p, s in zip(reqs, prompts, settings):
-            alone = eng.generate(torch.tensor(p), r.max_tokens, eos_token_id=tok.eos_token_id, **s).tokens[0]
+        for r, alone in zip(reqs, alones):
             assert r.tokens == alone and r.finish_reason == "length"
             assert r.text == tok.decode(alone, skip_special_tokens=True)
         assert sched.generated_tokens == sum(r.max_tokens for r in reqs) and sched.batch_size == 0 and sched.free_rows == 3
@@ -286,6 +287,7 @@ def _wait(url, cond, timeout=20):
 def test_full_queue_gets_429_and_dropped_streams_free_their_rows(server):
     client = _client(server)
     before = _health(server)
+    fresh = client.completions.create(model=None, prompt="Water boils at", max_tokens=4, temperature=0).choices[0].text
     streams = []
     for _ in range(2):  # fill the batch (max 2 rows) with long streams
         s = client.completions.create(model=None, prompt="Long", max_tokens=LIMIT, temperature=0, stream=True)
@@ -301,5 +303,6 @@ def test_full_queue_gets_429_and_dropped_streams_free_their_rows(server):
     after = _wait(server, lambda h: h["batch_size"] == 0 and h["queue_depth"] == 0)
     assert after["kv_bytes"] == 0 and after["free_rows"] == 2 and after["finished"].get("cancelled", 0) - before["finished"].get("cancelled", 0) == 3
     assert after["generated_tokens"] - before["generated_tokens"] < LIMIT  # cancelled long before the end
-    assert client.completions.create(model=None, prompt="x", max_tokens=3).choices[0].finish_reason == "length"
-    assert _health(server)["status"] == "ok"
+    # the freed rows are reused, and nothing of the dropped streams' entries leaks into the next request
+    assert client.completions.create(model=None, prompt="Water boils at", max_tokens=4, temperature=0).choices[0].text == fresh
+    assert _wait(server, lambda h: h["free_rows"] == 2)["status"] == "ok"

@@ -377,10 +377,11 @@ class Scheduler:
                 continue
             try:
                 token = greedy[j] if greedy is not None and row.greedy else int(row.sample(result)[0])
-            except Exception as e:
+                going_on = self._advance(row, token)
+            except Exception as e:  # sampling or detokenizing failed: this request alone, its row freed
                 self._fail(row, e)
                 continue
-            if self._advance(row, token):
+            if going_on:
                 kept.append(row)
             else:
                 self._release(row)
