@@ -609,11 +609,13 @@ def drive(args) -> None:
                     "nll": nll, "tokens": args.continuation_tokens, "kept": row["kept"][name]}
         save()
 
-    configs = [(STOCK, None)] if args.our_stock else []
+    # Our stock model: on the continuation chunks always (our ΔPPL is against it); on the
+    # trials only if asked (its logits equal kvpress's stock model's, see --logit-check).
+    configs = [(STOCK, None)] if policies and (args.our_stock or chunks) else []
     configs += [(r, f) for r in policies for f in fractions]
     for rule, f in configs:
         t0 = time.time()
-        for t in trials:
+        for t in trials if rule != STOCK or args.our_stock else []:
             engine = Engine(hf_model) if rule == STOCK else make_engine(hf_model, tok, policy_config(rule, f, t.context), args.corpus)
             tokens, kept = run_trial(engine, t)
             record_trial(t, method_name("quicksilver", rule, f), tokens, 1.0 if rule == STOCK else kept)

@@ -42,6 +42,8 @@ STEPS = {
     "leave-one-out": ["benchmarks/leave_one_out.py", "--out", OUT],
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
     "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
+    "kvpress": ["benchmarks/kvpress_side.py", "--trials", "10", "--continuation-chunks", "1", "--logit-check", "512",
+                "--verify-tokens", "512", "--output", f"{OUT}/kvpress.json"],
 }
 
 
