@@ -202,6 +202,30 @@ def table_rows(results: dict) -> list[dict]:
     return rows
 
 
+def best_against_kvpress(rows: list[dict], contexts: list[str]) -> list[dict]:
+    """Per kept fraction and test, kvpress's best press against our best rule (ties count as 'as good')."""
+    out = []
+    for f in sorted({r["fraction"] for r in rows if r["fraction"] is not None}):
+        at = [r for r in rows if r["fraction"] == f]
+        tests = [(f"needle {int(c):,}", lambda r, c=c: r["needle"][c][0] if c in r["needle"] else None, max) for c in contexts]
+        tests.append(("continuation", lambda r: r.get("delta_ppl"), min))
+        for name, value, best in tests:
+            sides = {}
+            for side in ("kvpress", "quicksilver"):
+                scored = [(value(r), r["rule"]) for r in at if r["side"] == side and value(r) is not None]
+                if scored:
+                    top = best(v for v, _ in scored)
+                    sides[side] = (top, [rule for v, rule in scored if v == top])
+            if len(sides) < 2:
+                continue
+            (kv, kv_rules), (qs, qs_rules) = sides["kvpress"], sides["quicksilver"]
+            fmt = (lambda v: f"{v * 100:+.2f}%") if name == "continuation" else str
+            good = qs <= kv if name == "continuation" else qs >= kv
+            out.append({"fraction": f, "test": name, "kvpress": f"{fmt(kv)} ({', '.join(kv_rules)})", "ours": f"{fmt(qs)} ({', '.join(qs_rules)})",
+                        "verdict": "as good or better" if good else "**worse**"})
+    return out
+
+
 def render_markdown(results: dict) -> str:
     """The side-by-side table (with its header: command, machine, date, versions)."""
     meta, rows = results.get("meta", {}), table_rows(results)
@@ -254,6 +278,12 @@ def render_markdown(results: dict) -> str:
             cells.append(f"{r['delta_ppl'] * 100:+.2f}%" if "delta_ppl" in r else "")
             cells.append(f"{r['ppl_kept']:.1%}" if "ppl_kept" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
+    verdicts = best_against_kvpress(rows, contexts)
+    if verdicts:
+        lines += ["", "Best of ours against kvpress's best press, per kept fraction (needle: pass keys; continuation: ΔPPL, lower is better):", "",
+                  "| kept | test | kvpress best | ours best | ours |", "|---|---|---|---|---|"]
+        for v_ in verdicts:
+            lines.append(f"| {v_['fraction']:.0%} | {v_['test']} | {v_['kvpress']} | {v_['ours']} | {v_['verdict']} |")
     kept = [r for r in rows if r["kept"] and r["fraction"] is not None]
     if kept:
         lines += ["", "<details><summary>Measured kept fraction of the context (needle)</summary>", "",

@@ -30,6 +30,7 @@ def test_merge_keeps_both_runs_and_the_table_compares_shared_trials_only():
     assert rows["quicksilver:snapkv@0.25"]["needle"]["2048"] == (2, 2)
     text = kvpress_side.render_markdown(merged)
     assert "| 25% | kvpress snapkv | 1/2 |" in text and "| 25% | quicksilver snapkv | 2/2 |" in text
+    assert "| 25% | needle 2,048 | 1 (snapkv) | 2 (snapkv) | as good or better |" in text
 
 
 def test_merge_refuses_other_trials_or_settings():
