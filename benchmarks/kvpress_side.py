@@ -232,8 +232,10 @@ def render_markdown(results: dict) -> str:
     contexts = sorted(results.get("needle", {}), key=int)
     v = results.get("versions", {})
     shared = {c: len(set.intersection(*(set(t) for t in results["needle"][c].values()))) for c in contexts if results["needle"][c]}
+    commands = meta.get("commands", [])
     lines = [
-        f"Commands: {'; '.join(f'`{c}`' for c in meta.get('commands', []))} — last run {meta.get('date', '?')} — "
+        (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
+         f"Commands: {len(commands)} runs (listed below), merged with `--merge`") + f" — last run {meta.get('date', '?')} — "
         f"{meta.get('machine', '?')}; shared machine (2 cores, other jobs running), one torch thread per run.",
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
@@ -291,6 +293,8 @@ def render_markdown(results: dict) -> str:
         for r in kept:
             lines.append(f"| {r['method']} | " + " | ".join(f"{r['kept'][c]:.1%}" if c in r["kept"] else "" for c in contexts) + " |")
         lines += ["", "</details>"]
+    if len(commands) > 2:
+        lines += ["", "<details><summary>The runs merged here</summary>", ""] + [f"- `{c}`" for c in commands] + ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 
@@ -337,10 +341,12 @@ def run_worker(python: Path, job: dict, workdir: Path, log) -> dict:
     env.pop("PYTHONPATH", None)  # quicksilver's tree must not shadow anything there
     t = time.time()
     proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", str(job_path), str(out_path)], env=env)
-    if proc.returncode != 0 or not out_path.is_file():
-        raise BenchError(f"the kvpress worker failed (exit {proc.returncode}); its traceback is above")
-    log(f"kvpress worker done in {time.time() - t:.0f} s")
-    return json.loads(out_path.read_text())
+    if not out_path.is_file():
+        raise BenchError(f"the kvpress worker failed (exit {proc.returncode}) before its first result; its traceback is above")
+    result = json.loads(out_path.read_text())  # written after every trial: an interrupted worker still hands back what it measured
+    result["complete"] = result.get("complete", False) and proc.returncode == 0
+    log(f"kvpress worker {'done' if result['complete'] else f'stopped (exit {proc.returncode})'} in {time.time() - t:.0f} s")
+    return result
 
 
 # ----------------------------------------------------------------------------- worker (kvpress venv only)
@@ -467,7 +473,14 @@ def _worker(job_path: str, out_path: str) -> None:
                                            for a, b in zip(c.layers, mine[name].layers))
         say(f"one prefill = each press's context manager: {result['verified']}")
 
-    result["needle"] = []
+    def flush(complete=False):
+        result["complete"] = complete
+        tmp = Path(out_path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out_path)
+
+    result["needle"], result["continuation"] = [], []
+    flush()
     for n, t in enumerate(job["needle"]):
         t0 = time.time()
         ids, question = torch.tensor(t["ids"]), torch.tensor(t["question"])
@@ -478,9 +491,9 @@ def _worker(job_path: str, out_path: str) -> None:
             row["answers"][name] = answer(model, c, question, ids.numel())
         row["answers"][STOCK], row["kept"][STOCK] = answer(model, stock, question, ids.numel()), 1.0
         result["needle"].append(row)
+        flush()
         say(f"needle {n + 1}/{len(job['needle'])} ({ids.numel()} tokens) in {time.time() - t0:.0f} s")
 
-    result["continuation"] = []
     for n, ch in enumerate(job.get("continuation", [])):
         t0 = time.time()
         prefix, cont = torch.tensor(ch["prefix"]), torch.tensor(ch["cont"])
@@ -496,8 +509,9 @@ def _worker(job_path: str, out_path: str) -> None:
             if name != STOCK:
                 row["kept"][name] /= p
         result["continuation"].append(row)
+        flush()
         say(f"continuation chunk {n + 1}/{len(job['continuation'])} in {time.time() - t0:.0f} s")
-    Path(out_path).write_text(json.dumps(result))
+    flush(complete=True)
 
 
 # ----------------------------------------------------------------------------- driver (quicksilver venv)
@@ -638,6 +652,9 @@ def drive(args) -> None:
                 new["continuation"].setdefault(method_name("kvpress", rule, float(f) if f else None), {})[cid] = {
                     "nll": nll, "tokens": args.continuation_tokens, "kept": row["kept"][name]}
         save()
+        if not res["complete"]:
+            raise BenchError(f"the kvpress worker stopped early; what it measured ({len(res['needle'])} trials, "
+                             f"{len(res['continuation'])} chunks) is saved in {out_json}")
 
     # Our stock model: on the continuation chunks always (our ΔPPL is against it); on the
     # trials only if asked (its logits equal kvpress's stock model's, see --logit-check).
