@@ -133,10 +133,12 @@ def merge(old: dict, new: dict) -> dict:
                 out.setdefault("needle", {}).setdefault(ctx, {}).setdefault(method, {})[i] = row
     for method, chunks in new.get("continuation", {}).items():
         out.setdefault("continuation", {}).setdefault(method, {}).update(chunks)
-    for key in ("logit_check", "verified", "versions"):
+    for key in ("logit_check", "verified", "verified_tokens"):
         if new.get(key):
             out[key] = new[key]
+    out["versions"] = {**out.get("versions", {}), **new.get("versions", {})}
     meta = {**out.get("meta", {}), **{k: v for k, v in new.get("meta", {}).items() if v is not None}}
+    meta["date"] = max(d for d in (old.get("meta", {}).get("date"), new.get("meta", {}).get("date"), "") if d is not None)
     meta["commands"] = sorted(set(old.get("meta", {}).get("commands", [])) | set(new.get("meta", {}).get("commands", [])))
     out["meta"] = meta
     return out
@@ -265,9 +267,10 @@ def render_markdown(results: dict) -> str:
         n = len(set.intersection(*(set(c) for c in results["continuation"].values())))
         cont_meta = f"{n} chunk(s) of {meta.get('prefix_tokens')} + {meta.get('continuation_tokens')} tokens"
     head = ["kept", "method"] + [f"needle {int(c):,}" for c in contexts] + (["cont. ΔPPL", "kept (cont.)"] if cont_meta else [])
-    lines += ["Pass keys retrieved (k/n) per context; continuation ΔPPL: perplexity of the next "
-              f"{meta.get('continuation_tokens', '?')} tokens after the compressed prefix against the same side's stock "
-              f"model ({cont_meta or 'not run'}). `kept` is the measured share of the context's K/V entries the question "
+    lines += ["Pass keys retrieved (k/n) per context"
+              + (f"; continuation ΔPPL: perplexity of the next {meta.get('continuation_tokens')} tokens after the compressed prefix "
+                 f"against the same side's stock model ({cont_meta})" if cont_meta else " (continuation perplexity not run)")
+              + ". `kept` is the measured share of the context's K/V entries the question "
               "(or the continuation) reads; for kvpress, the entries left in its cache (every head keeps the same number, "
               "each head its own entries).", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

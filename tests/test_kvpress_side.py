@@ -21,7 +21,9 @@ def part(method, trials, context="2048", cont=None, **meta):
 def test_merge_keeps_both_runs_and_the_table_compares_shared_trials_only():
     a = part("kvpress:snapkv@0.25", {0: ("11111", "11111"), 1: ("22222", "0")})
     b = part("quicksilver:snapkv@0.25", {0: ("11111", "11111"), 1: ("22222", "22222"), 2: ("33333", "33333")})
+    a["versions"], b["versions"] = {"kvpress": "0.5.5"}, {"torch": "2.13"}
     merged = kvpress_side.merge(a, b)
+    assert merged["versions"] == {"kvpress": "0.5.5", "torch": "2.13"}
     assert set(merged["needle"]["2048"]) == {"kvpress:snapkv@0.25", "quicksilver:snapkv@0.25"}
     assert merged["meta"]["commands"] == ["run kvpress:snapkv@0.25", "run quicksilver:snapkv@0.25"]
     rows = {r["method"]: r for r in kvpress_side.table_rows(merged)}
