@@ -247,6 +247,8 @@ def render_markdown(results: dict) -> str:
         f"in its own venv; ours: quicksilver with transformers {v.get('transformers', '?')}, torch {v.get('torch', '?')}.",
         "",
     ]
+    if meta.get("note"):
+        lines += [f"**{meta['note']}**", ""]
     check = results.get("logit_check")
     if check:
         lines += ["Stock logits, quicksilver engine (`off`) against kvpress's venv (its transformers' own Llama forward), "
@@ -557,8 +559,11 @@ def drive(args) -> None:
             except json.JSONDecodeError as e:
                 raise BenchError(f"{path} is not JSON ({e})") from None
             old = merge(old, part)
-        write_json_atomic(out_json, old)
         args.render = True
+    if args.note is not None and old:
+        old.setdefault("meta", {})["note"] = args.note
+    if args.merge or args.note is not None:
+        write_json_atomic(out_json, old)
     if args.render:
         if not old:
             raise BenchError(f"{out_json} does not exist: nothing to render")
@@ -705,6 +710,7 @@ def main(argv=None) -> int:
     p.add_argument("--logit-check", type=int, default=0, help="compare stock logits of both sides on this many tokens (0: skip)")
     p.add_argument("--verify-tokens", type=int, default=0, help="check one prefill = each press's context manager on this many tokens (0: skip)")
     p.add_argument("--render", action="store_true", help="only redraw the markdown from the JSON")
+    p.add_argument("--note", help="a sentence shown above the table (e.g. what a partial run lacks); with --merge or --render")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these results files (from runs with other --output) into --output, then redraw")
     p.add_argument("--output", default=str(ROOT / "docs" / "results" / "kvpress.json"), help="merged results JSON (the .md sits beside it)")
     args = p.parse_args(argv)
