@@ -43,6 +43,8 @@ STEPS = {
     "leave-one-out": ["benchmarks/leave_one_out.py", "--budgets", "0.01", "--tokens", "4096", "--mechanism", "kv", "halting", "--out", OUT],
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
     "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
+    "kvpress": ["benchmarks/kvpress_side.py", "--trials", "10", "--continuation-chunks", "1", "--logit-check", "512",
+                "--verify-tokens", "512", "--output", f"{OUT}/kvpress.json"],
 }
 
 
