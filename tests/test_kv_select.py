@@ -139,3 +139,27 @@ def test_quest_decode_reads_fewer_keys_but_drops_none():
 def test_bad_selection_settings_are_rejected(bad, message):
     with pytest.raises(QuicksilverError, match=message):
         Config.from_dict({"kv": bad})
+
+
+@pytest.mark.parametrize("selection", ("quest", "snapkv", "window"))
+def test_reach_is_where_generation_first_skips_a_key(selection):
+    from quicksilver.generate import decode_one_token, prefill
+
+    extra = {"recent_window": 8, "sink_tokens": 2, "keep_fraction": 0.25}
+    cfg = _kv(selection, **extra)
+    reach = cfg.kv.reach()
+    assert reach == 2 + 8 + 1
+    engine = Engine(TINY["llama"](seed=1), cfg)
+    ids = torch.randint(0, 99, (reach,), generator=torch.Generator().manual_seed(0))
+    for n, every_key in ((reach - 1, True), (reach, False)):  # the query at position n - 1, after a prompt of n - 1 tokens
+        cache = SequenceCache(4)
+        prefill(engine, ids[: n - 1], cache)
+        _, ledger = decode_one_token(engine, ids[n - 1 : n], [cache])
+        assert (ledger.as_dict()["kv_fraction"] == 1.0) == every_key
+    assert kv_select.budget(0.9, 20) == 19 and _kv("quest", keep_fraction=0.95, recent_window=8, sink_tokens=2).kv.reach() == 20
+
+
+@pytest.mark.parametrize("selection", RULES)
+def test_short_prompts_whose_queries_sit_among_the_sinks_generate(selection):
+    engine = Engine(TINY["llama"](seed=1), _kv(selection, sink_tokens=4, recent_window=2, keep_fraction=0.25))
+    assert len(engine.generate(torch.randint(0, 99, (3,)), 4).tokens[0]) == 4

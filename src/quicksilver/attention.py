@@ -166,7 +166,7 @@ def attend_selected(
         if acc is not None and i0 > 0:  # h2o: the previous block's last queries add their attention
             acc[:before] += kv_select.attention_scores(q[max(0, i0 - m):i0], q_pos[max(0, i0 - m):i0], k[:before], k_pos[:before], scale)
         room = kv_select.budget(kv.keep_fraction, p0) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
-        if room < lo - n_sink:
+        if lo > n_sink and room < lo - n_sink:  # older keys exist (not for a query among the sinks) and do not all fit
             middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
             ks = torch.cat([kv_select.per_head(torch.arange(n_sink, device=dev), hkv), middle,
                             kv_select.per_head(torch.arange(lo, hi, device=dev), hkv)], dim=1)  # (Hkv, n)

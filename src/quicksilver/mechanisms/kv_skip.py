@@ -20,6 +20,7 @@ RoPE positions stay the true positions in every case.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,25 @@ class KVCacheSkipping:
     def recent_at(self, layer: int) -> int:
         """The recent window of an importance rule at ``layer``."""
         return self.recent_window if self.recent_window is not None else DEFAULT_RECENT
+
+    def reach(self) -> int | None:
+        """The shortest context (tokens) at which a query reads fewer keys than its past (None: never).
+
+        Window: the first query past the sinks and the window. Importance rules: in
+        generation (one query at a time), the first query with a key older than its sinks
+        and recent window whose budget is smaller than its past; teacher-forced passes run
+        queries in blocks (``attention.QUERY_BLOCK``) and start skipping in a later block.
+        """
+        if not self.enabled:
+            return None
+        if self.selection == "window":
+            return None if self.recent_window is None else self.sink_tokens + self.recent_window + 1
+        if self.keep_fraction >= 1:
+            return None
+        n = self.sink_tokens + self.recent_at(self.layers_from) + 1
+        while math.ceil(self.keep_fraction * n) >= n:
+            n += 1
+        return n
 
     def window_at(self, layer: int) -> int | None:
         """The position-only recent window that applies at ``layer`` (None: every past key).
