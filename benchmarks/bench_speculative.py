@@ -171,6 +171,44 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pass_costs(args, log) -> str:
+    """What one pass costs at batch 1 (bfloat16, 500 cached tokens): the verifier over 1..33 rows, a draft pass of each model source."""
+    from quicksilver.cache import SequenceCache
+    from quicksilver.generate import prefill
+    from quicksilver.speculative import draft_engine
+
+    model, _ = load_model("smollm2-135m", dtype="bfloat16")
+    base = Engine(model, Config())
+    engines = {"verifier (bf16)": base, "int8 draft": draft_engine(base, "int8"), "int4 draft": draft_engine(base, "int4")}
+    ids = torch.randint(0, 40000, (500,), generator=torch.Generator().manual_seed(0))
+    rows = {name: (1, 2, 3, 5, 9, 17, 33) if e is base else (1,) for name, e in engines.items()}
+    times: dict = {}
+    with torch.inference_mode():
+        caches = {}
+        for name, e in engines.items():
+            caches[name] = SequenceCache(base.spec.n_layers, capacity=600)
+            prefill(e, ids, caches[name])
+            for k in rows[name]:  # warm-up: kernel choices for these row counts
+                e.run(ids[:k], torch.arange(500, 500 + k), [(0, k)], [caches[name]])
+                caches[name].truncate(500)
+        for _ in range(7):  # interleaved repetitions
+            for name, e in engines.items():
+                for k in rows[name]:
+                    t0 = time.perf_counter()
+                    e.run(ids[:k], torch.arange(500, 500 + k), [(0, k)], [caches[name]])
+                    times.setdefault((name, k), []).append(time.perf_counter() - t0)
+                    caches[name].truncate(500)
+    one = sorted(times[("verifier (bf16)", 1)])[3]
+    lines = [f"Pass costs: `python benchmarks/bench_speculative.py --costs` — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} — "
+             f"one engine pass at batch 1 after a 500-token prefill, bfloat16, median of 7 interleaved runs.", "",
+             "| pass | rows | ms | vs one verifier row |", "|---|---|---|---|"]
+    for (name, k), ts in times.items():
+        ms = sorted(ts)[3]
+        lines.append(f"| {name} | {k} | {ms * 1e3:.1f} | {ms / one:.2f}x |")
+        log(lines[-1])
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
@@ -181,6 +219,7 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"prompt kinds among {', '.join(KINDS)}")
     ap.add_argument("--merge", action="store_true", help="add these rows to the speculative.json already in --out")
+    ap.add_argument("--costs", action="store_true", help="only measure pass costs (docs/results/speculative_costs.md)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
     if args.threads:
@@ -200,6 +239,10 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.costs:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out) / "speculative_costs.md", pass_costs(args, log))
+        return
     load = os.getloadavg()[0]
     rows = []
     for dtype in args.dtypes.split(","):

@@ -216,3 +216,8 @@ def test_draft_length_follows_acceptance_and_costs():
     for rows in [1, 3, 9, 17, 5, 2] * 3:
         fit.add(rows, 0.040 + 0.001 * rows)  # a pass costs 40 ms plus 1 ms per row
     assert abs(fit.row_cost(1) - 0.001 / 0.041) < 1e-6 and abs(fit.plain_step(8) - 0.048) < 1e-9
+
+
+def test_model_drafts_left_out_of_cpu_batches_when_lookup_is_configured():
+    engine = Engine(tiny_llama().to(torch.bfloat16), Config.preset("lossless"))
+    assert usable_sources(engine, 1) == ["lookup", "int8"] and usable_sources(engine, 8) == ["lookup"]

@@ -430,28 +430,35 @@ class SpeculativeResult(GenerationResult):
 # The decoding loop
 
 
-def usable_sources(engine) -> list[str]:
-    """The configured sources this engine can profit from.
+# On a CPU, from this many sequences a draft pass of the low-bit weights costs about what a
+# plain step does (at 8 rows the int8 kernels are no faster than bfloat16: docs/RESULTS.md,
+# kernel table), and the measured bfloat16 batch-8 run had every model draft at 0.5-0.6x HF.
+CPU_MODEL_DRAFT_MAX_BATCH = 4
+
+
+def usable_sources(engine, batch: int = 1) -> list[str]:
+    """The configured sources this engine can profit from at ``batch`` sequences.
 
     On a CPU the weight-only low-bit kernels are fast for bfloat16 activations only: for a
     float32 model an int8/int4 draft costs more than a full step (and choosing its kernels
     means measuring slow candidates at first use), so it is left out when another source is
-    configured. Alone, it still runs (and its measured cost switches it off).
+    configured; so are they from ``CPU_MODEL_DRAFT_MAX_BATCH`` sequences on. Alone,
+    a source still runs (and its measured cost switches it off).
     """
     names = engine.config.speculative.source_list
     weight = next(engine.model.parameters())
-    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+    if weight.device.type == "cpu" and (weight.dtype == torch.float32 or batch >= CPU_MODEL_DRAFT_MAX_BATCH):
         kept = [n for n in names if n not in ("int8", "int4")]
         if kept:
             return kept
     return names
 
 
-def make_sources(engine, temperature: float, top_k, top_p, generator) -> list[DraftSource]:
+def make_sources(engine, temperature: float, top_k, top_p, generator, batch: int = 1) -> list[DraftSource]:
     cfg = engine.config.speculative
     probs = make_probs(temperature, top_k, top_p) if temperature > 0 else None
     out: list[DraftSource] = []
-    for name in usable_sources(engine):
+    for name in usable_sources(engine, batch):
         if name == "lookup":
             out.append(PromptLookup(cfg.lookup_min_ngram, cfg.lookup_max_ngram))
         else:
@@ -494,7 +501,7 @@ def generate_speculative(
     gen.manual_seed(0 if seed is None else seed)
     sampling = temperature > 0
     probs_of = make_probs(temperature, top_k, top_p) if sampling else None
-    sources = sources if sources is not None else make_sources(engine, temperature, top_k, top_p, gen)
+    sources = sources if sources is not None else make_sources(engine, temperature, top_k, top_p, gen, len(rows))
     device = next(engine.model.parameters()).device
     K = cfg.max_draft
     caches = [SequenceCache(spec.n_layers, capacity=r.numel() + max_new_tokens + K + 1, margin=K) for r in rows]
