@@ -42,6 +42,7 @@ STEPS = {
     "leave-one-out": ["benchmarks/leave_one_out.py", "--out", OUT],
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
     "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
+    "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
 }
 
 
