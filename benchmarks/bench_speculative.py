@@ -13,12 +13,17 @@ In float32 the speculative outputs must equal plain greedy on every prompt; in b
 k-token verify and k one-token steps may round differently, and the table says how often.
 
     python benchmarks/bench_speculative.py [--quick] [--threads 1] [--dtypes float32,bfloat16] [--out docs/results]
+
+A full run takes about half an hour on 2 cores; ``--kinds``, ``--batches`` and ``--dtypes`` run a
+piece of it, and ``--merge`` adds the piece's rows to the JSON already in ``--out`` (replacing
+rows of the same dtype, batch, kind and system) before writing both files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -100,7 +105,7 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
                if name in args.systems and name not in skip}
     rows = []
     for batch in args.batches:
-        for kind in KINDS:
+        for kind in args.kinds:
             group_all = [p["ids"] for p in prompts if p["kind"] == kind]
             groups = [group_all[i : i + batch] for i in range(0, len(group_all), batch)]
             if batch > 1 and len(group_all) < batch:  # fill a batch of 8 by repeating the kind's prompts
@@ -149,8 +154,10 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; smollm2-135m, "
-             f"{meta['new_tokens']} new tokens per prompt, greedy, EOS ignored. {meta['note']}", "",
+    cmds = " + ".join(f"`{c}`" for c in meta.get("commands", [meta["command"]]))
+    lines = [f"Commands: {cmds} (each through `/work/wt/bin/quiet`: nothing else ran meanwhile; 1-minute load average at each start, lagging the pause: "
+             f"{', '.join(map(str, meta.get('load', [])))}) — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+             f"smollm2-135m, {meta['new_tokens']} new tokens per prompt, greedy, EOS ignored. {meta['note']}", "",
              "| dtype | batch | prompts | system | tok/s | vs HF generate | agreement with plain greedy | first divergence "
              "| acceptance | tokens / verify | accepted by source |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -164,6 +171,44 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pass_costs(args, log) -> str:
+    """What one pass costs at batch 1 (bfloat16, 500 cached tokens): the verifier over 1..33 rows, a draft pass of each model source."""
+    from quicksilver.cache import SequenceCache
+    from quicksilver.generate import prefill
+    from quicksilver.speculative import draft_engine
+
+    model, _ = load_model("smollm2-135m", dtype="bfloat16")
+    base = Engine(model, Config())
+    engines = {"verifier (bf16)": base, "int8 draft": draft_engine(base, "int8"), "int4 draft": draft_engine(base, "int4")}
+    ids = torch.randint(0, 40000, (500,), generator=torch.Generator().manual_seed(0))
+    rows = {name: (1, 2, 3, 5, 9, 17, 33) if e is base else (1,) for name, e in engines.items()}
+    times: dict = {}
+    with torch.inference_mode():
+        caches = {}
+        for name, e in engines.items():
+            caches[name] = SequenceCache(base.spec.n_layers, capacity=600)
+            prefill(e, ids, caches[name])
+            for k in rows[name]:  # warm-up: kernel choices for these row counts
+                e.run(ids[:k], torch.arange(500, 500 + k), [(0, k)], [caches[name]])
+                caches[name].truncate(500)
+        for _ in range(7):  # interleaved repetitions
+            for name, e in engines.items():
+                for k in rows[name]:
+                    t0 = time.perf_counter()
+                    e.run(ids[:k], torch.arange(500, 500 + k), [(0, k)], [caches[name]])
+                    times.setdefault((name, k), []).append(time.perf_counter() - t0)
+                    caches[name].truncate(500)
+    one = sorted(times[("verifier (bf16)", 1)])[3]
+    lines = [f"Pass costs: `python benchmarks/bench_speculative.py --costs` — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} — "
+             f"one engine pass at batch 1 after a 500-token prefill, bfloat16, median of 7 interleaved runs.", "",
+             "| pass | rows | ms | vs one verifier row |", "|---|---|---|---|"]
+    for (name, k), ts in times.items():
+        ms = sorted(ts)[3]
+        lines.append(f"| {name} | {k} | {ms * 1e3:.1f} | {ms / one:.2f}x |")
+        log(lines[-1])
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
@@ -172,6 +217,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"prompt kinds among {', '.join(KINDS)}")
+    ap.add_argument("--merge", action="store_true", help="add these rows to the speculative.json already in --out")
+    ap.add_argument("--costs", action="store_true", help="only measure pass costs (docs/results/speculative_costs.md)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
     if args.threads:
@@ -183,23 +231,44 @@ def main() -> None:
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.systems = args.systems.split(",")
-    from sweep_engine import machine
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if any(k not in KINDS for k in args.kinds):
+        sys.exit(f"error: --kinds takes {', '.join(KINDS)}")
+    from quicksilver.hardware import describe
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.costs:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out) / "speculative_costs.md", pass_costs(args, log))
+        return
+    load = os.getloadavg()[0]
     rows = []
     for dtype in args.dtypes.split(","):
         rows += run_dtype(dtype, args, log)
+    command = "python benchmarks/bench_speculative.py " + " ".join(sys.argv[1:])
     meta = {
-        "command": "python benchmarks/bench_speculative.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine("cpu"),
-        "torch": torch.__version__, "new_tokens": args.new_tokens,
+        "command": command, "commands": [command],
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": describe(),
+        "torch": torch.__version__, "new_tokens": args.new_tokens, "load": [round(load, 2)],
         "note": "Ratios are within one run (HF and the engine alternate prompt group by prompt group)."
                 + (" Quick run: two prompts per kind." if args.quick else ""),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "speculative.json").is_file():
+        old = json.loads((out / "speculative.json").read_text())
+        if old["meta"]["new_tokens"] != args.new_tokens:
+            sys.exit(f"error: --merge into a run of {old['meta']['new_tokens']} new tokens, not {args.new_tokens}")
+        key = lambda r: (r["dtype"], r["batch"], r["kind"], r["system"])  # noqa: E731
+        mine = {key(r) for r in rows}
+        rows = [r for r in old["rows"] if key(r) not in mine] + rows
+        order = {k: i for i, k in enumerate(KINDS)}
+        rows.sort(key=lambda r: (r["dtype"] != "bfloat16", r["batch"], order[r["kind"]]))
+        meta["commands"] = old["meta"].get("commands", [old["meta"]["command"]]) + [command]
+        meta["load"] = old["meta"].get("load", []) + meta["load"]
+        meta["date"] = f"{old['meta']['date'].split(' – ')[0]} – {meta['date']}"
     write_json_atomic(out / "speculative.json", {"meta": meta, "rows": rows})
     write_atomic(out / "speculative.md", markdown(meta, rows))
     bad = [r for r in rows if r["dtype"] == "float32" and r["system"] in SYSTEMS and r["agreement_with_plain"] < 1]

@@ -46,6 +46,7 @@ STEPS = {
     "kvpress": ["benchmarks/kvpress_side.py", "--trials", "10", "--continuation-chunks", "1", "--logit-check", "512",
                 "--verify-tokens", "512", "--output", f"{OUT}/kvpress.json"],
     "long-context": ["benchmarks/long_context.py", "all", "--rules", "window,quest", "--out", OUT],
+    "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
 }
 
 

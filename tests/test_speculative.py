@@ -11,7 +11,9 @@ from quicksilver.config import Config
 from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
 from quicksilver.generate import decode_one_token, prefill
-from quicksilver.speculative import PromptLookup, draft_engine, usable_sources, accept_greedy, accept_sampled, make_probs
+from quicksilver.speculative import (
+    ModelDraft, PromptLookup, VerifyCost, accept_greedy, accept_sampled, best_length, draft_engine, make_probs, usable_sources,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,9 +184,40 @@ def test_config_section_set_and_errors():
     assert usable_sources(engine) == ["lookup"]
     assert usable_sources(Engine(tiny_llama(), Config().with_settings(["speculative.sources=int4"]))) == ["int4"]
     assert Config.from_dict({"speculative": {"sources": ["skip"], "skip_layers": [2, 1]}}).speculative.skip_layers == [1, 2]
-    for bad in ({"sources": "lookup,gpu"}, {"sources": ""}, {"max_draft": 0}, {"initial_draft": 9}, {"confidence": 2.0}):
+    for bad in ({"sources": "lookup,gpu"}, {"sources": ""}, {"max_draft": 0}, {"initial_draft": 0}, {"confidence": 2.0}):
         with pytest.raises(QuicksilverError):
             Config.from_dict({"speculative": bad})
     with pytest.raises(QuicksilverError):
         Engine(tiny_llama(), Config.from_dict({"speculative": {"enabled": True, "sources": "skip", "skip_layers": [7]}})).generate(
             [torch.tensor([1, 2])], 2)
+
+
+def test_shared_model_draft_leaves_the_verifier_cache_as_it_found_it():
+    engine = Engine(tiny_llama(), Config())
+    prompt = torch.tensor([5, 9, 3, 7, 1, 4, 8])
+    cache = SequenceCache(4)
+    prefill(engine, prompt[:-1], cache)  # the verifier's cache holds every position but the last token's
+    before = [cache.get(layer).k.clone() for layer in range(4)]
+    src = ModelDraft("skip", draft_engine(engine, "skip"), 0.0, 4, None, None)
+    (d,) = src.propose([0], [prompt.tolist()], [3], [cache])
+    assert len(d.tokens) == 3 and d.passes == 3
+    assert cache.length == prompt.numel() - 1
+    for layer in range(4):
+        assert torch.equal(cache.get(layer).k, before[layer])
+
+
+def test_draft_length_follows_acceptance_and_costs():
+    assert best_length(1.0, 0.03, 16)[0] == 16  # always accepted, cheap rows: draft all the way
+    assert best_length(0.5, 0.03, 16)[0] < best_length(0.9, 0.03, 16)[0]
+    assert best_length(0.9, 0.7, 16)[0] < best_length(0.9, 0.03, 16)[0]  # a costly draft pass: shorter
+    assert best_length(0.3, 0.7, 16)[1] < 1.0  # does not pay: the policy switches it off
+    fit = VerifyCost()
+    assert fit.row_cost(1) == fit.prior
+    for rows in [1, 3, 9, 17, 5, 2] * 3:
+        fit.add(rows, 0.040 + 0.001 * rows)  # a pass costs 40 ms plus 1 ms per row
+    assert abs(fit.row_cost(1) - 0.001 / 0.041) < 1e-6 and abs(fit.plain_step(8) - 0.048) < 1e-9
+
+
+def test_model_drafts_left_out_of_cpu_batches_when_lookup_is_configured():
+    engine = Engine(tiny_llama().to(torch.bfloat16), Config.preset("lossless"))
+    assert usable_sources(engine, 1) == ["lookup", "int8"] and usable_sources(engine, 8) == ["lookup"]

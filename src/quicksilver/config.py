@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
     # (alpha 0.65, the best on the calibration split); int4 slices (no fast kernel).
     "int8": {"amq": {"enabled": True, "uniform_bits": 8, "smoothing": 0.65, "activation_quant": True}},
     "int4": {"amq": {"enabled": True, "uniform_bits": 4, "group_size": 32}},
-    # Lossless decoding: output equals "off"; drafts from prompt lookup, else the int8 weights.
+    # Lossless decoding: output equals "off"; drafts from prompt lookup or the int8 weights.
     "lossless": {"speculative": {"enabled": True, "sources": "lookup,int8"}},
 }
 
@@ -121,7 +121,7 @@ PRESET_INFO: dict[str, PresetInfo] = {
                          "both tokens match too (a repeated phrase), delta output; saves almost nothing", 0.02, {"fusion": 512}),
     "all": PresetInfo("halting + kvskip + amq (fusion left out: once safe it saves almost nothing and slows attention)",
                       0.03, {"amq": 1, "kv": _KV_REACH, "halting": 3072}),
-    "lossless": PresetInfo("speculative decoding: drafts from prompt lookup, else the int8 weights, verified by the full "
+    "lossless": PresetInfo("speculative decoding: drafts from prompt lookup or the int8 weights, verified by the full "
                            "model; greedy output equals off (generation only; teacher-forced it is off)", 0.0),
     "fast": PresetInfo("weight-only int8 per output channel for every decoder linear and the LM head, through the "
                        "fastest kernel measured on this machine", 0.01, {"amq": 1}),

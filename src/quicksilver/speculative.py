@@ -12,13 +12,16 @@ probability min(1, p(d)/q(d)), else resample from max(p - q, 0) normalized, so e
 token follows the verifier's distribution p. A deterministic draft (lookup, or greedy model
 drafts) has q = one-hot.
 
-Drafting adapts per sequence and source: the draft length follows the acceptance (+2 after a
-fully accepted draft, -1 after a rejection), a model draft stops before a token it is not
-confident about, and a source is switched off for a sequence for a while (doubling each time)
-when its acceptance there falls under ``off_below`` or, for a model draft, when its measured
-cost outweighs what it gains: the tokens a step emits against the verify pass's time plus the
-draft passes' time, both measured as they run. So drafting gets out of the way where it
-does not pay (a float32 int8 draft on a CPU whose int8 kernel is slower than float32, say).
+Drafting adapts per sequence and source, by measured costs: a verify pass's time is fitted as
+a + b * rows while the passes run (``VerifyCost``), a model draft's pass is timed, and each
+sequence keeps decayed counts of accepted and rejected drafted tokens. From these the draft
+length that maximises expected tokens per unit of time is chosen (``best_length``); where no
+length beats a plain step, or a model draft's realised gain falls under 1, the source is
+switched off for that sequence for a while (doubling each time). On a CPU at batch 1 a
+verified row costs a few percent of a step (the weights are read once whatever the rows), so
+prompt lookup drafts long and stays on; a model draft must win back its own passes, and gets
+out of the way where it does not (a float32 int8 draft on a CPU whose int8 kernel is slower
+than float32, say). A model draft also stops before a token it is not confident about.
 """
 
 from __future__ import annotations
@@ -108,18 +111,22 @@ class Draft:
 
     tokens: list[int]
     probs: torch.Tensor | None = None
+    passes: int = 0  # draft-model passes spent on this sequence (a model draft may spend one and draft nothing)
 
 
 class DraftSource:
     """One way of drafting: ``propose`` continuations for some sequences, learn from ``update``.
 
     The verifier never knows which source drafted. ``contexts[i]`` is sequence i's whole text
-    so far (prompt and generated tokens).
+    so far (prompt and generated tokens); ``caches[i]`` the verifier's cache of that sequence,
+    holding every position but the last token's (a source may write past it, and must leave
+    it as it found it).
     """
 
     name = "?"
 
-    def propose(self, rows: list[int], contexts: list[list[int]], lengths: list[int]) -> list[Draft]:
+    def propose(self, rows: list[int], contexts: list[list[int]], lengths: list[int],
+                caches: list[SequenceCache] | None = None) -> list[Draft]:
         raise NotImplementedError
 
     def update(self, row: int, num_accepted: int) -> None:  # noqa: B027 - optional hook
@@ -162,22 +169,30 @@ class PromptLookup(DraftSource):
                     return ctx[j : j + k]
         return []
 
-    def propose(self, rows, contexts, lengths):
+    def propose(self, rows, contexts, lengths, caches=None):
         return [Draft(self.lookup(r, c, k)) for r, c, k in zip(rows, contexts, lengths)]
 
 
 class ModelDraft(DraftSource):
     """Drafts from a cheaper engine over the same model (low-bit weights, or layers skipped).
 
-    Each sequence has its own draft cache. A proposal first feeds the draft engine what it has
-    not seen of the text (after rolling its cache back to the longest prefix it shares with the
-    text), all sequences in one pass, then one token per step for the sequences still drafting.
-    A sequence stops drafting before a token whose draft probability is under ``confidence``.
+    ``shared`` (the default whenever KV skipping is off): the draft keeps no cache of its own.
+    It reads the verifier's cache, whose prefix is the full model's exact K/V, writes only its
+    drafted tokens' K/V behind it, and truncates them away before the verify pass rewrites
+    those positions. No draft prefill, no second cache, and a draft that sees the full model's
+    prefix agrees with it more often. Each draft pass is one token for every sequence still
+    drafting; a sequence stops before a token whose draft probability is under ``confidence``.
+
+    Not shared (KV skipping on: a draft pass must not change what an eviction rule keeps in
+    the verifier's cache): each sequence has its own draft cache, and a proposal first feeds
+    the draft engine what it has not seen of the text (after rolling its cache back to the
+    longest prefix it shares with the text).
     """
 
-    def __init__(self, name: str, engine, confidence: float, margin: int, probs: Callable | None, generator):
+    def __init__(self, name: str, engine, confidence: float, margin: int, probs: Callable | None, generator,
+                 shared: bool = True):
         self.name, self.engine, self.confidence = name, engine, confidence
-        self.margin, self.probs, self.generator = margin, probs, generator
+        self.margin, self.probs, self.generator, self.shared = margin, probs, generator, shared
         self._caches: dict[int, SequenceCache] = {}
         self._fed: dict[int, list[int]] = {}  # the tokens each row's draft cache holds, in order
         self.ledger = Ledger(n_layers=engine.spec.n_layers)
@@ -206,9 +221,52 @@ class ModelDraft(DraftSource):
             self.seconds_per_pass = took if self.seconds_per_pass is None else 0.8 * self.seconds_per_pass + 0.2 * took
         return logits
 
-    def propose(self, rows, contexts, lengths):
+    def _draft_steps(self, drafts, live, feed, caches, lengths, on_fed=None):
+        """One-token draft passes for the sequences ``live`` (feeding ``feed``) until each stops."""
         dev = next(self.engine.model.parameters()).device
+        logits = None
+        while live:
+            cs = [caches[i] for i in live]
+            logits = self._run(torch.tensor(feed, device=dev), torch.tensor([c.length for c in cs], device=dev),
+                               [(j, j + 1) for j in range(len(live))], cs, None, timed=True)
+            if on_fed is not None:
+                on_fed(live, feed)
+            for i in live:
+                drafts[i].passes += 1
+            live, feed = self._extend(drafts, live, logits, lengths)
+
+    def _extend(self, drafts, live, logits, lengths):
+        """Append each live sequence's next draft token; the sequences (and tokens) that go on."""
+        tokens, conf, dist = self._pick(logits)
+        going = []
+        for j, i in enumerate(live):
+            if conf[j] < self.confidence:
+                continue  # not confident: the verifier decides this token itself
+            drafts[i].tokens.append(tokens[j])
+            if dist is not None:
+                drafts[i].probs.append(dist[j])
+            if len(drafts[i].tokens) < lengths[i]:
+                going.append((i, tokens[j]))
+        return [i for i, _ in going], [t for _, t in going]
+
+    def propose(self, rows, contexts, lengths, caches=None):
         drafts = [Draft([], [] if self.probs is not None else None) for _ in rows]
+        if self.shared and caches is not None:
+            base = [c.length for c in caches]
+            try:
+                self._draft_steps(drafts, list(range(len(rows))), [ctx[-1] for ctx in contexts], caches, lengths)
+            finally:  # the verify pass writes these positions itself
+                for c, b in zip(caches, base):
+                    c.truncate(b)
+        else:
+            self._propose_own(rows, contexts, lengths, drafts)
+        for d in drafts:
+            if d.probs is not None:
+                d.probs = torch.stack(d.probs) if d.probs else None
+        return drafts
+
+    def _propose_own(self, rows, contexts, lengths, drafts):
+        dev = next(self.engine.model.parameters()).device
         ids, pos, segments, caches = [], [], [], []
         for r, ctx in zip(rows, contexts):
             cache = self._caches.get(r)
@@ -232,31 +290,15 @@ class ModelDraft(DraftSource):
         ids_t = torch.tensor(ids, device=dev)
         logits = self._run(ids_t, torch.tensor(pos, device=dev), segments, caches,
                            torch.tensor([b - 1 for _, b in segments], device=dev))
-        live = list(range(len(rows)))
-        while live:
-            tokens, conf, dist = self._pick(logits)
-            going = []
-            for j, i in enumerate(live):
-                if conf[j] < self.confidence:
-                    continue  # not confident: the verifier decides this token itself
-                drafts[i].tokens.append(tokens[j])
-                if dist is not None:
-                    drafts[i].probs.append(dist[j])
-                if len(drafts[i].tokens) < lengths[i]:
-                    going.append((i, tokens[j]))
-            if not going:
-                break
-            live = [i for i, _ in going]
-            feed = [t for _, t in going]
-            cs = [caches[i] for i in live]
-            logits = self._run(torch.tensor(feed, device=dev), torch.tensor([c.length for c in cs], device=dev),
-                               [(j, j + 1) for j in range(len(live))], cs, None, timed=True)
-            for i, t in going:
-                self._fed[rows[i]].append(t)
         for d in drafts:
-            if d.probs is not None:
-                d.probs = torch.stack(d.probs) if d.probs else None
-        return drafts
+            d.passes += 1
+        live, feed = self._extend(drafts, list(range(len(rows))), logits, lengths)
+
+        def fed(live, feed):
+            for i, t in zip(live, feed):
+                self._fed[rows[i]].append(t)
+
+        self._draft_steps(drafts, live, feed, caches, lengths, on_fed=fed)
 
     def peak_bytes(self) -> int:
         return sum(c.peak_bytes for c in self._caches.values())
@@ -328,6 +370,53 @@ class _RowPolicy:
     gain: float | None = None  # running estimate of tokens per unit of plain-step time (model drafts)
     off_until: int = 0
     backoff: int = 0
+    # Model drafts: decayed counts of drafted tokens the verifier took and of rejections, whose
+    # ratio estimates the per-token acceptance the draft length is chosen from (a prior of 4:1).
+    taken: float = 4.0
+    rejected: float = 1.0
+
+
+class VerifyCost:
+    """A verify pass's wall time as a + b * rows, fitted as the passes run (decayed least squares).
+
+    What a drafted token costs the verifier is ``b``, in units of a plain step's share per
+    sequence (``row_cost``). On a CPU at batch 1 that is a few percent (the weights are read
+    once whatever the rows), so drafting long is cheap; at batch 8 the rows add up.
+    Until the rows have varied, ``prior`` is assumed.
+    """
+
+    def __init__(self, prior: float = 0.03, decay: float = 0.95):
+        self.prior, self.decay = prior, decay
+        self.s = [0.0] * 5  # sums of w, w*x, w*x^2, w*y, w*x*y
+
+    def add(self, rows: int, seconds: float) -> None:
+        self.s = [self.decay * v for v in self.s]
+        for j, v in enumerate((1.0, rows, rows * rows, seconds, rows * seconds)):
+            self.s[j] += v
+
+    def row_cost(self, sequences: int) -> float:
+        """One more verified row, in units of one sequence's share of a plain step (B sequences, one row each)."""
+        w, x, xx, y, xy = self.s
+        var = w * xx - x * x
+        if w < 4 or var < 0.5 * w * w:
+            return self.prior
+        b = (w * xy - x * y) / var
+        a = (y - b * x) / w
+        if a <= 0:
+            return self.prior
+        b = max(b, 0.0)
+        return min(max(b * sequences / (a + b * sequences), 0.002), 1.0)
+
+    def plain_step(self, sequences: int) -> float | None:
+        """Seconds of a plain step of ``sequences`` one-row sequences (None before any pass)."""
+        w, x, xx, y, xy = self.s
+        if w == 0:
+            return None
+        var = w * xx - x * x
+        if w < 4 or var < 0.5 * w * w:
+            return y / w
+        b = max((w * xy - x * y) / var, 0.0)
+        return max((y - b * x) / w + b * sequences, 1e-9)
 
 
 @dataclass
@@ -341,32 +430,40 @@ class SpeculativeResult(GenerationResult):
 # The decoding loop
 
 
-def usable_sources(engine) -> list[str]:
-    """The configured sources this engine can profit from.
+# On a CPU, from this many sequences a draft pass of the low-bit weights costs about what a
+# plain step does (at 8 rows the int8 kernels are no faster than bfloat16: docs/RESULTS.md,
+# kernel table), and the measured bfloat16 batch-8 run had every model draft at 0.5-0.6x HF.
+CPU_MODEL_DRAFT_MAX_BATCH = 4
+
+
+def usable_sources(engine, batch: int = 1) -> list[str]:
+    """The configured sources this engine can profit from at ``batch`` sequences.
 
     On a CPU the weight-only low-bit kernels are fast for bfloat16 activations only: for a
     float32 model an int8/int4 draft costs more than a full step (and choosing its kernels
     means measuring slow candidates at first use), so it is left out when another source is
-    configured. Alone, it still runs (and its measured cost switches it off).
+    configured; so are they from ``CPU_MODEL_DRAFT_MAX_BATCH`` sequences on. Alone,
+    a source still runs (and its measured cost switches it off).
     """
     names = engine.config.speculative.source_list
     weight = next(engine.model.parameters())
-    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+    if weight.device.type == "cpu" and (weight.dtype == torch.float32 or batch >= CPU_MODEL_DRAFT_MAX_BATCH):
         kept = [n for n in names if n not in ("int8", "int4")]
         if kept:
             return kept
     return names
 
 
-def make_sources(engine, temperature: float, top_k, top_p, generator) -> list[DraftSource]:
+def make_sources(engine, temperature: float, top_k, top_p, generator, batch: int = 1) -> list[DraftSource]:
     cfg = engine.config.speculative
     probs = make_probs(temperature, top_k, top_p) if temperature > 0 else None
     out: list[DraftSource] = []
-    for name in usable_sources(engine):
+    for name in usable_sources(engine, batch):
         if name == "lookup":
             out.append(PromptLookup(cfg.lookup_min_ngram, cfg.lookup_max_ngram))
         else:
-            out.append(ModelDraft(name, draft_engine(engine, name), cfg.confidence, cfg.max_draft, probs, generator))
+            out.append(ModelDraft(name, draft_engine(engine, name), cfg.confidence, cfg.max_draft, probs, generator,
+                                  shared=not engine.config.kv.enabled))
     return out
 
 
@@ -404,19 +501,19 @@ def generate_speculative(
     gen.manual_seed(0 if seed is None else seed)
     sampling = temperature > 0
     probs_of = make_probs(temperature, top_k, top_p) if sampling else None
-    sources = sources if sources is not None else make_sources(engine, temperature, top_k, top_p, gen)
+    sources = sources if sources is not None else make_sources(engine, temperature, top_k, top_p, gen, len(rows))
     device = next(engine.model.parameters()).device
     K = cfg.max_draft
     caches = [SequenceCache(spec.n_layers, capacity=r.numel() + max_new_tokens + K + 1, margin=K) for r in rows]
     contexts = [r.tolist() for r in rows]
     out: list[list[int]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
-    policy = [{s.name: _RowPolicy(cfg.initial_draft) for s in sources} for _ in rows]
+    policy = [{s.name: _RowPolicy(min(cfg.initial_draft, cfg.max_draft)) for s in sources} for _ in rows]
     stats = {s.name: SourceStats() for s in sources}
     plain = SourceStats()  # steps where a sequence had no draft
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
-    verify_s = None  # running average of a verify pass's wall time
+    verify = VerifyCost()
     by_name = {s.name: s for s in sources}
 
     def emit(i: int, tok: int) -> bool:
@@ -446,23 +543,32 @@ def generate_speculative(
     step = 0
     while active:
         step += 1
-        # 1. Drafts: each row asks its sources in order of preference.
+        row_cost = verify.row_cost(len(active))
+        # 1. Drafts: each row asks its sources best expected rate first (ties: in the configured
+        # order); a source with nothing to propose for a row passes it on to the next.
         drafts: dict[int, tuple[str, Draft]] = {}
-        waiting = list(active)
-        for src in sources:
-            asking = []
-            for i in waiting:
-                pol = policy[i][src.name]
-                room = max_new_tokens - len(out[i]) - 1  # the verifier adds one token of its own
-                if pol.off_until <= step and room > 0:
-                    asking.append((i, min(pol.length, room)))
-            if not asking:
-                continue
-            proposals = src.propose([i for i, _ in asking], [contexts[i] for i, _ in asking], [k for _, k in asking])
-            for (i, _), d in zip(asking, proposals):
-                if d.tokens:
-                    drafts[i] = (src.name, d)
-            waiting = [i for i in waiting if i not in drafts]
+        plain_s = verify.plain_step(len(active))
+        queue = {}
+        for i in active:
+            room = max_new_tokens - len(out[i]) - 1  # the verifier adds one token of its own
+            if room > 0:
+                ranked = [(-_expected_rate(policy[i][src.name], src, row_cost, plain_s, cfg), n, src)
+                          for n, src in enumerate(sources) if policy[i][src.name].off_until <= step]
+                queue[i] = [(src, room) for *_, src in sorted(ranked, key=lambda x: x[:2])]
+        while queue:
+            for src in sources:
+                asking = [(i, min(policy[i][src.name].length, room)) for i, q in queue.items() for s_, room in q[:1] if s_ is src]
+                if not asking:
+                    continue
+                proposals = src.propose([i for i, _ in asking], [contexts[i] for i, _ in asking], [k for _, k in asking],
+                                        [caches[i] for i, _ in asking])
+                for (i, _), d in zip(asking, proposals):
+                    if d.tokens:
+                        drafts[i] = (src.name, d)
+                    elif d.passes:  # a model draft that spent passes and proposed nothing: a cost with no gain
+                        _adapt(policy[i][src.name], 0, 0, step, cfg, row_cost, _cost(src, d, verify, len(active)))
+                    queue[i] = [] if d.tokens else queue[i][1:]
+            queue = {i: q for i, q in queue.items() if q}
         # 2. One verify pass over [last token, draft...] of every active row.
         ids, pos, segments = [], [], []
         for i in active:
@@ -475,8 +581,7 @@ def generate_speculative(
         logits, ledger = engine.run(torch.tensor(ids, device=device), torch.tensor(pos, device=device), segments,
                                     [caches[i] for i in active])
         logits = logits.float()
-        took = time.perf_counter() - tv
-        verify_s = took if verify_s is None else 0.8 * verify_s + 0.2 * took
+        verify.add(len(ids), time.perf_counter() - tv)
         decode_ledger.merge(ledger)
         total.merge(ledger)
         # 3. Accept, emit, roll back, adapt.
@@ -503,11 +608,7 @@ def generate_speculative(
             s.emitted += emitted
             if name:
                 src = by_name[name]
-                # A model draft of d tokens took about d draft passes; a plain step, one verify pass.
-                cost = None
-                if isinstance(src, ModelDraft) and src.seconds_per_pass and verify_s:
-                    cost = 1.0 + len(d.tokens) * src.seconds_per_pass / verify_s
-                _adapt(policy[i][name], len(d.tokens), n, step, cfg, cost)
+                _adapt(policy[i][name], len(d.tokens), n, step, cfg, row_cost, _cost(src, d, verify, len(active)))
                 src.update(i, n)
             if not done:
                 still.append(i)
@@ -545,22 +646,70 @@ def generate_speculative(
     )
 
 
-def _adapt(pol: _RowPolicy, drafted: int, accepted: int, step: int, cfg, cost: float | None = None) -> None:
-    """Draft length follows acceptance; a source that keeps failing (or costs more than it gains) backs off.
+def _cost(src, d: Draft, verify: VerifyCost, sequences: int) -> tuple[float, float] | None:
+    """A model draft's (time spent on this sequence this step, one pass's time), in plain steps; None for lookup."""
+    if not isinstance(src, ModelDraft):
+        return None
+    plain = verify.plain_step(sequences)
+    # Before both are measured: a draft pass at half a plain step (a low-bit draft's weight bytes).
+    r = src.seconds_per_pass / plain if src.seconds_per_pass and plain else 0.5
+    return d.passes * r, r
 
-    ``cost``: the step's time in units of a plain one-token step (model drafts), None: not measured.
+
+def best_length(alpha: float, token_cost: float, max_draft: int) -> tuple[int, float]:
+    """The draft length k that maximises expected tokens per unit of time, and that rate.
+
+    A draft of k tokens, each accepted with probability ``alpha`` until the first rejection,
+    yields (1 - alpha^(k+1)) / (1 - alpha) tokens (the verifier adds one) and costs a plain
+    step plus ``token_cost`` plain steps per drafted token (its verify row, and its draft pass
+    for a model draft). A plain step's rate is 1.
     """
-    if accepted == drafted:
-        pol.length = min(cfg.max_draft, pol.length + 2)
-    else:
-        pol.length = max(1, pol.length - 1)
-    pol.acceptance = 0.7 * pol.acceptance + 0.3 * (accepted / drafted)
-    if cost is not None:
-        now = (accepted + 1) / cost
+    best, rate = 1, 0.0
+    for k in range(1, max_draft + 1):
+        tokens = k + 1.0 if alpha >= 1 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+        now = tokens / (1.0 + k * token_cost)
+        if now > rate:
+            best, rate = k, now
+    return best, rate
+
+
+def _expected_rate(pol: _RowPolicy, src, row_cost: float, plain_s: float | None, cfg) -> float:
+    """Tokens per unit of time a source promises for a sequence, at its best length (``best_length``)."""
+    token_cost = row_cost
+    if isinstance(src, ModelDraft):
+        token_cost += src.seconds_per_pass / plain_s if src.seconds_per_pass and plain_s else 0.5
+    return best_length(pol.taken / (pol.taken + pol.rejected), token_cost, cfg.max_draft)[1]
+
+
+def _adapt(pol: _RowPolicy, drafted: int, accepted: int, step: int, cfg, row_cost: float,
+           model_cost: tuple[float, float] | None = None) -> None:
+    """The draft length that pays best at the measured acceptance and costs; off while drafting does not pay.
+
+    Per-token acceptance is estimated from decayed counts of accepted tokens and rejections.
+    ``row_cost``: a verified row, in plain steps (``VerifyCost.row_cost``); ``model_cost``: a
+    model draft's (this step's draft time, one pass), in plain steps (``_cost``), None for
+    prompt lookup (free to draft) or before it is measured. A model draft is also switched off
+    while its realised gain (tokens per unit of time, against 1 for a plain step) is under 1.
+    """
+    pol.taken = 0.9 * pol.taken + accepted
+    pol.rejected = 0.9 * pol.rejected + (1 if accepted < drafted or drafted == 0 else 0)
+    alpha = pol.taken / (pol.taken + pol.rejected)
+    if drafted:
+        pol.acceptance = 0.7 * pol.acceptance + 0.3 * (accepted / drafted)
+    token_cost = row_cost + (model_cost[1] if model_cost else 0.0)
+    pol.length, rate = best_length(alpha, token_cost, cfg.max_draft)
+    off = rate < 1.0 or (drafted and pol.acceptance < cfg.off_below)
+    if model_cost is not None:
+        now = (accepted + 1) / (1.0 + model_cost[0] + drafted * row_cost)
         pol.gain = now if pol.gain is None else 0.7 * pol.gain + 0.3 * now
-    if pol.acceptance < cfg.off_below or (pol.gain is not None and pol.gain < 1.0):
-        pol.backoff = cfg.retry_after if pol.backoff == 0 else 2 * pol.backoff
-        pol.off_until = step + pol.backoff
-        pol.acceptance, pol.gain = 1.0, None  # a fresh start when it retries
-    elif accepted == drafted:
+        off = off or pol.gain < 1.0
+    if off:
+        _switch_off(pol, step, cfg)
+    elif drafted and accepted == drafted:
         pol.backoff = 0
+
+
+def _switch_off(pol: _RowPolicy, step: int, cfg) -> None:
+    pol.backoff = cfg.retry_after if pol.backoff == 0 else 2 * pol.backoff
+    pol.off_until = step + pol.backoff
+    pol.acceptance, pol.gain = 1.0, None  # a fresh start when it retries

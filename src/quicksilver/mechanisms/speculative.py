@@ -24,38 +24,42 @@ class SpeculativeDecoding:
     ----------
     enabled : bool, default False
     sources : str, default "lookup,int8"
-        Draft sources, comma-separated, in order of preference: for each sequence and step
-        the first source that proposes something drafts. ``lookup``: n-gram match in the
+        Draft sources, comma-separated: for each sequence and step the source with the best
+        expected rate (tokens per unit of time at its measured acceptance and cost; ties in
+        the order given) that proposes something drafts. ``lookup``: n-gram match in the
         prompt and the text generated so far (no model); ``int8`` / ``int4``: the same weights
         through AMQ's weight-only int8 codes or their int4 slice (every linear and the head at
         int8); ``skip``: the engine with ``skip_layers`` skipped. A list is accepted too.
-    max_draft : int, default 8
+    max_draft : int, default 16
         Most tokens drafted per step (also the rollback margin of windowed caches).
-    initial_draft : int, default 4
-        Draft length of a source's first step; afterwards it follows the acceptance
-        (+2 after a fully accepted draft, -1 otherwise; at least 1, at most ``max_draft``).
-    confidence : float, default 0.5
-        A model draft stops before a token whose draft probability is below this (0: never).
-    lookup_min_ngram, lookup_max_ngram : int, default 2 and 4
+    initial_draft : int, default 8
+        Draft length of a source's first step for a sequence; afterwards the length that
+        maximises expected tokens per unit of time at the measured per-token acceptance, the
+        measured cost of a verified row and, for a model draft, of a draft pass.
+    confidence : float, default 0.0
+        A model draft stops before a token whose draft probability is below this (0: never;
+        the draft length from measured acceptance and costs already bounds a poor draft).
+    lookup_min_ngram, lookup_max_ngram : int, default 1 and 4
         Lengths of the suffix n-gram that prompt lookup matches, longest first.
     skip_layers : list of int or None, default None
         Layers the ``skip`` source skips; None: every other layer of the middle half.
-    off_below : float, default 0.3
-        A source whose acceptance for a sequence (running average of accepted / drafted)
-        falls below this stops drafting for that sequence ...
+    off_below : float, default 0.0
+        A source stops drafting for a sequence when drafting does not pay by the measured
+        costs, or when its acceptance there (running average of accepted / drafted) falls
+        below this (0: the costs alone decide) ...
     retry_after : int, default 8
         ... for this many steps, doubled each time it is switched off again.
     """
 
     enabled: bool = False
     sources: str = "lookup,int8"
-    max_draft: int = 8
-    initial_draft: int = 4
-    confidence: float = 0.5
-    lookup_min_ngram: int = 2
+    max_draft: int = 16
+    initial_draft: int = 8
+    confidence: float = 0.0
+    lookup_min_ngram: int = 1
     lookup_max_ngram: int = 4
     skip_layers: list[int] | None = None
-    off_below: float = 0.3
+    off_below: float = 0.0
     retry_after: int = 8
 
     def __post_init__(self):
@@ -74,7 +78,7 @@ class SpeculativeDecoding:
         if len(set(names)) != len(names):
             raise QuicksilverError(f"speculative.sources names a source twice: {self.sources!r}")
         check_range("speculative", "max_draft", self.max_draft, 1, 64, integer=True)
-        check_range("speculative", "initial_draft", self.initial_draft, 1, self.max_draft, integer=True)
+        check_range("speculative", "initial_draft", self.initial_draft, 1, 64, integer=True)  # capped at max_draft
         check_range("speculative", "confidence", self.confidence, 0.0, 1.0)
         check_range("speculative", "lookup_min_ngram", self.lookup_min_ngram, 1, integer=True)
         check_range("speculative", "lookup_max_ngram", self.lookup_max_ngram, self.lookup_min_ngram, integer=True)
