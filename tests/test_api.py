@@ -32,7 +32,7 @@ def test_mechanism_dataclasses_are_exported_from_the_package():
     [
         ("off", ["halting.threshold=0.13"], "custom"),
         ("kvskip", ["kv.recent_window=512"], "kvskip+custom"),
-        ("kvskip", ["kv.keep_fraction=0.25"], "kvskip"),  # the preset's own value: still the preset
+        ("kvskip", ["kv.recent_window=1024"], "kvskip"),  # the preset's own value: still the preset
         ("all", ["amq.enabled=false"], "all+custom"),
     ],
 )
@@ -68,22 +68,21 @@ def test_every_preset_states_a_promise_and_baselines_promise_nothing():
         for section in info.acts_from:
             assert getattr(Config.preset(name), section).enabled, f"{name}: acts_from names {section}, which it leaves off"
     assert Config.preset("off").with_settings(["kv.recent_window=8"]).promise is None
-    assert PRESET_INFO["all"].idle_at(64) == ["kv", "halting"]
+    assert PRESET_INFO["all"].idle_at(512) == ["kv", "halting"]
 
 
 def test_kvskip_reach_is_where_the_engine_first_drops_a_key():
-    """``acts_from`` for kv is where a generated token first reads fewer keys than its past: one token earlier, every key."""
-    from quicksilver.cache import SequenceCache
-    from quicksilver.generate import decode_one_token, prefill
+    """``acts_from`` for kv is sinks + window + 1: one token shorter, every pair is kept; at it, one is not.
 
-    reach = PRESET_INFO["kvskip"].acts_from["kv"]
-    assert reach == Config.preset("kvskip").kv.reach()
-    engine = Engine(tiny_llama(), "kvskip")
+    Checked with the preset's rule at a 16-key window (the same code path, 60x cheaper than 1,024).
+    """
+    kv = Config.preset("kvskip").kv
+    assert PRESET_INFO["kvskip"].acts_from["kv"] == kv.sink_tokens + kv.recent_window + 1
+    engine = Engine(tiny_llama(), Config.preset("kvskip").with_settings(["kv.recent_window=16"]))
+    reach = kv.sink_tokens + 16 + 1
     ids = torch.randint(0, 99, (reach,))
-    for n, every_key in ((reach - 1, True), (reach, False)):
-        cache = SequenceCache(engine.spec.n_layers)
-        prefill(engine, ids[: n - 1], cache)
-        assert (decode_one_token(engine, ids[n - 1 : n], [cache])[1].as_dict()["kv_fraction"] == 1.0) == every_key
+    assert engine(ids[: reach - 1], torch.tensor([0])).ledger.as_dict()["kv_fraction"] == 1.0
+    assert engine(ids, torch.tensor([0])).ledger.as_dict()["kv_fraction"] < 1.0
 
 
 def test_engine_and_evaluate_take_preset_names():
@@ -118,13 +117,13 @@ def test_public_functions_reject_bad_arguments_in_one_line(call, message):
 def test_cli_notes_when_the_context_is_too_short_for_the_preset(capsys):
     from quicksilver.cli import _reach_note
 
-    _reach_note(Config.preset("kvskip"), 64)
+    _reach_note(Config.preset("kvskip"), 512)
     _reach_note(Config.preset("all"), 2048)
     _reach_note(Config.preset("kvskip"), 4096)  # long enough: silent
     _reach_note(Config.preset("off").with_settings(["kv.recent_window=8"]), 4)  # custom: no promise, no note
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
-    assert f"preset kvskip does nothing (kv acts from {PRESET_INFO['kvskip'].acts_from['kv']:,} tokens)" in lines[0] and "stock model" in lines[0]
+    assert "preset kvskip does nothing (kv acts from 1,029 tokens)" in lines[0] and "stock model" in lines[0]
     assert "part of preset all does nothing (halting acts from 3,072 tokens)" in lines[1]
 
 

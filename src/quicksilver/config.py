@@ -25,12 +25,7 @@ SECTIONS = {**MECHANISMS, "speculative": SpeculativeDecoding}
 # increase <= 2% on wiki (benchmarks/sweep_engine.py, scouting on the calibration split).
 # On the default model they save little; RESULTS.md says how little and why.
 HALTING = {"enabled": True, "threshold": 0.13, "min_layer": 10, "patience": 3, "tail_layers": 5, "skip": "mlp"}
-# kvskip: the best importance rule at a kept fraction of about 25% at 4,096 tokens (docs/results/long_context.md):
-# quest reads 25% of each query's past (sinks, a 64-key recent window, the best 16-key pages
-# per KV head) and keeps every key, so prefill and decode get faster but KV bytes do not fall.
-# Its promise is 3%, not the 2% of the window W = 1,024 it replaces: reading a quarter of the past
-# from position 128 on costs +2.53% on wiki test at 4,096-token windows (W = 1,024 reads ~40%).
-KVSKIP = {"enabled": True, "policy": "propagate", "sink_tokens": 4, "selection": "quest", "keep_fraction": 0.25}
+KVSKIP = {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 1024}
 # Fusion needs its two preceding rows to match too (``prefix``): with similarity alone it cost
 # +11-14% on Python source and +1.9% on Wikipedia, nearly all of it on fused repeats of a
 # token that predicted what followed the earlier copy (docs/results/fusion_why.md). With the
@@ -109,13 +104,12 @@ class PresetInfo:
 # fusion's depend on the text: the shortest of the lengths 256, 512, 1,024, 2,048, 3,072 and
 # 4,096 tokens (the start of the wiki test split) at which they acted on the default model
 # (benchmarks/preset_reach.py; halting: none in 2,048 tokens, 4 in 3,072).
-_KV_REACH = KVCacheSkipping(**KVSKIP).reach()  # the first query (in generation) that reads fewer keys than its past
+_KV_REACH = KVSKIP["sink_tokens"] + KVSKIP["recent_window"] + 1  # the first query that drops a key
 PRESET_INFO: dict[str, PresetInfo] = {
     "off": PresetInfo("the stock model (the engine's logits equal HF's)", 0.0),
     "halting": PresetInfo("halting on relative drift < 0.13 for 3 layers from layer 10, MLP-only skipping, last 5 layers always run",
                           0.02, {"halting": 3072}),
-    "kvskip": PresetInfo("quest: each query reads 25% of its past, the 4 sink keys, its 64 most recent keys and the 16-key "
-                         "pages whose min/max bounds score highest in each KV head; every key is kept", 0.03, {"kv": _KV_REACH}),
+    "kvskip": PresetInfo("every query sees 4 sink keys and its 1,024 most recent keys", 0.02, {"kv": _KV_REACH}),
     "amq": PresetInfo("int8 group-32 weights; tokens with drift < 0.15 at layer 8 run int4 afterwards", 0.02, {"amq": 1}),
     "fusion": PresetInfo("fusion after layer 12 at cosine >= 0.92 within 4 predecessors, only where the 2 rows before "
                          "both tokens match too (a repeated phrase), delta output; saves almost nothing", 0.02, {"fusion": 512}),
