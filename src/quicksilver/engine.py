@@ -85,7 +85,9 @@ class Engine:
 
     Parameters
     ----------
-    model : a loaded HF causal LM (its weights are used in place, never copied).
+    model : a loaded HF causal LM. Its weights are used in place, never copied; q/k/v and gate/up
+        weights are moved once into one buffer each and the HF parameters re-pointed at their rows
+        (same values, same memory), so that each group runs as one matmul.
     config : Config or preset name, default all mechanisms off (then logits equal the stock forward).
     calibration_ids : (T,) token ids, optional
         Calibration text for settings that need activation statistics (``amq.smoothing``).
