@@ -34,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bench_decode import _sync, agreement  # noqa: E402  (the same greedy agreement as the decode table)
 from quicksilver import load_model  # noqa: E402
 from quicksilver.config import Config  # noqa: E402
 from quicksilver.engine import Engine  # noqa: E402
@@ -63,11 +64,6 @@ def load_prompts(tok, quick: bool) -> list[dict]:
     return prompts
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int, **extra):
     """HF greedy generate on a left-padded batch: (tokens per row, seconds)."""
     width = max(len(p) for p in prompts)
@@ -80,18 +76,6 @@ def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int, **extra):
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, **extra)
     _sync(dev)
     return out[:, width:].tolist(), time.perf_counter() - t0
-
-
-def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int | None]:
-    same = total = 0
-    first = None
-    for a, b in zip(ours, ref):
-        for step, (x, y) in enumerate(zip(a, b)):
-            same += x == y
-            total += 1
-            if x != y and (first is None or step < first):
-                first = step
-    return same / max(total, 1), first
 
 
 def run_dtype(dtype: str, args, log) -> list[dict]:

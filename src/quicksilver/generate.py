@@ -78,6 +78,14 @@ def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: floa
     return sample
 
 
+def _check_request(prompts, max_new_tokens: int, max_positions: int, eos_token_id, stop_strings, tokenizer):
+    """The prompts as 1-D tensors and the EOS ids as a set, after the checks every generation path shares."""
+    rows = _check_prompts(prompts, max_new_tokens, max_positions)
+    if stop_strings and tokenizer is None:
+        raise QuicksilverError("stop strings need a tokenizer to decode with")
+    return rows, set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+
+
 def _check_prompts(prompts, max_new_tokens: int, max_positions: int) -> list[torch.Tensor]:
     if max_new_tokens < 1:
         raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -165,10 +173,7 @@ def generate(
         return generate_speculative(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
                                     stop_strings, tokenizer, on_token)
     spec = engine.spec
-    rows = _check_prompts(prompts, max_new_tokens, spec.max_positions)
-    if stop_strings and tokenizer is None:
-        raise QuicksilverError("stop strings need a tokenizer to decode with")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    rows, eos = _check_request(prompts, max_new_tokens, spec.max_positions, eos_token_id, stop_strings, tokenizer)
     sample = make_sampler(temperature, top_k, top_p, seed)
     device = next(engine.model.parameters()).device
     caches = new_caches(engine, [r.numel() + max_new_tokens for r in rows])

@@ -271,6 +271,7 @@ def machine_key() -> str:
 
 
 _TABLE: KernelTable | None = None
+_TABLE_GENERATION = 0
 
 
 def kernel_table() -> KernelTable:
@@ -285,8 +286,10 @@ def kernel_table() -> KernelTable:
 
 def set_kernel_table(table: KernelTable | None) -> None:
     """Replace this process's kernel table (tests; benchmarks that force a kernel)."""
-    global _TABLE
+    global _TABLE, _TABLE_GENERATION
     _TABLE = table
+    _TABLE_GENERATION += 1  # choices remembered on weights under the old table no longer apply
+    _ATTN_CHOICE.clear()
 
 
 def matmul(w: NestedWeight, x: torch.Tensor, bits: int, kernel: str | None = None) -> torch.Tensor:
@@ -296,7 +299,7 @@ def matmul(w: NestedWeight, x: torch.Tensor, bits: int, kernel: str | None = Non
         if n == 0:
             kernel = "dequant"
         else:  # the choice per (bits, dtype, row count) is remembered on the weight: no table lookup per call
-            key = ("choice", bits, x.dtype, n)
+            key = ("choice", _TABLE_GENERATION, bits, x.dtype, n)
             kernel = w._cache.get(key)
             if kernel is None:
                 kernel = w._cache[key] = kernel_table().choose(w, bits, n, x.dtype)
@@ -352,8 +355,19 @@ def measure_attention(H: int, Hkv: int, hd: int, rows: int, keys: int, dtype) ->
             for name, f in ATTENTION_KERNELS.items()}
 
 
+_ATTN_CHOICE: dict = {}  # (H, Hkv, hd, rows, keys, dtype) -> kernel: the layers of one step ask the same question
+
+
 def attention_kernel(H: int, Hkv: int, hd: int, rows: int, keys: int, dtype) -> str:
     """The decode-attention kernel measured fastest on this machine for this shape (cached)."""
+    shape = (H, Hkv, hd, rows, keys, dtype)
+    name = _ATTN_CHOICE.get(shape)
+    if name is None:
+        name = _ATTN_CHOICE[shape] = _attention_kernel(H, Hkv, hd, rows, keys, dtype)
+    return name
+
+
+def _attention_kernel(H: int, Hkv: int, hd: int, rows: int, keys: int, dtype) -> str:
     if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
         return "sdpa" if dtype == torch.float32 else "matmul"  # tests run both: float32 and bfloat16 cases
     table = kernel_table()

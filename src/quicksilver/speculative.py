@@ -36,7 +36,7 @@ import torch
 from .cache import SequenceCache
 from .config import Config
 from .errors import QuicksilverError
-from .generate import GenerationResult, _check_prompts, prefill_batch
+from .generate import GenerationResult, _check_request, prefill_batch
 from .ledger import Ledger
 
 
@@ -492,11 +492,8 @@ def generate_speculative(
 
     spec, cfg = engine.spec, engine.config.speculative
     cfg.check_model(spec.n_layers)
-    rows = _check_prompts(prompts, max_new_tokens, spec.max_positions)
-    if stop_strings and tokenizer is None:
-        raise QuicksilverError("stop strings need a tokenizer to decode with")
+    rows, eos = _check_request(prompts, max_new_tokens, spec.max_positions, eos_token_id, stop_strings, tokenizer)
     make_sampler(temperature, top_k, top_p, seed)  # validates the sampling settings like plain generate
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     gen = torch.Generator()
     gen.manual_seed(0 if seed is None else seed)
     sampling = temperature > 0
