@@ -98,17 +98,6 @@ def parse_method(name: str) -> tuple[str, str, float | None]:
     return side, rule, float(frac) if at else None
 
 
-def answer_key(text: str) -> str:
-    """The first run of digits in the answer ('' if none), as quicksilver needle scores it."""
-    digits = ""
-    for ch in text:
-        if ch.isdigit():
-            digits += ch
-        elif digits:
-            break
-    return digits
-
-
 def merge(old: dict, new: dict) -> dict:
     """``new`` results over ``old``: same trials required (seed, corpus, depths, keys), later rows win.
 
@@ -541,7 +530,7 @@ def drive(args) -> None:
     from quicksilver.evaluate import make_engine, tokenize_documents
     from quicksilver.hardware import describe
     from quicksilver.models import bos_per_window, load_model, offline_model_folder, parse_dtype
-    from quicksilver.needle import DEFAULT_CONTEXTS, make_trials, parse_depths, run_trial
+    from quicksilver.needle import DEFAULT_CONTEXTS, answer_key, make_trials, parse_depths, run_trial
     from quicksilver.results_io import write_atomic, write_json_atomic
 
     def log(msg):
