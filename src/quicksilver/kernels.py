@@ -117,7 +117,18 @@ def _layout_int8pack(w: NestedWeight, dtype):
     return w.codes.contiguous(), w.scales[:, 0].to(dtype).contiguous()
 
 
-_LAYOUTS = {"int4pack": _layout_int4, "planes8": _layout_planes8, "int8pack": _layout_int8pack}
+def _layout_native8(w: NestedWeight, dtype):
+    return w.codes.contiguous(), w.scales[:, 0].float().contiguous()
+
+
+def _layout_native4(w: NestedWeight, dtype):
+    from . import native
+
+    return native.pack_u4(w.codes), w.scales[:, 0].float().contiguous()
+
+
+_LAYOUTS = {"int4pack": _layout_int4, "planes8": _layout_planes8, "int8pack": _layout_int8pack,
+            "native8": _layout_native8, "native4": _layout_native4}
 
 
 def _bias(y, w):
@@ -139,6 +150,29 @@ def run_int4pack(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
     return _bias(torch._weight_int4pack_mm_for_cpu(x, packed, g, sz), w)
 
 
+def run_native8(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
+    from . import native
+
+    codes, scales = w.layout("native8", x.dtype)
+    return _bias(native.linear("i8", codes, scales, x.contiguous()), w)
+
+
+def run_native4(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
+    from . import native
+
+    packed, scales = w.layout("native4", x.dtype)
+    return _bias(native.linear("u4", packed, scales, x.contiguous()), w)
+
+
+def _native_applies(w: NestedWeight, dtype) -> bool:
+    """The C kernels (``quicksilver.native``): bfloat16 activations, per-channel scales, their tiles."""
+    if not (w.on_cpu and dtype == torch.bfloat16 and w.group_size is None):
+        return False
+    from . import native
+
+    return native.applies(*w.shape) and native.available()
+
+
 def _layout_dequant(bits):
     return lambda w, dtype: w.dequantized(bits, dtype)
 
@@ -156,23 +190,26 @@ def _dequant(bits):
     return run
 
 
-# bits -> kernel name -> (runner, applies(weight) -> bool)
+# bits -> kernel name -> (runner, applies(weight, activation dtype) -> bool)
 KERNELS: dict[int, dict[str, tuple]] = {
     8: {
-        "dequant": (_dequant(8), lambda w: True),
-        "int8pack": (run_int8pack, lambda w: w.on_cpu and w.group_size is None),
-        "planes8": (run_planes8, lambda w: w.on_cpu and w.int4_group() is not None),
+        "dequant": (_dequant(8), lambda w, dtype: True),
+        "int8pack": (run_int8pack, lambda w, dtype: w.on_cpu and w.group_size is None),
+        "planes8": (run_planes8, lambda w, dtype: w.on_cpu and w.int4_group() is not None),
+        "native8": (run_native8, _native_applies),
     },
     4: {
-        "dequant": (_dequant(4), lambda w: True),
-        "int4pack": (run_int4pack, lambda w: w.on_cpu and w.int4_group() is not None),
+        "dequant": (_dequant(4), lambda w, dtype: True),
+        "int4pack": (run_int4pack, lambda w, dtype: w.on_cpu and w.int4_group() is not None),
+        "native4": (run_native4, _native_applies),
     },
-    2: {"dequant": (_dequant(2), lambda w: True)},
+    2: {"dequant": (_dequant(2), lambda w, dtype: True)},
 }
 
 # Bytes of weights each kernel reads per call, per weight element (scales aside); None: the
 # activations' element size (the dequantized copy).
-BYTES_PER_WEIGHT = {"dequant": None, "int8pack": 1.0, "planes8": 1.0, "int4pack": 0.5}
+BYTES_PER_WEIGHT = {"dequant": None, "int8pack": 1.0, "planes8": 1.0, "int4pack": 0.5, "native8": 1.0,
+                    "native4": 0.5, "torch": None, "native16": None}
 
 
 def bytes_read(kernel: str, n_weights: int, dtype: torch.dtype) -> float:
@@ -181,8 +218,19 @@ def bytes_read(kernel: str, n_weights: int, dtype: torch.dtype) -> float:
     return n_weights * (torch.empty(0, dtype=dtype).element_size() if per is None else per)
 
 
-def candidates(w: NestedWeight, bits: int) -> list[str]:
-    return [name for name, (_, applies) in KERNELS[bits].items() if applies(w)]
+def candidates(w: NestedWeight, bits: int, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The kernels that can run the ``bits`` slice of ``w`` on activations of ``dtype``."""
+    return [name for name, (_, applies) in KERNELS[bits].items() if applies(w, dtype)]
+
+
+def _unmeasured_choice(names: list[str], rows: int) -> str:
+    # Tests: every kernel computes the same function, so correctness tests need no timing. Decode-
+    # sized calls take the native kernel where it applies (so the suite runs it), else the first
+    # packed one; larger calls the dequantized matmul (the dispatch itself is tested in test_kernels).
+    if rows > 8:
+        return names[0]
+    native = [n for n in names if n.startswith("native")]
+    return native[0] if native else names[min(1, len(names) - 1)]
 
 
 def bucket(rows: int) -> int:
@@ -206,7 +254,7 @@ def time_call(fn, reps: int = 7, budget_s: float = 0.05) -> float:
 
 def measure_shape(w: NestedWeight, bits: int, dtype: torch.dtype, rows=ROW_BUCKETS) -> dict[int, dict[str, float]]:
     """Microseconds of every applicable kernel at each row count, one kernel after another (median of a few runs each)."""
-    names = candidates(w, bits)
+    names = candidates(w, bits, dtype)
     out = {}
     for n in rows:
         x = torch.randn(n, w.shape[1], dtype=dtype, device=w.codes.device)
@@ -234,18 +282,32 @@ class KernelTable:
         return f"{w.shape[0]}x{w.shape[1]}/g{w.group_size}/b{bits}/{str(dtype).removeprefix('torch.')}"
 
     def choose(self, w: NestedWeight, bits: int, rows: int, dtype: torch.dtype) -> str:
-        names = candidates(w, bits)
+        names = candidates(w, bits, dtype)
         if len(names) == 1:
             return names[0]
         if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
-            # Tests: every kernel computes the same function, so correctness tests need no timing;
-            # a packed kernel for decode-sized calls, the dequantized matmul for the rest (the
-            # dispatch itself is tested in tests/test_kernels.py).
-            return names[1] if rows <= 8 else "dequant"
+            return _unmeasured_choice(names, rows)
         k, b = self.key(w, bits, dtype), bucket(rows)
         timings = self.entries.setdefault(k, {}).get(str(b))
-        if timings is None:  # measured for the row counts this process meets, one bucket at a time
+        if timings is None or not set(names) <= set(timings):
+            # measured for the row counts this process meets, one bucket at a time (again when a
+            # kernel was added since: a native build that was missing then)
             timings = self.entries[k][str(b)] = measure_shape(w, bits, dtype, rows=(b,))[b]
+            self.save()
+        return min((t, name) for name, t in timings.items() if name in names)[1]
+
+    def choose_dense(self, weight: torch.Tensor, rows: int, dtype: torch.dtype) -> str:
+        """The kernel for a full-precision linear (the stock weights) at ``rows`` rows."""
+        names = dense_candidates(weight, dtype)
+        if len(names) == 1:
+            return names[0]
+        if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
+            return "native16" if rows <= 8 else "torch"
+        k = f"dense/{weight.shape[0]}x{weight.shape[1]}/{str(dtype).removeprefix('torch.')}"
+        b = bucket(rows)
+        timings = self.entries.setdefault(k, {}).get(str(b))
+        if timings is None or not set(names) <= set(timings):
+            timings = self.entries[k][str(b)] = measure_dense(weight, dtype, rows=(b,))[b]
             self.save()
         return min((t, name) for name, t in timings.items() if name in names)[1]
 
@@ -304,6 +366,62 @@ def matmul(w: NestedWeight, x: torch.Tensor, bits: int, kernel: str | None = Non
             if kernel is None:
                 kernel = w._cache[key] = kernel_table().choose(w, bits, n, x.dtype)
     return KERNELS[bits][kernel][0](w, x)
+
+
+# --- Full-precision linears: the stock weights (the engine's ``off``) ---------------------------------
+#
+# The same question for the weights the model ships with: torch's matmul, or the native kernel
+# over the same bfloat16 weights (float32 accumulation either way; they differ in float rounding).
+
+
+def dense_candidates(weight: torch.Tensor, dtype: torch.dtype) -> list[str]:
+    """``torch`` always; ``native16`` for contiguous bfloat16 CPU weights on bfloat16 activations."""
+    if dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        return ["torch"]
+    from . import native
+
+    if not (weight.is_contiguous() and native.applies(*weight.shape) and native.available()):
+        return ["torch"]
+    return ["torch", "native16"]
+
+
+def _native16(x, weight, bias=None):
+    from . import native
+
+    y = native.linear("bf16", weight, None, x.contiguous())
+    return y if bias is None else y + bias
+
+
+DENSE_KERNELS = {"torch": F.linear, "native16": _native16}
+
+
+def measure_dense(weight: torch.Tensor, dtype: torch.dtype, rows=ROW_BUCKETS) -> dict[int, dict[str, float]]:
+    """Microseconds of each dense kernel at each row count."""
+    out = {}
+    for n in rows:
+        x = torch.randn(n, weight.shape[1], dtype=dtype, device=weight.device)
+        out[n] = {name: time_call(lambda f=DENSE_KERNELS[name]: f(x, weight)) * 1e6
+                  for name in dense_candidates(weight, dtype)}
+    return out
+
+
+def dense(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, memo: dict) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through the kernel measured fastest for this many rows.
+
+    ``memo`` (kept by the caller, one per weight) remembers the choice per (table, dtype, rows).
+    """
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if rows == 0:
+        return F.linear(x, weight, bias)
+    key = (_TABLE_GENERATION, x.dtype, rows)
+    name = memo.get(key)
+    if name is None:
+        name = memo[key] = kernel_table().choose_dense(weight, rows, x.dtype)
+    if name == "torch":
+        return F.linear(x, weight, bias)
+    return _native16(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 # --- Decode attention: one query row per sequence against its cached keys -------------------------

@@ -110,7 +110,7 @@ class Gemma3Adapter(FamilyAdapter):
         return self._norm(h)
 
     def head(self, h):
-        logits = self._head(h)
+        logits = self.head_logits(h)
         if self._softcap is not None:  # as transformers' Gemma3ForCausalLM
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

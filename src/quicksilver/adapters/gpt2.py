@@ -70,4 +70,4 @@ class GPT2Adapter(FamilyAdapter):
         return self._ln_f(h)
 
     def head(self, h):
-        return self._head(h)
+        return self.head_logits(h)

@@ -77,4 +77,4 @@ class LlamaAdapter(FamilyAdapter):
         return self._norm(h)
 
     def head(self, h):
-        return self._head(h)
+        return self.head_logits(h)

@@ -1,0 +1,154 @@
+"""Native decode matmuls: a small C library, built for this CPU on first use and loaded with ctypes.
+
+Decode multiplies a few rows of activations by every weight of the model, so it is bound by the
+bytes of weights read. torch's CPU kernels read them at a quarter of the machine's bandwidth
+for one row (docs/RESULTS.md, the kernel table). ``qsk.c`` computes ``x @ W.T`` for bfloat16
+activations over three weight formats, with float32 accumulation:
+
+- ``bf16``: the stock weights (the engine's ``off``);
+- ``i8``: int8 codes with one scale per output channel (AMQ's int8 level);
+- ``u4``: the high nibble plane of the same codes, two per byte (AMQ's int4 slice:
+  ``16 * (q >> 4) + 8``), so an int4 call reads half the bytes of an int8 call.
+
+Each output element is one dot product in a fixed order, so a row's output does not depend
+on the other rows of the call. The library is compiled with the system C compiler for the
+machine it runs on (``-march=native``; AVX-512 BF16 kernels where the CPU has them, portable C
+elsewhere) into ``$QUICKSILVER_CACHE/native/``, keyed by the source, the compiler and the CPU.
+Without a compiler (or with ``QUICKSILVER_NATIVE=0``) nothing is built and the engine keeps
+torch's kernels; whether the native kernels are used at all is decided by measurement
+(``quicksilver.kernels``), never assumed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("qsk.c")
+FORMATS = {"bf16": 0, "i8": 1, "u4": 2}
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+_why_not = "not loaded yet"
+
+
+def compiler() -> str | None:
+    """The C compiler used: ``$CC``, else ``cc`` or ``gcc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _library_path(cc: str) -> Path:
+    from ..hardware import cpu_flags, cpu_model
+    from ..models import cache_dir
+
+    text = b"|".join([SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(), cpu_model().encode(),
+                      " ".join(sorted(cpu_flags())).encode()])
+    return cache_dir() / "native" / f"qsk-{hashlib.sha1(text).hexdigest()[:16]}.so"
+
+
+def _build(cc: str, path: Path) -> None:
+    """Compile into a temporary file beside ``path``, then rename it (concurrent builds are safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise OSError((proc.stderr.strip().splitlines() or ["compiler failed"])[-1])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def library():
+    """The loaded library, or None when it cannot be built here (``why_not()`` says why)."""
+    global _why_not
+    if os.environ.get("QUICKSILVER_NATIVE") == "0":
+        _why_not = "QUICKSILVER_NATIVE=0"
+        return None
+    cc = compiler()
+    if cc is None:
+        _why_not = "no C compiler (set CC)"
+        return None
+    try:
+        path = _library_path(cc)
+        if not path.is_file():
+            _build(cc, path)
+        lib = ctypes.CDLL(str(path))  # torch is imported first, so its OpenMP runtime (libgomp.so.1) is shared
+    except (OSError, subprocess.SubprocessError) as e:
+        _why_not = f"build failed: {e}"
+        return None
+    lib.qs_linear.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.qs_linear.restype = ctypes.c_int
+    lib.qs_features.restype = ctypes.c_int
+    _why_not = ""
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_not() -> str:
+    """Why the native kernels are unavailable ("" when they are available)."""
+    library()
+    return _why_not
+
+
+def describe() -> str:
+    """One line for benchmark headers."""
+    lib = library()
+    if lib is None:
+        return f"native kernels: unavailable ({_why_not})"
+    return "native kernels: " + ("AVX-512 BF16" if lib.qs_features() else "portable C")
+
+
+def applies(out_features: int, in_features: int) -> bool:
+    """The shapes the kernels serve (tiles of 4 outputs by 64 inputs)."""
+    return out_features % 4 == 0 and in_features % 64 == 0
+
+
+def pack_u4(codes: torch.Tensor) -> torch.Tensor:
+    """The ``u4`` operand: int8 codes (out, in) -> their high nibbles + 8, two per byte (out, in // 2).
+
+    In each block of 64 input channels, byte j holds channel j in its low nibble and channel
+    j + 32 in its high nibble (one widening load then yields 32 consecutive channels per half).
+    """
+    out_f, in_f = codes.shape
+    u = ((codes.to(torch.int16) >> 4) + 8).to(torch.uint8).reshape(out_f, in_f // 64, 2, 32)
+    return (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(out_f, in_f // 2).contiguous()
+
+
+def linear(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor,
+           generic: bool = False) -> torch.Tensor:
+    """``x`` (rows, in) bfloat16 times the weight in format ``fmt`` -> (rows, out) bfloat16.
+
+    ``weight``: (out, in) bfloat16 for ``bf16``, (out, in) int8 for ``i8``, ``pack_u4`` output
+    for ``u4``; ``scale`` (out,) float32 per output channel (None for ``bf16``). ``generic``
+    runs the portable C path even where the AVX-512 one exists (tests compare the two).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_why_not}")
+    if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.dim() != 2:
+        raise ValueError("native.linear needs contiguous 2-D bfloat16 activations")
+    rows, in_f = x.shape
+    out_f = weight.shape[0]
+    y = torch.empty(rows, out_f, dtype=torch.bfloat16)
+    if rows == 0:
+        return y
+    rc = lib.qs_linear(FORMATS[fmt], weight.data_ptr(), 0 if scale is None else scale.data_ptr(), x.data_ptr(),
+                       y.data_ptr(), rows, out_f, in_f, int(generic))
+    if rc != 0:
+        raise ValueError(f"native.linear: unsupported shape {tuple(weight.shape)} (needs out % 4 == 0, in % 64 == 0)")
+    return y

@@ -1,0 +1,167 @@
+/* QuickSilver native decode matmuls: y = x @ W^T for a few rows of bfloat16 activations. */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QS_AVX512BF16 1
+#else
+#define QS_AVX512BF16 0
+#endif
+
+enum { FMT_BF16 = 0, FMT_I8 = 1, FMT_U4 = 2 };
+#define OB 4
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+int qs_features(void) { return QS_AVX512BF16; }
+
+#if QS_AVX512BF16
+/* u4 layout: per 64 input channels, 32 bytes; byte j holds channel j (low nibble) and j+32 (high). */
+static inline __m512bh w_i8(const int8_t* p) {
+  __m256i b = _mm256_loadu_si256((const __m256i*)p);
+  __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(f1, f0);
+}
+
+/* The sums of four vectors at once: [sum a, sum b, sum c, sum d] (a fixed order of additions). */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+  __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+  __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+#define TILE(RT)                                                                                   \
+static inline __attribute__((always_inline)) void tile_##RT(int fmt, const uint8_t* W, size_t ldw,   \
+    const uint16_t* X, int K, float res[OB][4], __m512i lut) {                                     \
+  __m512 acc[OB][RT];                                                                              \
+  for (int o = 0; o < OB; o++) for (int r = 0; r < RT; r++) acc[o][r] = _mm512_setzero_ps();       \
+  if (fmt == FMT_U4) {                                                                             \
+    for (int k = 0; k < K; k += 64) {                                                              \
+      __m512i xa[RT], xb[RT];                                                                      \
+      for (int r = 0; r < RT; r++) {                                                               \
+        xa[r] = _mm512_loadu_si512(X + (size_t)r * K + k);                                         \
+        xb[r] = _mm512_loadu_si512(X + (size_t)r * K + k + 32); }                                  \
+      for (int o = 0; o < OB; o++) {                                                               \
+        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(W + o * ldw + k / 2))); \
+        __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(15)), lut);   \
+        __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), lut);                      \
+        for (int r = 0; r < RT; r++) {                                                             \
+          acc[o][r] = _mm512_dpbf16_ps(acc[o][r], (__m512bh)xa[r], (__m512bh)lo);                   \
+          acc[o][r] = _mm512_dpbf16_ps(acc[o][r], (__m512bh)xb[r], (__m512bh)hi); } }             \
+    }                                                                                              \
+  } else {                                                                                         \
+    for (int k = 0; k < K; k += 32) {                                                              \
+      __m512i xa[RT];                                                                              \
+      for (int r = 0; r < RT; r++) xa[r] = _mm512_loadu_si512(X + (size_t)r * K + k);             \
+      for (int o = 0; o < OB; o++) {                                                               \
+        __m512bh w = fmt == FMT_BF16 ? (__m512bh)_mm512_loadu_si512(W + o * ldw + 2 * (size_t)k)     \
+                                     : w_i8((const int8_t*)(W + o * ldw + k));                       \
+        for (int r = 0; r < RT; r++) acc[o][r] = _mm512_dpbf16_ps(acc[o][r], (__m512bh)xa[r], w); }  \
+    }                                                                                              \
+  }                                                                                                \
+  for (int r = 0; r < RT; r++) {                                                                   \
+    float s4[4];                                                                                   \
+    _mm_storeu_ps(s4, hsum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r]));                          \
+    for (int o = 0; o < OB; o++) res[o][r] = s4[o]; }                                              \
+}
+TILE(1) TILE(2) TILE(3) TILE(4)
+
+/* The o-block's weights as bfloat16 (OB rows of K), for calls with more rows than one tile:
+   each weight is converted once, then every row tile reads the converted block from L1. */
+static inline void to_bf16_block(int fmt, const uint8_t* W, size_t ldw, int K, uint16_t* out, __m512i lut) {
+  for (int o = 0; o < OB; o++) {
+    uint16_t* dst = out + (size_t)o * K;
+    if (fmt == FMT_U4) {
+      for (int k = 0; k < K; k += 64) {
+        __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(W + o * ldw + k / 2)));
+        _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(15)), lut));
+        _mm512_storeu_si512(dst + k + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), lut));
+      }
+    } else {
+      for (int k = 0; k < K; k += 32) _mm512_storeu_si512(dst + k, (__m512i)w_i8((const int8_t*)(W + o * ldw + k)));
+    }
+  }
+}
+#endif
+
+/* Generic C (any CPU): the same function, vectorized by the compiler as it can. */
+static void tile_generic(int fmt, const uint8_t* W, size_t ldw, const uint16_t* X, int K, int rt, float res[OB][4]) {
+  float xf[4][64];
+  for (int o = 0; o < OB; o++) for (int r = 0; r < rt; r++) res[o][r] = 0.f;
+  for (int o = 0; o < OB; o++) {
+    const uint8_t* w = W + o * ldw;
+    for (int r = 0; r < rt; r++) {
+      float part[16] = {0};
+      for (int k0 = 0; k0 < K; k0 += 64) {
+        for (int j = 0; j < 64; j++) xf[0][j] = bf16_to_f32(X[(size_t)r * K + k0 + j]);
+        float wf[64];
+        if (fmt == FMT_BF16) { const uint16_t* wb = (const uint16_t*)w; for (int j = 0; j < 64; j++) wf[j] = bf16_to_f32(wb[k0 + j]); }
+        else if (fmt == FMT_I8) { const int8_t* wi = (const int8_t*)w; for (int j = 0; j < 64; j++) wf[j] = (float)wi[k0 + j]; }
+        else { for (int j = 0; j < 32; j++) { uint8_t b = w[k0 / 2 + j]; wf[j] = (float)(16 * (b & 15) - 120); wf[j + 32] = (float)(16 * (b >> 4) - 120); } }
+        for (int j = 0; j < 64; j++) part[j & 15] += xf[0][j] * wf[j];
+      }
+      float s = 0.f; for (int j = 0; j < 16; j++) s += part[j];
+      res[o][r] = s;
+    }
+  }
+}
+
+/* y (R, O) bf16 = x (R, K) bf16 @ W^T, times scale[o] when scale is not NULL. O % 4 == 0, K % 64 == 0. */
+int qs_linear(int fmt, const void* Wv, const float* scale, const uint16_t* X, uint16_t* Y, int R, int O, int K, int generic) {
+  const uint8_t* W = (const uint8_t*)Wv;
+  size_t ldw = fmt == FMT_BF16 ? 2 * (size_t)K : fmt == FMT_I8 ? (size_t)K : (size_t)K / 2;
+  if (O % OB || K % 64 || R < 1) return -1;
+  int nb = O / OB;
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < nb; b++) {
+    int o0 = b * OB;
+    const uint8_t* Wb = W + (size_t)o0 * ldw;
+#if QS_AVX512BF16
+    /* bf16 bit patterns of 16 * (u - 8) + 8 for nibbles u = 0..15 */
+    static const uint16_t lut16[32] = {0xc2f0,0xc2d0,0xc2b0,0xc290,0xc260,0xc220,0xc1c0,0xc100,
+                                       0x4100,0x41c0,0x4220,0x4260,0x4290,0x42b0,0x42d0,0x42f0};
+    __m512i lut = _mm512_loadu_si512(lut16);
+#endif
+#if QS_AVX512BF16
+    int tfmt = fmt;
+    size_t tld = ldw;
+    const uint8_t* Wt = Wb;
+    uint16_t scratch[OB * 4096] __attribute__((aligned(64)));
+    if (!generic && R > 4 && fmt != FMT_BF16 && K <= 4096) {
+      to_bf16_block(fmt, Wb, ldw, K, scratch, lut);
+      tfmt = FMT_BF16; tld = 2 * (size_t)K; Wt = (const uint8_t*)scratch;
+    }
+#endif
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      int rt = R - r0 < 4 ? R - r0 : 4;
+      float res[OB][4];
+      const uint16_t* Xr = X + (size_t)r0 * K;
+#if QS_AVX512BF16
+      if (!generic) {
+        switch (rt) {
+          case 1: tile_1(tfmt, Wt, tld, Xr, K, res, lut); break;
+          case 2: tile_2(tfmt, Wt, tld, Xr, K, res, lut); break;
+          case 3: tile_3(tfmt, Wt, tld, Xr, K, res, lut); break;
+          default: tile_4(tfmt, Wt, tld, Xr, K, res, lut); break;
+        }
+      } else
+#endif
+      tile_generic(fmt, Wb, ldw, Xr, K, rt, res);
+      for (int o = 0; o < OB; o++) {
+        float s = scale ? scale[o0 + o] : 1.f;
+        for (int r = 0; r < rt; r++) Y[(size_t)(r0 + r) * O + o0 + o] = f32_to_bf16(res[o][r] * s);
+      }
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,119 @@
+"""The native decode matmuls: the same function as the reference, rows independent, safe fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quicksilver import kernels as K
+from quicksilver import native
+from quicksilver.quant import quantize_int8, snr_db
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_not()}")
+
+
+def _case(rows, out_f=96, in_f=192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    x = (torch.randn(rows, in_f, generator=g) * 2).bfloat16()
+    return w, x
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("generic", [False, True])
+def test_each_format_computes_its_weights(rows, generic):
+    w, x = _case(rows)
+    qw = quantize_int8(w)
+    s = qw.scales[:, 0].float().contiguous()
+    hi = qw.codes.to(torch.int32) >> 4
+    cases = {
+        "bf16": (w.bfloat16(), None, w.bfloat16().float()),
+        "i8": (qw.codes, s, qw.codes.float() * s[:, None]),
+        "u4": (native.pack_u4(qw.codes), s, (16 * hi + 8).float() * s[:, None]),
+    }
+    for fmt, (weight, scale, ref_w) in cases.items():
+        ref = x.float() @ ref_w.T
+        out = native.linear(fmt, weight, scale, x, generic=generic)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, w.shape[0])
+        # float32 accumulation, one rounding to bfloat16 at the end
+        assert (out.float() - ref).abs().max() <= ref.abs().max() * 2**-8 + 1e-6, fmt
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["bf16", "i8", "u4"])
+def test_a_rows_output_does_not_depend_on_the_call(fmt):
+    w, x = _case(11)
+    qw = quantize_int8(w)
+    s = qw.scales[:, 0].float().contiguous()
+    weight = {"bf16": w.bfloat16(), "i8": qw.codes, "u4": native.pack_u4(qw.codes)}[fmt]
+    scale = None if fmt == "bf16" else s
+    together = native.linear(fmt, weight, scale, x)
+    alone = torch.cat([native.linear(fmt, weight, scale, x[i : i + 1]) for i in range(11)])
+    assert torch.equal(together, alone)
+
+
+@needs_native
+def test_unsupported_shapes_are_refused_and_not_offered():
+    w, x = _case(2, out_f=98, in_f=192)
+    with pytest.raises(ValueError, match="unsupported shape"):
+        native.linear("bf16", w.bfloat16(), None, x)
+    assert not native.applies(98, 192) and not native.applies(96, 100) and native.applies(96, 192)
+    qw = quantize_int8(w)
+    nw = K.NestedWeight(qw.codes, qw.scales, None)
+    assert not any(n.startswith("native") for n in K.candidates(nw, 8, torch.bfloat16))
+    assert K.dense_candidates(w.bfloat16(), torch.bfloat16) == ["torch"]
+
+
+@needs_native
+def test_the_u4_operand_is_half_the_bytes_of_the_codes_and_decodes_back():
+    qw = quantize_int8(torch.randn(8, 128))
+    packed = native.pack_u4(qw.codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == qw.codes.numel() // 2
+    blocks = packed.reshape(8, 2, 32).to(torch.int32)
+    u = torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(8, 128)
+    assert torch.equal(u - 8, qw.codes.to(torch.int32) >> 4)
+
+
+@needs_native
+def test_dense_dispatch_matches_torch_and_memoizes(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUICKSILVER_KERNELS", raising=False)
+    w, x = _case(2)  # bucket 1
+    wb = w.bfloat16()
+    table = K.KernelTable(tmp_path / "k.json")
+    table.entries[f"dense/{wb.shape[0]}x{wb.shape[1]}/bfloat16"] = {"1": {"torch": 9.0, "native16": 1.0},
+                                                                     "8": {"torch": 1.0, "native16": 9.0}}
+    K.set_kernel_table(table)
+    try:
+        memo = {}
+        out = K.dense(wb, None, x, memo)
+        assert list(memo.values()) == ["native16"]
+        assert snr_db(x.float() @ wb.float().T, out.float()) > 38
+        out3 = K.dense(wb, None, x.reshape(1, 2, -1), memo)  # leading dims kept
+        assert out3.shape == (1, 2, 96) and torch.equal(out3[0], out)
+        K.dense(wb, None, torch.cat([x] * 3), memo)  # 6 rows: bucket 8
+        assert memo[next(k for k in memo if k[-1] == 6)] == "torch"
+    finally:
+        K.set_kernel_table(None)
+
+
+def test_without_a_compiler_nothing_native_is_offered(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    qw = quantize_int8(torch.randn(96, 192))
+    nw = K.NestedWeight(qw.codes, qw.scales, None)
+    assert not any(n.startswith("native") for n in K.candidates(nw, 8, torch.bfloat16))
+    assert K.dense_candidates(torch.randn(96, 192).bfloat16(), torch.bfloat16) == ["torch"]
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.linear("bf16", torch.zeros(4, 64).bfloat16(), None, torch.zeros(1, 64).bfloat16())
+
+
+def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUICKSILVER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and native.why_not().startswith("build failed")
+        assert "unavailable" in native.describe()
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
