@@ -40,13 +40,19 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+/* The next o-block of this thread's contiguous share is streamed in while this one computes:
+   each step prefetches as many bytes of it as the step reads of this block. */
+#define PREFETCH(p, nbytes) \
+  for (int j_ = 0; j_ < (nbytes); j_ += 64) _mm_prefetch((const char*)(p) + j_, _MM_HINT_T0)
+
 #define TILE(RT)                                                                                   \
 static inline __attribute__((always_inline)) void tile_##RT(int fmt, const uint8_t* W, size_t ldw,   \
-    const uint16_t* X, int K, float res[OB][4], __m512i lut) {                                     \
+    const uint16_t* X, int K, float res[OB][4], __m512i lut, const uint8_t* Wn) {                  \
   __m512 acc[OB][RT];                                                                              \
   for (int o = 0; o < OB; o++) for (int r = 0; r < RT; r++) acc[o][r] = _mm512_setzero_ps();       \
   if (fmt == FMT_U4) {                                                                             \
     for (int k = 0; k < K; k += 64) {                                                              \
+      if (Wn) PREFETCH(Wn + (size_t)(k / 2) * OB, OB * 32);                                        \
       __m512i xa[RT], xb[RT];                                                                      \
       for (int r = 0; r < RT; r++) {                                                               \
         xa[r] = _mm512_loadu_si512(X + (size_t)r * K + k);                                         \
@@ -61,6 +67,9 @@ static inline __attribute__((always_inline)) void tile_##RT(int fmt, const uint8
     }                                                                                              \
   } else {                                                                                         \
     for (int k = 0; k < K; k += 32) {                                                              \
+      if (Wn) {                                                                                    \
+        if (fmt == FMT_BF16) PREFETCH(Wn + (size_t)k * 2 * OB, OB * 64);                           \
+        else PREFETCH(Wn + (size_t)k * OB, OB * 32); }                                             \
       __m512i xa[RT];                                                                              \
       for (int r = 0; r < RT; r++) xa[r] = _mm512_loadu_si512(X + (size_t)r * K + k);             \
       for (int o = 0; o < OB; o++) {                                                               \
@@ -79,6 +88,7 @@ TILE(1) TILE(2) TILE(3) TILE(4)
 /* The o-block's weights as bfloat16 (OB rows of K), for calls with more rows than one tile:
    each weight is converted once, then every row tile reads the converted block from L1. */
 static inline void to_bf16_block(int fmt, const uint8_t* W, size_t ldw, int K, uint16_t* out, __m512i lut) {
+  PREFETCH(W + OB * ldw, OB * (int)ldw);
   for (int o = 0; o < OB; o++) {
     uint16_t* dst = out + (size_t)o * K;
     if (fmt == FMT_U4) {
@@ -141,6 +151,7 @@ int qs_linear(int fmt, const void* Wv, const float* scale, const uint16_t* X, ui
       to_bf16_block(fmt, Wb, ldw, K, scratch, lut);
       tfmt = FMT_BF16; tld = 2 * (size_t)K; Wt = (const uint8_t*)scratch;
     }
+    const uint8_t* Wn = Wt == Wb ? Wb + OB * ldw : NULL;
 #endif
     for (int r0 = 0; r0 < R; r0 += 4) {
       int rt = R - r0 < 4 ? R - r0 : 4;
@@ -149,10 +160,10 @@ int qs_linear(int fmt, const void* Wv, const float* scale, const uint16_t* X, ui
 #if QS_AVX512BF16
       if (!generic) {
         switch (rt) {
-          case 1: tile_1(tfmt, Wt, tld, Xr, K, res, lut); break;
-          case 2: tile_2(tfmt, Wt, tld, Xr, K, res, lut); break;
-          case 3: tile_3(tfmt, Wt, tld, Xr, K, res, lut); break;
-          default: tile_4(tfmt, Wt, tld, Xr, K, res, lut); break;
+          case 1: tile_1(tfmt, Wt, tld, Xr, K, res, lut, Wn); break;
+          case 2: tile_2(tfmt, Wt, tld, Xr, K, res, lut, Wn); break;
+          case 3: tile_3(tfmt, Wt, tld, Xr, K, res, lut, Wn); break;
+          default: tile_4(tfmt, Wt, tld, Xr, K, res, lut, Wn); break;
         }
       } else
 #endif
