@@ -117,3 +117,34 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("B,T", [(1, 7), (3, 70)])
+def test_decode_attention_matches_float32_eager_attention(B, T):
+    g = torch.Generator().manual_seed(1)
+    cap, H, Hkv, hd = T + 9, 6, 2, 64
+    kbuf = torch.randn(B, Hkv, cap, hd, generator=g).bfloat16()  # a head-major cache with spare capacity
+    vbuf = torch.randn(B, Hkv, cap, hd, generator=g).bfloat16()
+    keys, values = kbuf[:, :, :T], vbuf[:, :, :T]
+    q = torch.randn(B, H, hd, generator=g).bfloat16()
+    mask = torch.zeros(B, T, dtype=torch.bfloat16)
+    mask[0, : T // 3] = float("-inf")  # a padded row
+    ref = K.attend_matmul(q.float(), keys.float(), values.float(), mask.float(), hd**-0.5)
+    out = native.decode_attention(q, keys, values, mask, hd**-0.5)
+    assert out.shape == (B, H * hd) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=2**-7)
+    alone = torch.cat([native.decode_attention(q[b : b + 1], keys[b : b + 1], values[b : b + 1], mask[b : b + 1], hd**-0.5)
+                       for b in range(B)])
+    assert torch.equal(out, alone)
+
+
+@needs_native
+def test_decode_attention_falls_back_where_the_layout_does_not_fit(monkeypatch):
+    monkeypatch.setattr(K, "attention_kernel", lambda *a: "native")
+    q = torch.randn(2, 4, 64).bfloat16()
+    keys = torch.randn(2, 2, 64, 10).bfloat16().transpose(2, 3)  # positions not contiguous rows
+    values = torch.randn(2, 2, 10, 64).bfloat16()
+    assert not native.attention_applies(keys, values)
+    torch.testing.assert_close(K.decode_attention(q, keys, values, None, 0.125),
+                               K.attend_matmul(q, keys, values, None, 0.125))

@@ -155,8 +155,8 @@ class SequenceCache:
         """Bytes of the live entries (keys and values)."""
         total = 0
         for k, v, n in zip(self._k, self._v, self._n):
-            if n:
-                total += n * (k[:, 0].numel() + v[:, 0].numel()) * k.element_size()
+            if n:  # head-major buffers (heads, capacity, head_dim): arithmetic, no views (called every step)
+                total += n * (k.shape[0] * k.shape[-1] + v.shape[0] * v.shape[-1]) * k.element_size()
         return total
 
     def allocated_bytes(self) -> int:

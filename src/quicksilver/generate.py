@@ -57,7 +57,9 @@ def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: floa
     if top_p is not None and not 0 < top_p <= 1:
         raise QuicksilverError(f"top-p must be in (0, 1], got {top_p}")
     if temperature == 0:
-        return lambda logits: logits.argmax(-1)
+        from .kernels import argmax
+
+        return argmax
     from transformers.generation.logits_process import (
         LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     )

@@ -37,6 +37,7 @@ from .cache import SequenceCache
 from .config import Config
 from .errors import QuicksilverError
 from .generate import GenerationResult, _check_request, prefill_batch
+from .kernels import argmax
 from .ledger import Ledger
 
 
@@ -50,7 +51,7 @@ def accept_greedy(target_logits: torch.Tensor, draft: Sequence[int]) -> tuple[in
     ``target_logits`` (k+1, V): row i is the verifier's prediction after the i-th drafted token
     (row 0: after the last accepted token).
     """
-    best = target_logits.argmax(-1).tolist()
+    best = argmax(target_logits).tolist()
     n = 0
     while n < len(draft) and draft[n] == best[n]:
         n += 1
@@ -531,7 +532,7 @@ def generate_speculative(
     logits, ledger = prefill_batch(engine, [r.to(device) for r in rows], caches)
     total.merge(ledger)
     first = [accept_sampled(probs_of(logits[j : j + 1]), [], None, gen)[1] for j in range(len(rows))] if sampling \
-        else logits.argmax(-1).tolist()
+        else argmax(logits).tolist()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     ttft = time.perf_counter() - t0

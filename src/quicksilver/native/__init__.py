@@ -91,6 +91,9 @@ def library():
                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.qs_linear.restype = ctypes.c_int
     lib.qs_features.restype = ctypes.c_int
+    lib.qs_decode_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int] * 5 + [ctypes.c_float]
+    lib.qs_decode_attention.restype = ctypes.c_int
     _why_not = ""
     return lib
 
@@ -152,3 +155,32 @@ def linear(fmt: str, weight: torch.Tensor, scale: torch.Tensor | None, x: torch.
     if rc != 0:
         raise ValueError(f"native.linear: unsupported shape {tuple(weight.shape)} (needs out % 4 == 0, in % 64 == 0)")
     return y
+
+
+def attention_applies(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Head-major bfloat16 keys/values (B, Hkv, T, hd) whose positions are rows of hd contiguous values."""
+    return (keys.dtype == values.dtype == torch.bfloat16 and keys.device.type == "cpu" and keys.shape[-1] <= 256
+            and keys.stride(-1) == values.stride(-1) == 1 and keys.stride(-2) == values.stride(-2) == keys.shape[-1])
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query row per sequence: q (B, H, hd) against keys/values (B, Hkv, T, hd) (strided views of a
+    head-major cache are fine, see ``attention_applies``); mask (B, T) additive or None. -> (B, H * hd).
+
+    Float32 scores, softmax and weighted sum, one rounding to bfloat16 at the end.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_why_not}")
+    B, H, hd = q.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    q = q.contiguous()
+    m = None if mask is None else mask.float().contiguous()
+    out = torch.empty(B, H * hd, dtype=torch.bfloat16)
+    rc = lib.qs_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+                                 values.stride(0), values.stride(1), 0 if m is None else m.data_ptr(), out.data_ptr(),
+                                 B, H, Hkv, T, hd, float(scale))
+    if rc != 0:
+        raise ValueError(f"native.decode_attention: unsupported shape (H={H}, Hkv={Hkv}, hd={hd}, T={T})")
+    return out

@@ -176,3 +176,73 @@ int qs_linear(int fmt, const void* Wv, const float* scale, const uint16_t* X, ui
   }
   return 0;
 }
+
+/* Decode attention: one query row per sequence against its cached keys and values (GQA).
+   q (B, H, hd) bfloat16, contiguous; keys/values bfloat16 with element strides per sequence
+   (ksb, vsb) and per KV head (ksh, vsh), positions hd apart; mask (B, T) float32 additive or
+   NULL; out (B, H * hd) bfloat16. Scores, softmax and the weighted sum in float32. */
+#include <math.h>
+#include <stdlib.h>
+int qs_decode_attention(const uint16_t* q, const uint16_t* K, const uint16_t* V, long ksb, long ksh, long vsb,
+                        long vsh, const float* mask, uint16_t* out, int B, int H, int Hkv, int T, int hd,
+                        float scale) {
+  if (H % Hkv || hd > 256 || T < 1) return -1;
+  int G = H / Hkv, units = B * Hkv, fail = 0;
+#pragma omp parallel
+  {
+    float* buf = (float*)malloc(sizeof(float) * ((size_t)G * T + (size_t)G * hd * 2));
+    if (!buf) {
+#pragma omp atomic write
+      fail = 1;
+    }
+#pragma omp for schedule(static)
+    for (int u = 0; u < units; u++) {
+      if (!buf) continue;
+      int b = u / Hkv, g = u % Hkv;
+      float* sc = buf;                       /* (G, T) */
+      float* qf = buf + (size_t)G * T;       /* (G, hd) */
+      float* acc = qf + (size_t)G * hd;      /* (G, hd) */
+      for (int i = 0; i < G; i++)
+        for (int d = 0; d < hd; d++) qf[i * hd + d] = bf16_to_f32(q[((size_t)b * H + g * G + i) * hd + d]) * scale;
+      const uint16_t* Kb = K + b * ksb + g * ksh;
+      const uint16_t* Vb = V + b * vsb + g * vsh;
+      const float* mb = mask ? mask + (size_t)b * T : NULL;
+      for (int t = 0; t < T; t++) {
+        const uint16_t* kt = Kb + (size_t)t * hd;
+        float kf[256];
+        for (int d = 0; d < hd; d++) kf[d] = bf16_to_f32(kt[d]);
+        for (int i = 0; i < G; i++) {
+          float s = 0.f;
+          const float* qi = qf + i * hd;
+#pragma omp simd reduction(+ : s)
+          for (int d = 0; d < hd; d++) s += qi[d] * kf[d];
+          sc[(size_t)i * T + t] = s + (mb ? mb[t] : 0.f);
+        }
+      }
+      for (int i = 0; i < G; i++) {
+        float* si = sc + (size_t)i * T;
+        float m = -INFINITY, z = 0.f;
+        for (int t = 0; t < T; t++) m = si[t] > m ? si[t] : m;
+        for (int t = 0; t < T; t++) { si[t] = m == -INFINITY ? 0.f : expf(si[t] - m); z += si[t]; }
+        float inv = z > 0.f ? 1.f / z : 0.f;
+        for (int t = 0; t < T; t++) si[t] *= inv;
+        for (int d = 0; d < hd; d++) acc[i * hd + d] = 0.f;
+      }
+      for (int t = 0; t < T; t++) {
+        const uint16_t* vt = Vb + (size_t)t * hd;
+        float vf[256];
+        for (int d = 0; d < hd; d++) vf[d] = bf16_to_f32(vt[d]);
+        for (int i = 0; i < G; i++) {
+          float p = sc[(size_t)i * T + t];
+          float* ai = acc + i * hd;
+#pragma omp simd
+          for (int d = 0; d < hd; d++) ai[d] += p * vf[d];
+        }
+      }
+      for (int i = 0; i < G; i++)
+        for (int d = 0; d < hd; d++) out[((size_t)b * H + g * G + i) * hd + d] = f32_to_bf16(acc[i * hd + d]);
+    }
+    free(buf);
+  }
+  return fail ? -2 : 0;
+}

@@ -30,6 +30,7 @@ import torch
 
 from ..cache import CachePool, SequenceCache
 from ..generate import decode_one_token, make_sampler, prefill, prefill_batch
+from ..kernels import argmax
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ class Scheduler:
         greedy = None
         if isinstance(outcome, torch.Tensor):
             if any(r.greedy for r in rows):
-                greedy = outcome.argmax(-1).tolist()  # one op for every greedy row; argmax is per row
+                greedy = argmax(outcome).tolist()  # one op for every greedy row; argmax is per row
             outcome = [outcome[j : j + 1] for j in range(len(rows))]
         kept = []
         for j, (row, result) in enumerate(zip(rows, outcome)):
