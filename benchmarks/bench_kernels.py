@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from quicksilver import kernels as K
+from quicksilver import native
 from quicksilver.adapters import adapter_for
 from quicksilver.hardware import describe
 from quicksilver.models import load_model
@@ -61,19 +62,20 @@ def main() -> None:
               "down": lins["down"].weight, "qkv fused": torch.cat([lins[n].weight for n in "qkv"]),
               "gate+up fused": torch.cat([lins["gate"].weight, lins["up"].weight]), "LM head": A.head_linear().weight}
     bw = copy_bandwidth()
-    rows_out, table = [], {}
+    rows_out, table, dense = [], {}, {}
     for label, w in shapes.items():
         for bits in (8, 4):
-            group = None if bits == 8 else 32
+            group = None  # per output channel: every kernel applies (group-32 int4 runs int4pack or dequant)
             nw = nested(w.float(), group)
+            # the kernel dispatch's own measurement: decode-sized calls with weights out of cache
+            timings = K.measure_shape(nw, bits, dtype)
+            dense = K.measure_dense(w.contiguous(), dtype) if bits == 8 else dense
             for n in K.ROW_BUCKETS:
-                x = torch.randn(n, w.shape[1], dtype=dtype)
-                ref = K.time_call(lambda: F.linear(x, w)) * 1e6
-                for name in K.candidates(nw, bits):
-                    us = K.time_call(lambda: K.matmul(nw, x, bits, kernel=name)) * 1e6
+                for name, us in timings[n].items():
                     gbs = K.bytes_read(name, w.numel(), dtype) / us / 1e3
                     rows_out.append({"shape": label, "out": w.shape[0], "in": w.shape[1], "bits": bits, "group": group,
-                                     "rows": n, "kernel": name, "us": us, "weight_GBps": gbs, "bf16_linear_us": ref})
+                                     "rows": n, "kernel": name, "us": us, "weight_GBps": gbs,
+                                     "bf16_linear_us": dense[n]["torch"], "bf16_native_us": dense[n].get("native16")})
     # The decode working set: every decoder linear of every layer (and the head), one row, in sequence.
     sequence = {}
     x1 = {d: torch.randn(1, d, dtype=dtype) for d in (576, 1536)}
@@ -83,43 +85,53 @@ def main() -> None:
     sequence["bf16 F.linear (stock weights)"] = (t, total_bf16)
     fused = [m.weight for p in A.layers for m in (p.qkv, p.o, p.gate_up, p.mlp_linears[-1])] + [A.head_linear().weight]
     t = K.time_call(lambda: [F.linear(x1[w.shape[1]], w) for w in fused], reps=5, budget_s=3)
-    sequence["bf16 F.linear, q/k/v and gate/up fused (the engine's `off`)"] = (t, total_bf16)
-    for bits, group in ((8, None), (8, 32), (4, 32)):
+    sequence["bf16 F.linear, q/k/v and gate/up fused"] = (t, total_bf16)
+    if "native16" in K.dense_candidates(fused[0], dtype):
+        t = K.time_call(lambda: [K.DENSE_KERNELS["native16"](x1[w.shape[1]], w) for w in fused], reps=5, budget_s=3)
+        sequence["bf16 native, q/k/v and gate/up fused (the engine's `off`)"] = (t, total_bf16)
+    for bits, group in ((8, None), (8, 32), (4, None), (4, 32)):
         nws = [nested(w.float(), group) for w in all_w]
-        for name in K.candidates(nws[0], bits):
+        for name in K.candidates(nws[0], bits, dtype):
             if name == "dequant":
                 continue  # dequantizing the whole model every step is not a decode kernel
             t = K.time_call(lambda: [K.matmul(nw, x1[nw.shape[1]], bits, kernel=name) for nw in nws], reps=5, budget_s=3)
             nbytes = sum(K.bytes_read(name, nw.codes.numel(), dtype) for nw in nws)
             sequence[f"int{bits} {name} (group {group})"] = (t, nbytes)
     header = (f"Command: `python benchmarks/bench_kernels.py --out {args.out}` — "
-              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; "
+              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; {native.describe()}; "
               f"activations {args.dtype}; medians of repeated runs, one kernel after another.")
     lines = [header, "", f"Copy bandwidth (read + write): **{bw:.1f} GB/s**.", "",
              "**Decode working set**: all 210 decoder linears + LM head at one row, in sequence (one decode step's matmuls):", "",
              "| kernel | ms per step | weight MB read | GB/s | share of copy bandwidth |", "|---|---|---|---|---|"]
     for name, (t, nbytes) in sequence.items():
         lines.append(f"| {name} | {t * 1e3:.2f} | {nbytes / 1e6:.0f} | {nbytes / t / 1e9:.1f} | {nbytes / t / 1e9 / bw:.0%} |")
-    lines += ["", "**Per shape** (microseconds; GB/s of weight bytes read; bf16 = `F.linear` on the stock weights):", "",
-              "| shape | bits | rows | bf16 us | " + " | ".join(f"{k} us (GB/s)" for k in ("dequant", "int8pack", "planes8", "int4pack")) + " | fastest |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    kernel_names = list(dict.fromkeys(r["kernel"] for r in rows_out))
+    lines += ["", f"**Per shape** (microseconds; GB/s of weight bytes read; calls of <= {K.COLD_ROWS} rows cycle "
+              "through copies of the weight larger than the last-level cache, as a decode step reads it; "
+              "bf16 = the stock weights through `F.linear` and through the native kernel):", "",
+              "| shape | bits | rows | bf16 us | bf16 native us | " + " | ".join(f"{k} us (GB/s)" for k in kernel_names)
+              + " | fastest low-bit |", "|---|---|---|---|---|" + "---|" * (len(kernel_names) + 1)]
     by = {}
     for r in rows_out:
         by.setdefault((r["shape"], r["bits"], r["rows"]), {})[r["kernel"]] = r
     for (label, bits, n), ks in by.items():
-        ref = next(iter(ks.values()))["bf16_linear_us"]
-        cells = [f"{ks[k]['us']:.0f} ({ks[k]['weight_GBps']:.1f})" if k in ks else "" for k in ("dequant", "int8pack", "planes8", "int4pack")]
+        first = next(iter(ks.values()))
+        nat = "" if first["bf16_native_us"] is None else f"{first['bf16_native_us']:.0f}"
+        cells = [f"{ks[k]['us']:.0f} ({ks[k]['weight_GBps']:.1f})" if k in ks else "" for k in kernel_names]
         fastest = min(ks, key=lambda k: ks[k]["us"])
-        lines.append(f"| {label} | {bits} | {n} | {ref:.0f} | " + " | ".join(cells) + f" | {fastest} |")
+        lines.append(f"| {label} | {bits} | {n} | {first['bf16_linear_us']:.0f} | {nat} | " + " | ".join(cells) + f" | {fastest} |")
     spec = A.arch
     attention = {f"{n}x{t}": K.measure_attention(spec.n_heads, spec.n_kv_heads, spec.head_dim, n, t, dtype)
                  for n in (1, 8) for t in K.ATTN_KEYS}
+    att_names = list(next(iter(attention.values())))
     lines += ["", "**Decode attention** (one query row per sequence over head-major cached keys; microseconds per layer; "
-              "`sdpa` = torch's fused kernel, `matmul` = two matmuls and a float32 softmax, as transformers' eager attention):", "",
-              "| rows | cached keys | sdpa us | matmul us | fastest |", "|---|---|---|---|---|"]
+              "`sdpa` = torch's fused kernel, `matmul` = two matmuls and a float32 softmax, as transformers' eager attention, "
+              "`native` = the same in C with float32 scores):", "",
+              "| rows | cached keys | " + " | ".join(f"{k} us" for k in att_names) + " | fastest |",
+              "|---|---|" + "---|" * (len(att_names) + 1)]
     for key, us in attention.items():
         n, t = key.split("x")
-        lines.append(f"| {n} | {t} | {us['sdpa']:.0f} | {us['matmul']:.0f} | {min(us, key=us.get)} |")
+        lines.append(f"| {n} | {t} | " + " | ".join(f"{us[k]:.0f}" for k in att_names) + f" | {min(us, key=us.get)} |")
     out = Path(args.out)
     write_atomic(out / "kernels.md", "\n".join(lines) + "\n")
     write_json_atomic(out / "kernels.json", {"header": header, "copy_GBps": bw, "rows": rows_out,

@@ -252,16 +252,62 @@ def time_call(fn, reps: int = 7, budget_s: float = 0.05) -> float:
     return statistics.median(times)
 
 
+COLD_ROWS = 8  # calls of at most this many rows are timed with weights out of cache
+
+
+def _last_level_cache_bytes() -> int:
+    from pathlib import Path
+
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def cold_copies(weight_bytes: int, limit: int = 64) -> int:
+    """How many copies of a weight to cycle through so that each call reads it from memory.
+
+    A decode step reads every weight of the model once, from DRAM; one matrix timed in a loop
+    stays in cache and measures another machine (the last-level cache is as big as a layer).
+    """
+    return max(1, min(limit, -(-2 * _last_level_cache_bytes() // max(weight_bytes, 1))))
+
+
+def _cycle(items):
+    state = {"i": 0}
+
+    def nxt():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+
+    return nxt
+
+
 def measure_shape(w: NestedWeight, bits: int, dtype: torch.dtype, rows=ROW_BUCKETS) -> dict[int, dict[str, float]]:
-    """Microseconds of every applicable kernel at each row count, one kernel after another (median of a few runs each)."""
+    """Microseconds of every applicable kernel at each row count, one kernel after another (median of a few runs each).
+
+    Decode-sized calls (<= ``COLD_ROWS`` rows) cycle through copies of the weight larger than the
+    last-level cache together, as in a real decode step.
+    """
     names = candidates(w, bits, dtype)
     out = {}
     for n in rows:
         x = torch.randn(n, w.shape[1], dtype=dtype, device=w.codes.device)
+        copies = [w]
+        if n <= COLD_ROWS:
+            copies += [NestedWeight(w.codes.clone(), w.scales.clone(), w.group_size, w.bias)
+                       for _ in range(cold_copies(w.codes.numel()) - 1)]
         out[n] = {}
         for name in names:
             run = KERNELS[bits][name][0]
-            out[n][name] = time_call(lambda: run(w, x)) * 1e6
+            for c in copies:  # layouts built (and the newest copies cached) before timing starts
+                run(c, x)
+            nxt = _cycle(copies)
+            out[n][name] = time_call(lambda: run(nxt(), x)) * 1e6
+            for c in copies[1:]:
+                c._cache.clear()
     return out
 
 
@@ -327,8 +373,12 @@ def machine_key() -> str:
     """What a kernel timing depends on: CPU model and features, torch version, threads."""
     from .hardware import cpu_flags, cpu_model
 
+    from . import native
+
     feats = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    text = f"{cpu_model()}|{' '.join(feats)}|{torch.__version__}|{torch.get_num_threads()}"
+    # the native library's build (source, compiler, flags): a changed kernel is measured again
+    build = native.build_id() if native.available() else "none"
+    text = f"{cpu_model()}|{' '.join(feats)}|{torch.__version__}|{torch.get_num_threads()}|{build}|cold"
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -400,8 +450,16 @@ def measure_dense(weight: torch.Tensor, dtype: torch.dtype, rows=ROW_BUCKETS) ->
     out = {}
     for n in rows:
         x = torch.randn(n, weight.shape[1], dtype=dtype, device=weight.device)
-        out[n] = {name: time_call(lambda f=DENSE_KERNELS[name]: f(x, weight)) * 1e6
-                  for name in dense_candidates(weight, dtype)}
+        copies = [weight]
+        if n <= COLD_ROWS:  # out of cache, as in a decode step (see ``cold_copies``)
+            copies += [weight.clone() for _ in range(cold_copies(weight.nbytes) - 1)]
+        out[n] = {}
+        for name in dense_candidates(weight, dtype):
+            f = DENSE_KERNELS[name]
+            for c in copies:
+                f(x, c)
+            nxt = _cycle(copies)
+            out[n][name] = time_call(lambda: f(x, nxt())) * 1e6
     return out
 
 

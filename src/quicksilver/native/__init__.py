@@ -98,6 +98,12 @@ def library():
     return lib
 
 
+def build_id() -> str:
+    """What the loaded library was built from (source, compiler, flags, CPU), as a short hash."""
+    cc = compiler()
+    return "none" if cc is None else _library_path(cc).stem.removeprefix("qsk-")
+
+
 def available() -> bool:
     return library() is not None
 
