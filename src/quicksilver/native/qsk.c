@@ -85,6 +85,58 @@ static inline __attribute__((always_inline)) void tile_##RT(int fmt, const uint8
 }
 TILE(1) TILE(2) TILE(3) TILE(4)
 
+/* int8 weights for calls of more than 4 rows: two outputs by up to 8 rows per pass, so each
+   weight is converted to bfloat16 once and used by every row (16 accumulators in registers). */
+#define TILE2(RT)                                                                                  \
+static inline __attribute__((always_inline)) void tile2_##RT(const uint8_t* W, size_t ldw,          \
+    const uint16_t* X, int K, float res[2][8], const uint8_t* Wn) {                                \
+  __m512 acc[2][RT];                                                                               \
+  for (int o = 0; o < 2; o++) for (int r = 0; r < RT; r++) acc[o][r] = _mm512_setzero_ps();        \
+  for (int k = 0; k < K; k += 32) {                                                                \
+    if (Wn) PREFETCH(Wn + (size_t)k * 2, 64);                                                      \
+    __m512bh w0 = w_i8((const int8_t*)(W + k)), w1 = w_i8((const int8_t*)(W + ldw + k));            \
+    for (int r = 0; r < RT; r++) {                                                                 \
+      __m512bh xr = (__m512bh)_mm512_loadu_si512(X + (size_t)r * K + k);                           \
+      acc[0][r] = _mm512_dpbf16_ps(acc[0][r], xr, w0);                                             \
+      acc[1][r] = _mm512_dpbf16_ps(acc[1][r], xr, w1); }                                           \
+  }                                                                                                \
+  /* the same additions as tile_* (hsum4), so a row's output does not depend on the call's rows */ \
+  for (int r = 0; r < RT; r += 2) {                                                                \
+    float s4[4];                                                                                   \
+    __m512 z = _mm512_setzero_ps();                                                                \
+    _mm_storeu_ps(s4, hsum4(acc[0][r], acc[1][r], r + 1 < RT ? acc[0][r + 1] : z, r + 1 < RT ? acc[1][r + 1] : z)); \
+    res[0][r] = s4[0]; res[1][r] = s4[1];                                                          \
+    if (r + 1 < RT) { res[0][r + 1] = s4[2]; res[1][r + 1] = s4[3]; } }                            \
+}
+TILE2(1) TILE2(2) TILE2(3) TILE2(4) TILE2(5) TILE2(6) TILE2(7) TILE2(8)
+
+static void i8_rows(const uint8_t* Wb, size_t ldw, const uint16_t* X, int R, int K, int O, int o0,
+                    const float* scale, uint16_t* Y) {
+  for (int h = 0; h < OB; h += 2) {
+    const uint8_t* W2 = Wb + h * ldw;
+    const uint8_t* Wn = W2 + 2 * ldw;
+    for (int r0 = 0; r0 < R; r0 += 8) {
+      int rt = R - r0 < 8 ? R - r0 : 8;
+      float res[2][8];
+      const uint16_t* Xr = X + (size_t)r0 * K;
+      switch (rt) {
+        case 1: tile2_1(W2, ldw, Xr, K, res, Wn); break;
+        case 2: tile2_2(W2, ldw, Xr, K, res, Wn); break;
+        case 3: tile2_3(W2, ldw, Xr, K, res, Wn); break;
+        case 4: tile2_4(W2, ldw, Xr, K, res, Wn); break;
+        case 5: tile2_5(W2, ldw, Xr, K, res, Wn); break;
+        case 6: tile2_6(W2, ldw, Xr, K, res, Wn); break;
+        case 7: tile2_7(W2, ldw, Xr, K, res, Wn); break;
+        default: tile2_8(W2, ldw, Xr, K, res, Wn); break;
+      }
+      for (int o = 0; o < 2; o++) {
+        float s = scale ? scale[o0 + h + o] : 1.f;
+        for (int r = 0; r < rt; r++) Y[(size_t)(r0 + r) * O + o0 + h + o] = f32_to_bf16(res[o][r] * s);
+      }
+    }
+  }
+}
+
 /* The o-block's weights as bfloat16 (OB rows of K), for calls with more rows than one tile:
    each weight is converted once, then every row tile reads the converted block from L1. */
 static inline void to_bf16_block(int fmt, const uint8_t* W, size_t ldw, int K, uint16_t* out, __m512i lut) {
@@ -146,6 +198,10 @@ int qs_linear(int fmt, const void* Wv, const float* scale, const uint16_t* X, ui
     int tfmt = fmt;
     size_t tld = ldw;
     const uint8_t* Wt = Wb;
+    if (!generic && R > 4 && fmt == FMT_I8) {
+      i8_rows(Wb, ldw, X, R, K, O, o0, scale, Y);
+      continue;
+    }
     uint16_t scratch[OB * 4096] __attribute__((aligned(64)));
     if (!generic && R > 4 && fmt != FMT_BF16 && K <= 4096) {
       to_bf16_block(fmt, Wb, ldw, K, scratch, lut);
