@@ -148,3 +148,20 @@ def test_decode_attention_falls_back_where_the_layout_does_not_fit(monkeypatch):
     assert not native.attention_applies(keys, values)
     torch.testing.assert_close(K.decode_attention(q, keys, values, None, 0.125),
                                K.attend_matmul(q, keys, values, None, 0.125))
+
+
+@needs_native
+@pytest.mark.parametrize("T", [2, 37, 130])
+def test_causal_attention_matches_float32_attention(T):
+    if not native.causal_applies(torch.zeros(1, 4, 64).bfloat16(), torch.zeros(1, 2, 64).bfloat16()):
+        pytest.skip("the flash kernel needs the AVX-512 BF16 build")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(T, h, 64, generator=g).bfloat16() for h in (6, 2, 2))
+    ref = K.attend_causal_sdpa(q.float(), k.float(), v.float(), 0.125)
+    out = native.causal_attention(q, k, v, 0.125)
+    torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=2**-7)
+    # causal: the first rows do not change when later tokens do
+    k2, v2 = k.clone(), v.clone()
+    k2[T // 2 :] += 1
+    v2[T // 2 :] -= 1
+    assert torch.equal(native.causal_attention(q, k2, v2, 0.125)[: T // 2], out[: T // 2])

@@ -94,6 +94,8 @@ def library():
     lib.qs_decode_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + \
         [ctypes.c_int] * 5 + [ctypes.c_float]
     lib.qs_decode_attention.restype = ctypes.c_int
+    lib.qs_causal_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_float]
+    lib.qs_causal_attention.restype = ctypes.c_int
     _why_not = ""
     return lib
 
@@ -189,4 +191,29 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                                  B, H, Hkv, T, hd, float(scale))
     if rc != 0:
         raise ValueError(f"native.decode_attention: unsupported shape (H={H}, Hkv={Hkv}, hd={hd}, T={T})")
+    return out
+
+
+def causal_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Prefill attention in C: bfloat16 on CPU, head dim 64, the AVX-512 BF16 build."""
+    lib = library()
+    return (lib is not None and bool(lib.qs_features()) and q.dtype == k.dtype == torch.bfloat16
+            and q.device.type == "cpu" and q.shape[-1] == 64 and q.shape[1] % k.shape[1] == 0)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one sequence: q (T, H, 64), k/v (T, Hkv, 64) -> (T, H * 64), bfloat16.
+
+    Query i sees keys 0..i. Flash style: float32 scores and online softmax per block of 32 keys,
+    probabilities rounded to bfloat16 for the weighted sum (as fused attention kernels do).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_why_not}")
+    T, H, hd = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(T, H * hd, dtype=torch.bfloat16)
+    rc = lib.qs_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), T, H, k.shape[1], hd, float(scale))
+    if rc != 0:
+        raise ValueError(f"native.causal_attention: unsupported (T={T}, H={H}, Hkv={k.shape[1]}, hd={hd}, code {rc})")
     return out

@@ -302,3 +302,127 @@ int qs_decode_attention(const uint16_t* q, const uint16_t* K, const uint16_t* V,
   }
   return fail ? -2 : 0;
 }
+
+/* Causal prefill attention (flash style): queries and keys are the same sequence, query i sees
+   keys 0..i. q (T, H, 64), k/v (T, Hkv, 64) bfloat16, contiguous; out (T, H * 64) bfloat16.
+   Scores and softmax in float32 (online, per block of 32 keys); probabilities rounded to
+   bfloat16 for the weighted sum of values, accumulated in float32. Head dim 64 only. */
+#if QS_AVX512BF16
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+#define QT 4
+static void flash_tile(const uint16_t* q, int H, int h, int i0, int qt, const uint16_t* Kp, const uint16_t* Vp,
+                       float scale, uint16_t* out) {
+  uint32_t qp[QT][32];
+  for (int r = 0; r < QT; r++)
+    for (int p = 0; p < 32; p++) qp[r][p] = r < qt ? ((const uint32_t*)(q + ((size_t)(i0 + r) * H + h) * 64))[p] : 0;
+  __m512 O[QT][4];
+  float m[QT], l[QT];
+  for (int r = 0; r < QT; r++) { m[r] = -INFINITY; l[r] = 0.f; for (int d = 0; d < 4; d++) O[r][d] = _mm512_setzero_ps(); }
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int last = i0 + qt - 1;
+  for (int jb = 0; jb * 32 <= last; jb++) {
+    __m512 s[QT][2];
+    for (int r = 0; r < QT; r++) { s[r][0] = _mm512_setzero_ps(); s[r][1] = _mm512_setzero_ps(); }
+    const uint16_t* k0p = Kp + (size_t)(jb * 2) * 32 * 32;
+    const uint16_t* k1p = k0p + 32 * 32;
+    for (int p = 0; p < 32; p++) {
+      __m512bh k0 = (__m512bh)_mm512_loadu_si512(k0p + p * 32), k1 = (__m512bh)_mm512_loadu_si512(k1p + p * 32);
+      for (int r = 0; r < QT; r++) {
+        __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[r][p]);
+        s[r][0] = _mm512_dpbf16_ps(s[r][0], qb, k0);
+        s[r][1] = _mm512_dpbf16_ps(s[r][1], qb, k1);
+      }
+    }
+    uint32_t pb[QT][16];
+    for (int r = 0; r < QT; r++) {
+      if (r >= qt) { for (int j = 0; j < 16; j++) pb[r][j] = 0; continue; }
+      __m512i lim = _mm512_set1_epi32(i0 + r - jb * 32);
+      __mmask16 v0 = _mm512_cmple_epi32_mask(iota, lim);
+      __mmask16 v1 = _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16)), lim);
+      __m512 S0 = _mm512_mul_ps(s[r][0], _mm512_set1_ps(scale)), S1 = _mm512_mul_ps(s[r][1], _mm512_set1_ps(scale));
+      __m512 ninf = _mm512_set1_ps(-INFINITY);
+      float bm = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, v0, S0), _mm512_mask_mov_ps(ninf, v1, S1)));
+      float mn = bm > m[r] ? bm : m[r];
+      float corr = m[r] == -INFINITY ? 0.f : expf(m[r] - mn);
+      __m512 mv = _mm512_set1_ps(mn);
+      __m512 P0 = _mm512_maskz_mov_ps(v0, exp512(_mm512_sub_ps(S0, mv)));
+      __m512 P1 = _mm512_maskz_mov_ps(v1, exp512(_mm512_sub_ps(S1, mv)));
+      l[r] = l[r] * corr + _mm512_reduce_add_ps(_mm512_add_ps(P0, P1));
+      m[r] = mn;
+      __m512 cv = _mm512_set1_ps(corr);
+      for (int d = 0; d < 4; d++) O[r][d] = _mm512_mul_ps(O[r][d], cv);
+      _mm512_storeu_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(P1, P0));
+    }
+    const uint16_t* vb = Vp + (size_t)jb * 16 * 4 * 32;
+    for (int jp = 0; jp < 16; jp++) {
+      __m512bh v[4];
+      for (int d = 0; d < 4; d++) v[d] = (__m512bh)_mm512_loadu_si512(vb + (jp * 4 + d) * 32);
+      for (int r = 0; r < QT; r++) {
+        __m512bh pr = (__m512bh)_mm512_set1_epi32((int)pb[r][jp]);
+        for (int d = 0; d < 4; d++) O[r][d] = _mm512_dpbf16_ps(O[r][d], pr, v[d]);
+      }
+    }
+  }
+  for (int r = 0; r < qt; r++) {
+    __m512 inv = _mm512_set1_ps(1.f / l[r]);
+    uint16_t* o = out + ((size_t)(i0 + r) * H + h) * 64;
+    for (int d = 0; d < 4; d++) _mm256_storeu_si256((__m256i*)(o + d * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(O[r][d], inv)));
+  }
+}
+#endif
+
+int qs_causal_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int T, int H, int Hkv,
+                        int hd, float scale) {
+#if QS_AVX512BF16
+  if (hd != 64 || H % Hkv || T < 1) return -1;
+  int Tpad = (T + 31) / 32 * 32, G = H / Hkv;
+  uint16_t* Kp = (uint16_t*)aligned_alloc(64, (size_t)Hkv * Tpad * 64 * 2);
+  uint16_t* Vp = (uint16_t*)aligned_alloc(64, (size_t)Hkv * Tpad * 64 * 2);
+  if (!Kp || !Vp) { free(Kp); free(Vp); return -2; }
+  /* Keys as [T/16][32 dim pairs][16 keys][2]; values as [T/2][4 dim blocks][16 dims][2 keys]. */
+#pragma omp parallel for schedule(static)
+  for (int gt = 0; gt < Hkv * (Tpad / 16); gt++) {
+    int g = gt / (Tpad / 16), tb = gt % (Tpad / 16);
+    uint16_t* kd = Kp + (size_t)g * Tpad * 64 + (size_t)tb * 16 * 64;
+    uint16_t* vd = Vp + (size_t)g * Tpad * 64 + (size_t)tb * 16 * 64;
+    for (int jj = 0; jj < 16; jj++) {
+      int t = tb * 16 + jj;
+      const uint16_t* ks = k + ((size_t)t * Hkv + g) * 64;
+      const uint16_t* vs = v + ((size_t)t * Hkv + g) * 64;
+      for (int p = 0; p < 32; p++) {
+        kd[(p * 16 + jj) * 2] = t < T ? ks[2 * p] : 0;
+        kd[(p * 16 + jj) * 2 + 1] = t < T ? ks[2 * p + 1] : 0;
+      }
+      int tp = jj / 2, odd = jj % 2;
+      for (int d = 0; d < 64; d++) vd[(tp * 4 + d / 16) * 32 + (d % 16) * 2 + odd] = t < T ? vs[d] : 0;
+    }
+  }
+  int tiles = (T + QT - 1) / QT;
+#pragma omp parallel for schedule(dynamic, 8)
+  for (int it = 0; it < H * tiles; it++) {
+    int tile = tiles - 1 - it / H, h = it % H; /* the longest rows first */
+    int i0 = tile * QT, qt = T - i0 < QT ? T - i0 : QT;
+    int g = h / G;
+    flash_tile(q, H, h, i0, qt, Kp + (size_t)g * Tpad * 64, Vp + (size_t)g * Tpad * 64, scale, out);
+  }
+  free(Kp); free(Vp);
+  return 0;
+#else
+  (void)q; (void)k; (void)v; (void)out; (void)T; (void)H; (void)Hkv; (void)hd; (void)scale;
+  return -1;
+#endif
+}
