@@ -305,7 +305,7 @@ int qs_decode_attention(const uint16_t* q, const uint16_t* K, const uint16_t* V,
 
 /* Causal prefill attention (flash style): queries and keys are the same sequence, query i sees
    keys 0..i. q (T, H, 64), k/v (T, Hkv, 64) bfloat16, contiguous; out (T, H * 64) bfloat16.
-   Scores and softmax in float32 (online, per block of 32 keys); probabilities rounded to
+   Scores and softmax in float32 (online, per block of 64 keys); probabilities rounded to
    bfloat16 for the weighted sum of values, accumulated in float32. Head dim 64 only. */
 #if QS_AVX512BF16
 static inline __m512 exp512(__m512 x) {
@@ -324,6 +324,7 @@ static inline __m512 exp512(__m512 x) {
 }
 
 #define QT 4
+#define KB 64 /* keys per block: 4 vectors of 16 scores per query row */
 static void flash_tile(const uint16_t* q, int H, int h, int i0, int qt, const uint16_t* Kp, const uint16_t* Vp,
                        float scale, uint16_t* out) {
   uint32_t qp[QT][32];
@@ -333,47 +334,54 @@ static void flash_tile(const uint16_t* q, int H, int h, int i0, int qt, const ui
   float m[QT], l[QT];
   for (int r = 0; r < QT; r++) { m[r] = -INFINITY; l[r] = 0.f; for (int d = 0; d < 4; d++) O[r][d] = _mm512_setzero_ps(); }
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
   int last = i0 + qt - 1;
-  for (int jb = 0; jb * 32 <= last; jb++) {
-    __m512 s[QT][2];
-    for (int r = 0; r < QT; r++) { s[r][0] = _mm512_setzero_ps(); s[r][1] = _mm512_setzero_ps(); }
-    const uint16_t* k0p = Kp + (size_t)(jb * 2) * 32 * 32;
-    const uint16_t* k1p = k0p + 32 * 32;
+  for (int jb = 0; jb * KB <= last; jb++) {
+    __m512 s[QT][4];
+    for (int r = 0; r < QT; r++) for (int c = 0; c < 4; c++) s[r][c] = _mm512_setzero_ps();
+    const uint16_t* kp = Kp + (size_t)(jb * 4) * 32 * 32;
     for (int p = 0; p < 32; p++) {
-      __m512bh k0 = (__m512bh)_mm512_loadu_si512(k0p + p * 32), k1 = (__m512bh)_mm512_loadu_si512(k1p + p * 32);
+      __m512bh k[4];
+      for (int c = 0; c < 4; c++) k[c] = (__m512bh)_mm512_loadu_si512(kp + (c * 32 + p) * 32);
       for (int r = 0; r < QT; r++) {
         __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[r][p]);
-        s[r][0] = _mm512_dpbf16_ps(s[r][0], qb, k0);
-        s[r][1] = _mm512_dpbf16_ps(s[r][1], qb, k1);
+        for (int c = 0; c < 4; c++) s[r][c] = _mm512_dpbf16_ps(s[r][c], qb, k[c]);
       }
     }
-    uint32_t pb[QT][16];
+    uint32_t pb[QT][32];
+    int diag = jb * KB + KB - 1 > i0; /* only blocks that reach past the first query row need masks */
     for (int r = 0; r < QT; r++) {
-      if (r >= qt) { for (int j = 0; j < 16; j++) pb[r][j] = 0; continue; }
-      __m512i lim = _mm512_set1_epi32(i0 + r - jb * 32);
-      __mmask16 v0 = _mm512_cmple_epi32_mask(iota, lim);
-      __mmask16 v1 = _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16)), lim);
-      __m512 S0 = _mm512_mul_ps(s[r][0], _mm512_set1_ps(scale)), S1 = _mm512_mul_ps(s[r][1], _mm512_set1_ps(scale));
-      __m512 ninf = _mm512_set1_ps(-INFINITY);
-      float bm = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, v0, S0), _mm512_mask_mov_ps(ninf, v1, S1)));
+      if (r >= qt) { for (int j = 0; j < 32; j++) pb[r][j] = 0; continue; }
+      __mmask16 v[4] = {0xffff, 0xffff, 0xffff, 0xffff};
+      __m512 S[4];
+      __m512 mx = ninf;
+      for (int c = 0; c < 4; c++) {
+        S[c] = _mm512_mul_ps(s[r][c], sc);
+        if (diag) v[c] = _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16 * c)), _mm512_set1_epi32(i0 + r - jb * KB));
+        mx = _mm512_max_ps(mx, _mm512_mask_mov_ps(ninf, v[c], S[c]));
+      }
+      float bm = _mm512_reduce_max_ps(mx);
       float mn = bm > m[r] ? bm : m[r];
-      float corr = m[r] == -INFINITY ? 0.f : expf(m[r] - mn);
-      __m512 mv = _mm512_set1_ps(mn);
-      __m512 P0 = _mm512_maskz_mov_ps(v0, exp512(_mm512_sub_ps(S0, mv)));
-      __m512 P1 = _mm512_maskz_mov_ps(v1, exp512(_mm512_sub_ps(S1, mv)));
-      l[r] = l[r] * corr + _mm512_reduce_add_ps(_mm512_add_ps(P0, P1));
-      m[r] = mn;
-      __m512 cv = _mm512_set1_ps(corr);
-      for (int d = 0; d < 4; d++) O[r][d] = _mm512_mul_ps(O[r][d], cv);
-      _mm512_storeu_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(P1, P0));
+      __m512 mv = _mm512_set1_ps(mn), P[4], ps = _mm512_setzero_ps();
+      for (int c = 0; c < 4; c++) { P[c] = _mm512_maskz_mov_ps(v[c], exp512(_mm512_sub_ps(S[c], mv))); ps = _mm512_add_ps(ps, P[c]); }
+      if (mn != m[r]) { /* the running maximum moved: rescale what was accumulated */
+        float corr = m[r] == -INFINITY ? 0.f : expf(m[r] - mn);
+        __m512 cv = _mm512_set1_ps(corr);
+        l[r] *= corr;
+        for (int d = 0; d < 4; d++) O[r][d] = _mm512_mul_ps(O[r][d], cv);
+        m[r] = mn;
+      }
+      l[r] += _mm512_reduce_add_ps(ps);
+      _mm512_storeu_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(P[1], P[0]));
+      _mm512_storeu_si512(pb[r] + 16, (__m512i)_mm512_cvtne2ps_pbh(P[3], P[2]));
     }
-    const uint16_t* vb = Vp + (size_t)jb * 16 * 4 * 32;
-    for (int jp = 0; jp < 16; jp++) {
-      __m512bh v[4];
-      for (int d = 0; d < 4; d++) v[d] = (__m512bh)_mm512_loadu_si512(vb + (jp * 4 + d) * 32);
+    const uint16_t* vb = Vp + (size_t)jb * 32 * 4 * 32;
+    for (int jp = 0; jp < 32; jp++) {
+      __m512bh vv[4];
+      for (int d = 0; d < 4; d++) vv[d] = (__m512bh)_mm512_loadu_si512(vb + (jp * 4 + d) * 32);
       for (int r = 0; r < QT; r++) {
         __m512bh pr = (__m512bh)_mm512_set1_epi32((int)pb[r][jp]);
-        for (int d = 0; d < 4; d++) O[r][d] = _mm512_dpbf16_ps(O[r][d], pr, v[d]);
+        for (int d = 0; d < 4; d++) O[r][d] = _mm512_dpbf16_ps(O[r][d], pr, vv[d]);
       }
     }
   }
@@ -389,7 +397,7 @@ int qs_causal_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v,
                         int hd, float scale) {
 #if QS_AVX512BF16
   if (hd != 64 || H % Hkv || T < 1) return -1;
-  int Tpad = (T + 31) / 32 * 32, G = H / Hkv;
+  int Tpad = (T + KB - 1) / KB * KB, G = H / Hkv;
   uint16_t* Kp = (uint16_t*)aligned_alloc(64, (size_t)Hkv * Tpad * 64 * 2);
   uint16_t* Vp = (uint16_t*)aligned_alloc(64, (size_t)Hkv * Tpad * 64 * 2);
   if (!Kp || !Vp) { free(Kp); free(Vp); return -2; }
