@@ -84,7 +84,8 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
     prompts = load_prompts(tok, args.quick)
     # On a CPU a float32 model has no fast low-bit kernel: the int8/int4 drafts are bfloat16 systems
     # (the lossless preset leaves them out in float32 by itself; see speculative.usable_sources).
-    skip = {"int8", "int4"} if dtype == "float32" else set()
+    # --force-drafts runs them anyway: the float32 equality check of the low-bit drafts (slow).
+    skip = {"int8", "int4"} if dtype == "float32" and not args.force_drafts else set()
     engines = {name: Engine(model, Config.from_dict({"speculative": s} if s else {})) for name, s in SYSTEMS.items()
                if name in args.systems and name not in skip}
     rows = []
@@ -202,6 +203,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"prompt kinds among {', '.join(KINDS)}")
+    ap.add_argument("--force-drafts", action="store_true",
+                    help="run the int8/int4 drafts in float32 too (slow; it checks their equality with plain greedy)")
     ap.add_argument("--merge", action="store_true", help="add these rows to the speculative.json already in --out")
     ap.add_argument("--costs", action="store_true", help="only measure pass costs (docs/results/speculative_costs.md)")
     ap.add_argument("--out", default="docs/results")
