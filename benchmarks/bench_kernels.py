@@ -132,11 +132,20 @@ def main() -> None:
     for key, us in attention.items():
         n, t = key.split("x")
         lines.append(f"| {n} | {t} | " + " | ".join(f"{us[k]:.0f}" for k in att_names) + f" | {min(us, key=us.get)} |")
+    causal = {}
+    if native.causal_applies(torch.zeros(1, spec.n_heads, spec.head_dim, dtype=dtype),
+                             torch.zeros(1, spec.n_kv_heads, spec.head_dim, dtype=dtype)):
+        causal = {t: K.measure_causal(spec.n_heads, spec.n_kv_heads, spec.head_dim, t, dtype) for t in K.CAUSAL_T}
+        lines += ["", "**Prefill attention** (causal self-attention of one sequence, all heads of one layer; "
+                  "milliseconds; `sdpa` = torch's fused kernel, `native` = the flash kernel in C):", "",
+                  "| tokens | sdpa ms | native ms | native speedup |", "|---|---|---|---|"]
+        for t, us in causal.items():
+            lines.append(f"| {t:,} | {us['sdpa'] / 1e3:.2f} | {us['native'] / 1e3:.2f} | {us['sdpa'] / us['native']:.2f}x |")
     out = Path(args.out)
     write_atomic(out / "kernels.md", "\n".join(lines) + "\n")
     write_json_atomic(out / "kernels.json", {"header": header, "copy_GBps": bw, "rows": rows_out,
                                               "sequence": {k: {"seconds": t, "bytes": b} for k, (t, b) in sequence.items()},
-                                              "decode_attention_us": attention})
+                                              "decode_attention_us": attention, "causal_attention_us": causal})
     print("\n".join(lines))
 
 
