@@ -66,6 +66,13 @@ def main() -> None:
                 r = cal["test_splits"][key]
                 print(f"{budget * 100:g}% without {left}: {cal['setting']}: {key} test {r['relative_delta_perplexity'] * 100:+.2f}% "
                       f"({'held' if r['within_budget'] else 'NOT held'})", file=sys.stderr, flush=True)
+            # Tables after every row: an interrupted run leaves what it finished, the rest listed as not reached.
+            done = {(row["budget"], row["left_out"]) for row in rows}
+            write_tables(rows, args, loaded, [(b, c) for b in args.budgets for c in args.left_out or args.corpora if (b, c) not in done])
+
+
+def write_tables(rows: list[dict], args, loaded, pending: list[tuple[float, str]]) -> None:
+    out = Path(args.out)
     meta = {"command": "python benchmarks/leave_one_out.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": describe(), "python": platform.python_version(), "torch": torch.__version__,
@@ -101,6 +108,9 @@ def main() -> None:
         lines.append(f"| {row['budget'] * 100:g}% | {row['left_out']} | {', '.join(row['calibrated_on'])} | {row['setting']} "
                      f"| {worst * 100:+.2f}% | {held_out} "
                      f"| {'yes' if all(r['within_budget'] for r in checks) else '**FAIL**'} | {checks[0]['flop_reduction'] * 100:.1f}% | {seen} |")
+    if pending:
+        lines += ["", "**Not reached** (the run was stopped before these; `" + meta["command"] + "` resumes from the journal): "
+                  + ", ".join(f"{b * 100:g}% without {c}" for b, c in pending) + "."]
     write_atomic(out / "leave_one_out.md", "\n".join(lines) + "\n")
 
 
