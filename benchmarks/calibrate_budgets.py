@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
                     help="a subset of 0.005 0.01 0.02 (the others are listed as not reached)")
     ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--also-windows", type=int, nargs="*", default=[512],
+                    help="further context lengths whose calibration splits bind too (the promise is checked there)")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens of each split (calibration and test)")
     ap.add_argument("--mechanisms", nargs="+", default=None, help="restrict the search (default: all four)")
     ap.add_argument("--corpora", nargs="+", default=list(OFFLINE_CORPORA), help="searched together: the worst one binds")
@@ -58,7 +60,7 @@ def main() -> None:
                 print(f"  [{objective} {budget * 100:g}%] trial {i + 1}: {what}", file=sys.stderr, flush=True)
 
             config, report = calibrate(budget, corpus=args.corpora, objective=objective, window=args.window, max_tokens=args.tokens,
-                                       mechanisms=args.mechanisms,
+                                       mechanisms=args.mechanisms, also_windows=args.also_windows,
                                        journal=out / "calibrated" / "trials.jsonl", loaded=loaded, on_trial=on_trial,
                                        timed_checks=False)
             path = out / "calibrated" / f"{objective}-{budget * 100:g}pct.json"
@@ -97,14 +99,17 @@ def write_tables(runs: list[dict], args, loaded, pending: list[str]) -> None:
 def markdown(runs: list[dict], args, pending: list[str] = ()) -> str:
     metas = list({r["meta"]["command"]: r["meta"] for r in runs}.values())
     corpora = runs[0]["config"]["calibration"]["corpora"]
+    windows = [args.window, *[w for w in args.also_windows if w != args.window]]
+    suffixes = [""] + [f"@{w}" for w in windows[1:]]
     lines = [
         "; ".join(f"Command: `{m['command']}` — {m['date']} — {m['machine']} — torch {m['torch']}, Python {m.get('python', '?')}"
                   for m in metas)
-        + f"; smollm2-135m {metas[0].get('dtype', 'float32')} (the stock model in the same dtype), {args.window}-token windows, "
-        f"first {args.tokens} tokens of each split. Searched on the calibration splits of {', '.join(f'`{c}`' for c in corpora)} "
-        f"together: a config fits only if the *worst* of them stays within budget x 0.75 (margin 0.25). Checked on every test "
-        f"split (never seen by the search), the engine against the stock model on the same windows. A test split above the "
-        f"budget is a failure (**no**).",
+        + f"; smollm2-135m {metas[0].get('dtype', 'float32')} (the stock model in the same dtype), "
+        f"{' and '.join(str(w) for w in windows)}-token windows, first {args.tokens} tokens of each split. Searched on the "
+        f"calibration splits of {', '.join(f'`{c}`' for c in corpora)} together, at {' and '.join(str(w) for w in windows)} "
+        f"tokens: a config fits only if the *worst* of these splits stays within budget x 0.75 (margin 0.25). Checked on every "
+        f"test split at the same windows (never seen by the search; cell: {' / '.join(str(w) for w in windows)} tokens), the "
+        f"engine against the stock model on the same windows. A test split above the budget is a failure (**no**).",
         "",
         "| objective | budget | chosen setting | worst calibration ΔPPL | "
         + " | ".join(f"{c} test ΔPPL | held?" for c in corpora) + " | FLOP reduction (test, per corpus) | trials |",
@@ -113,8 +118,10 @@ def markdown(runs: list[dict], args, pending: list[str] = ()) -> str:
     for r in runs:
         cal = r["config"]["calibration"]
         tests = cal["test_splits"]
-        cells = " | ".join(f"{tests[c]['relative_delta_perplexity'] * 100:+.2f}% | {'yes' if tests[c]['within_budget'] else '**no**'}"
-                           for c in corpora)
+        cells = " | ".join(
+            " / ".join(f"{tests[c + x]['relative_delta_perplexity'] * 100:+.2f}%" if c + x in tests else "not run" for x in suffixes)
+            + f" | {'yes' if all(tests.get(c + x, {}).get('within_budget', False) for x in suffixes) else '**no**'}"
+            for c in corpora)
         saved = ", ".join(f"{tests[c]['flop_reduction'] * 100:.1f}%" for c in corpora)
         lines.append(f"| {r['objective']} | {r['budget'] * 100:g}% | {cal['setting']} | {cal['calibration_split']['relative_delta_perplexity'] * 100:+.2f}% "
                      f"| {cells} | {saved} | {len(r['trials'])} |")

@@ -32,7 +32,7 @@ def test_mechanism_dataclasses_are_exported_from_the_package():
     [
         ("off", ["halting.threshold=0.13"], "custom"),
         ("kvskip", ["kv.recent_window=512"], "kvskip+custom"),
-        ("kvskip", ["kv.recent_window=1024"], "kvskip"),  # the preset's own value: still the preset
+        ("kvskip", ["kv.recent_window=2048"], "kvskip"),  # the preset's own value: still the preset
         ("all", ["amq.enabled=false"], "all+custom"),
     ],
 )
@@ -74,7 +74,7 @@ def test_every_preset_states_a_promise_and_baselines_promise_nothing():
 def test_kvskip_reach_is_where_the_engine_first_drops_a_key():
     """``acts_from`` for kv is sinks + window + 1: one token shorter, every pair is kept; at it, one is not.
 
-    Checked with the preset's rule at a 16-key window (the same code path, 60x cheaper than 1,024).
+    Checked with the preset's rule at a 16-key window (the same code path, far cheaper than 2,048).
     """
     kv = Config.preset("kvskip").kv
     assert PRESET_INFO["kvskip"].acts_from["kv"] == kv.sink_tokens + kv.recent_window + 1
@@ -118,12 +118,12 @@ def test_cli_notes_when_the_context_is_too_short_for_the_preset(capsys):
     from quicksilver.cli import _reach_note
 
     _reach_note(Config.preset("kvskip"), 512)
-    _reach_note(Config.preset("all"), 2048)
+    _reach_note(Config.preset("all"), 2560)
     _reach_note(Config.preset("kvskip"), 4096)  # long enough: silent
     _reach_note(Config.preset("off").with_settings(["kv.recent_window=8"]), 4)  # custom: no promise, no note
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
-    assert "preset kvskip does nothing (kv acts from 1,029 tokens)" in lines[0] and "stock model" in lines[0]
+    assert "preset kvskip does nothing (kv acts from 2,053 tokens)" in lines[0] and "stock model" in lines[0]
     assert "part of preset all does nothing (halting acts from 3,072 tokens)" in lines[1]
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from quicksilver.calibrate import (Baseline, Trial, WorstDomainRunner, calibrate, config_key, mechanism_levels, parse_budget, point_config,
-                                   search)
+from quicksilver.calibrate import (Baseline, Trial, WorstDomainRunner, acting_config, calibrate, config_key, mechanism_levels, parse_budget,
+                                   point_config, search)
 from quicksilver.config import Config
 from quicksilver.errors import QuicksilverError
 from quicksilver.sweep import matched_comparison, pareto_front, plan, plot_pareto, to_csv
@@ -168,6 +168,35 @@ def test_calibrate_keeps_the_budget_writes_a_loadable_config_and_resumes(tmp_pat
     config2, report2 = calibrate(0.02, **args)
     assert report2["resumed_trials"] == len({json.dumps(t["point"], sort_keys=True) for t in report["trials"]})
     assert config_key(config2) == config_key(config)
+
+
+def test_a_kv_window_that_covers_the_context_acts_as_kv_off():
+    alone = Config.from_dict({"kv": {"enabled": True, "sink_tokens": 4, "recent_window": 508}})
+    assert acting_config(alone, 512).is_off  # 4 + 508 keys: the first query that drops one is the 513th
+    assert acting_config(alone, 513) is alone
+    stack = Config.preset("all")
+    short = acting_config(stack, 512)
+    assert not short.kv.enabled and short.halting == stack.halting and short.amq == stack.amq and short.calibration is None
+    quest = Config.from_dict({"kv": {"enabled": True, "selection": "quest", "recent_window": 4096}})
+    assert acting_config(quest, 512) is quest  # only the position window is known to drop nothing
+
+
+@pytest.mark.real_model
+def test_calibrate_binds_further_windows_like_corpora_and_checks_them(tmp_path, default_model):
+    journal = tmp_path / "trials.jsonl"
+    # Levels at 32 tokens are windows 24 and 16; at 24 tokens the 24-key window drops nothing.
+    config, report = calibrate(0.5, window=32, also_windows=[24], max_tokens=64, mechanisms=["kv"], journal=journal,
+                               loaded=default_model, timed_checks=False)
+    cal = config.calibration
+    assert cal["also_windows"] == [24]
+    assert set(cal["calibration_splits"]) == set(cal["test_splits"]) == {"wiki", "wiki@24"}
+    worst = max(c["relative_delta_perplexity"] for c in cal["calibration_splits"].values())
+    assert cal["calibration_split"]["relative_delta_perplexity"] == pytest.approx(worst) and worst <= cal["search_target"]
+    for r in cal["test_splits"].values():
+        assert r["within_budget"] == (r["relative_delta_perplexity"] <= 0.5)
+    idle = config_key(point_config({"kv": 1}, mechanism_levels(32)))
+    keys = [json.loads(line)["trial"]["key"] for line in journal.read_text().splitlines() if "trial" in line]
+    assert keys.count(idle) == 1  # measured at 32 tokens only; at 24 it is the stock model's totals
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,17 @@ def config_key(config: Config) -> str:
     return json.dumps({k: data[k] for k in MECHANISMS if data[k]["enabled"]}, sort_keys=True)
 
 
+def acting_config(config: Config, window: int) -> Config:
+    """The config as it acts on ``window``-token contexts: position-window KV skipping whose sinks
+    and recent window cover the context drops no key, so its section is turned off (the engine then
+    attends like the stock model, and a halted token's K/V are propagated either way). A trial
+    of such a config is measured, and journaled, as this one."""
+    kv = config.kv
+    if kv.enabled and kv.selection == "window" and kv.recent_window is not None and window < kv.sink_tokens + kv.recent_window + 1:
+        return Config.from_dict({**config.to_dict(), "kv": {"enabled": False}, "name": "custom", "calibration": None})
+    return config
+
+
 def parse_budget(text: str) -> float:
     """'1%' -> 0.01, '0.01' -> 0.01; a budget must lie strictly between 0 and 100%."""
     raw = text.strip()
@@ -204,6 +215,7 @@ class TrialRunner:
 
     def known(self, config: Config) -> Trial | None:
         """The journaled trial of ``config`` (the stock totals for an all-off config), or None."""
+        config = acting_config(config, self.window)
         if config.is_off and self.baseline is not None:
             b = self.baseline
             return Trial(config_key(config), b.nll, b.count, b.flops, float(b.flops), b.seconds, b.seconds)
@@ -212,6 +224,7 @@ class TrialRunner:
     def measure(self, config: Config) -> Trial:
         if self.read_only:
             raise QuicksilverError("this trial runner only reads its journal")
+        config = acting_config(config, self.window)
         key = config_key(config)
         known = self._known(key)
         if known is not None:
@@ -465,6 +478,7 @@ def calibrate(
     on_window: Callable[[int, int], None] | None = None,
     ray: str | None = None,
     timed_checks: bool = True,
+    also_windows: list[int] | None = None,
 ) -> tuple[Config, dict]:
     """Search the cheapest config within ``budget`` on the calibration split, then check it on test splits.
 
@@ -499,6 +513,12 @@ def calibrate(
         too). False: the engine alone against the stock model's totals measured once per
         split and journaled (perplexity and FLOPs are the same; ``speedup`` is None), about
         a quarter of the work. Timed objectives always time their checks.
+    also_windows : list of int, optional
+        Further context lengths (e.g. ``[512]``) at which the chosen config must keep the
+        budget too: each corpus's calibration split at each of them binds like another corpus
+        (``NAME@N`` in the provenance), and its test split is checked there as well. The
+        levels searched still come from ``window``. A KV window that covers such a context
+        drops no key there, so it costs nothing to check (``acting_config``).
 
     Returns the chosen Config (its ``calibration`` field holds the provenance and held-out
     results) and a report dict.
@@ -541,9 +561,14 @@ def calibrate(
     if not searched:
         raise QuicksilverError(f"nothing to search: {', '.join(mechanisms)} cannot reduce {objective} at window {window}")
     levels = {m: all_levels[m] for m in searched}
-    runners = {name: split_runner(hf_model, tokenizer, model, name, "calibration", window, max_tokens, bos, dev, journal,
-                                  objective, ray) for name in corpora}
-    runner = runners[corpora[0]] if len(corpora) == 1 else WorstDomainRunner(runners)
+    extra = [w for w in dict.fromkeys(also_windows or []) if w != window]
+    for w in extra:
+        window_plan(w, w, w - 1, bos=False)
+    # (split name, corpus, window): the first window's splits carry the corpus's own name.
+    splits = [(name, name, window) for name in corpora] + [(f"{name}@{w}", name, w) for w in extra for name in corpora]
+    runners = {key: split_runner(hf_model, tokenizer, model, name, "calibration", w, max_tokens, bos, dev, journal, objective, ray)
+               for key, name, w in splits}
+    runner = runners[corpora[0]] if len(runners) == 1 else WorstDomainRunner(runners)
     target = budget * (1.0 - margin)
     point, steps = search(runner, levels, target, on_trial)
     chosen = next(s for s in steps if s.point == point)
@@ -551,15 +576,16 @@ def calibrate(
     chosen_trials = {name: r.measure(config) for name, r in runners.items()}  # journaled already: no rerun
 
     checks = {}
-    for name in [*corpora, *[h for h in heldout if h not in corpora]]:
-        if config.is_off:
-            checks[name] = _check(None, budget)
+    tested = [*corpora, *[h for h in heldout if h not in corpora]]
+    for key, name, w in [(n, n, window) for n in tested] + [(f"{n}@{w}", n, w) for w in extra for n in tested]:
+        if acting_config(config, w).is_off:
+            checks[key] = _check(None, budget)
         elif timed_checks or objective in TIMED:
-            checks[name] = _check(evaluate_model(model, name, "test", window=window, max_tokens=max_tokens, config=config,
-                                                 loaded=(hf_model, tokenizer), progress=on_window), budget)
+            checks[key] = _check(evaluate_model(model, name, "test", window=w, max_tokens=max_tokens, config=config,
+                                                loaded=(hf_model, tokenizer), progress=on_window), budget)
         else:
-            test = split_runner(hf_model, tokenizer, model, name, "test", window, max_tokens, bos, dev, journal)
-            checks[name] = _ledger_check(test, test.measure(config), budget)
+            test = split_runner(hf_model, tokenizer, model, name, "test", w, max_tokens, bos, dev, journal)
+            checks[key] = _ledger_check(test, test.measure(config), budget)
     config.calibration = {
         "budget": budget,
         "objective": objective,
@@ -569,7 +595,8 @@ def calibrate(
         "corpus": "+".join(corpora),
         "corpora": corpora,
         "window": window,
-        "tokens": {name: int(r.ids.numel()) for name, r in runners.items()} if len(corpora) > 1 else int(runners[corpora[0]].ids.numel()),
+        **({"also_windows": extra} if extra else {}),
+        "tokens": {name: int(r.ids.numel()) for name, r in runners.items()} if len(runners) > 1 else int(runners[corpora[0]].ids.numel()),
         "setting": _describe(point, levels),
         # The worst calibration split (the one the budget bound) and each split on its own.
         "calibration_split": {"relative_delta_perplexity": chosen.cost, "saving": chosen.gain},
@@ -581,7 +608,7 @@ def calibrate(
         "config": config.to_dict(),
         "trials": [asdict(s) | {"setting": _describe(s.point, levels)} for s in steps],
         "resumed_trials": runner.resumed,
-        "baseline": {name: asdict(r.baseline) for name, r in runners.items()} if len(corpora) > 1 else asdict(runners[corpora[0]].baseline),
+        "baseline": {name: asdict(r.baseline) for name, r in runners.items()} if len(runners) > 1 else asdict(runners[corpora[0]].baseline),
     }
     return config, report
 

@@ -231,6 +231,7 @@ def calibrate_cmd(
     objective: str = typer.Option("flops", help="flops (executed), bitflops (bit-weighted), time (prefill wall clock) or decode-time (generation wall clock)."),
     output: Path = typer.Option(Path("calibrated.json"), "--output", "-o", help="The config file to write (load it with --config)."),
     window: int = typer.Option(4096, help="Context length to calibrate for (KV windows only save at long context)."),
+    also_window: list[int] = typer.Option([], "--also-window", help="A further context length at which the budget must hold too (repeatable)."),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens of each split to use."),
     margin: float = typer.Option(0.25, help="Search within budget x (1 - margin) on calibration text, leaving the rest for unseen text."),
     mechanisms: list[str] = typer.Option([], "--mechanism", help="Only search these (halting, kv, fusion, amq; repeatable)."),
@@ -271,7 +272,7 @@ def calibrate_cmd(
         config, full = calibrate(
             value, model=model, corpus=corpus, objective=objective, window=window, max_tokens=max_tokens, margin=margin,
             mechanisms=mechanisms or None, heldout=heldout, journal=journal, dtype=dtype, device=device,
-            on_trial=on_trial, on_window=on_window, ray=ray,
+            on_trial=on_trial, on_window=on_window, ray=ray, also_windows=also_window or None,
         )
     config.save(output)
     if report:
