@@ -76,6 +76,16 @@ def parse_list(text: str, known, what: str) -> list[str]:
     return items
 
 
+def parse_policies(text: str) -> list[str]:
+    """Our rules: 'window,quest+page_size=8' -> ['window', 'quest+page_size=8'] (a rule, then ``kv`` settings after '+')."""
+    items = list(POLICIES) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x.split("+")[0] not in POLICIES or any("=" not in o for o in x.split("+")[1:])]
+    if not items or bad:
+        raise BenchError(f"--policies expects a comma-separated subset of {', '.join(POLICIES)} (each optionally with "
+                         f"+SETTING=VALUE of kv), got {text!r}")
+    return items
+
+
 def parse_fractions(text: str) -> list[float]:
     """'0.25,0.5' -> [0.25, 0.5], each in (0, 1)."""
     try:
@@ -512,12 +522,15 @@ def _worker(job_path: str, out_path: str) -> None:
 
 
 def policy_config(rule: str, fraction: float, context: int):
-    """Our rule at a kept fraction: ``off`` plus ``kv.selection``/``kv.keep_fraction``; window: sinks + F*context - 4."""
+    """Our rule at a kept fraction: ``off`` plus ``kv.selection``/``kv.keep_fraction`` (and the rule's ``+SETTING=VALUE``
+    of kv); window: sinks + F*context - 4."""
     from quicksilver.config import Config
 
-    if rule == "window":
-        return Config.preset("off").with_settings([f"kv.sink_tokens={SINKS}", f"kv.recent_window={max(1, round(fraction * context) - SINKS)}"])
-    return Config.preset("off").with_settings([f"kv.selection={rule}", f"kv.keep_fraction={fraction}"])
+    name, *opts = rule.split("+")
+    extra = [f"kv.{o}" for o in opts]
+    if name == "window":
+        return Config.preset("off").with_settings([f"kv.sink_tokens={SINKS}", f"kv.recent_window={max(1, round(fraction * context) - SINKS)}", *extra])
+    return Config.preset("off").with_settings([f"kv.selection={name}", f"kv.keep_fraction={fraction}", *extra])
 
 
 def drive(args) -> None:
@@ -560,7 +573,7 @@ def drive(args) -> None:
         log(f"wrote {out_md}")
         return
     presses = parse_list(args.presses, PRESSES, "presses") if args.presses != "none" else []
-    policies = parse_list(args.policies, POLICIES, "policies") if args.policies != "none" else []
+    policies = parse_policies(args.policies) if args.policies != "none" else []
     fractions = parse_fractions(args.fractions)
     depths = parse_depths(args.depths)
     if args.trials < 1 or args.first_trial < 0:
@@ -690,7 +703,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (both sides run it)")
     p.add_argument("--fractions", default="0.25,0.5", help="kept fractions (kvpress compression_ratio = 1 - F)")
     p.add_argument("--presses", default="all", help=f"kvpress presses: all, none or a subset of {','.join(PRESSES)}")
-    p.add_argument("--policies", default="all", help=f"our rules: all, none or a subset of {','.join(POLICIES)}")
+    p.add_argument("--policies", default="all", help=f"our rules: all, none or a subset of {','.join(POLICIES)}, each optionally +SETTING=VALUE of kv (quest+page_size=8)")
     p.add_argument("--our-stock", action="store_true", help="also run the stock model through the quicksilver engine (kvpress's venv always does)")
     p.add_argument("--no-needle", action="store_true", help="skip the pass-key trials")
     p.add_argument("--continuation-chunks", type=int, default=0, help="continuation chunks to score (default 0: none)")

@@ -12,6 +12,9 @@ be measured in chunks of a few minutes each; ``report`` writes the markdown tabl
     python benchmarks/long_context.py report [--out docs/results]
     python benchmarks/long_context.py all --rules window,quest   # all of the above, as benchmarks/results.py runs it
 
+A rule may carry settings: ``quest+page_size=8`` (``kv.page_size=8``); ``+dense=N`` keeps the
+first N layers dense and lowers the others' kept fraction so that the average stays ``--keep``.
+
 Contexts: a needle trial is ``context`` tokens of haystack (needle inside) plus the question;
 a continuation chunk is a prefix of ``context - 512`` tokens (compressed) and 512 scored
 tokens. A window configuration keeps ``sinks + W = keep * (compressed length)`` entries,
@@ -41,13 +44,29 @@ from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 CONTINUATION = 512
 SINKS = 4
+N_LAYERS = 30  # smollm2-135m
 
 
-def kv_config(rule: str, keep: float, compressed: int) -> Config:
-    """The configuration of ``rule`` at kept fraction ``keep`` of a ``compressed``-token context."""
-    if rule == "window":
-        return Config.from_dict({"kv": {"enabled": True, "sink_tokens": SINKS, "recent_window": max(1, round(keep * compressed) - SINKS)}})
-    return Config.from_dict({"kv": {"enabled": True, "selection": rule, "keep_fraction": keep, "sink_tokens": SINKS}})
+def kv_config(rule: str, keep: float, compressed: int, n_layers: int = N_LAYERS) -> Config:
+    """The configuration of ``rule`` at kept fraction ``keep`` of a ``compressed``-token context.
+
+    ``rule`` is a selection name, optionally with settings: ``quest+page_size=8+dense=2``.
+    ``dense=N`` keeps the first N layers dense (``kv.layers_from``, as Quest leaves its first
+    two layers) and lowers the other layers' ``keep_fraction`` so that the average over the
+    ``n_layers`` layers stays ``keep``.
+    """
+    name, *opts = rule.split("+")
+    extra = {}
+    for opt in opts:
+        k, _, v = opt.partition("=")
+        extra[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+    dense = extra.pop("dense", 0)
+    if name == "window":
+        return Config.from_dict({"kv": {"enabled": True, "sink_tokens": SINKS, "recent_window": max(1, round(keep * compressed) - SINKS), **extra}})
+    if dense:
+        extra |= {"layers_from": dense}
+        keep = (keep * n_layers - dense) / (n_layers - dense)
+    return Config.from_dict({"kv": {"enabled": True, "selection": name, "keep_fraction": keep, "sink_tokens": SINKS, **extra}})
 
 
 def load(path: Path) -> dict:

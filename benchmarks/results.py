@@ -46,8 +46,9 @@ STEPS = {
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
     "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
     "kvpress": ["benchmarks/kvpress_side.py", "--trials", "10", "--continuation-chunks", "1", "--logit-check", "512",
-                "--verify-tokens", "512", "--output", f"{OUT}/kvpress.json"],
-    "long-context": ["benchmarks/long_context.py", "all", "--rules", "window,quest", "--out", OUT],
+                "--verify-tokens", "512", "--policies", "window,knorm,h2o,tova,snapkv,quest,quest+page_size=8",
+                "--output", f"{OUT}/kvpress.json"],
+    "long-context": ["benchmarks/long_context.py", "all", "--rules", "window,quest,quest+page_size=8,snapkv", "--out", OUT],
     "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
 }
 

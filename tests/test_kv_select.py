@@ -163,3 +163,40 @@ def test_reach_is_where_generation_first_skips_a_key(selection):
 def test_short_prompts_whose_queries_sit_among_the_sinks_generate(selection):
     engine = Engine(TINY["llama"](seed=1), _kv(selection, sink_tokens=4, recent_window=2, keep_fraction=0.25))
     assert len(engine.generate(torch.randint(0, 99, (3,)), 4).tokens[0]) == 4
+
+
+def test_quest_extension_reads_itself_in_full_and_the_kept_fraction_of_the_cache_before_it():
+    # A question after its context (or a continuation after its prefix): the context is compressed, the question is not.
+    g = torch.Generator().manual_seed(2)
+    n, c = 40, 12
+    q, k, v = torch.randn(c, 4, 8, generator=g), torch.randn(n + c, 2, 8, generator=g), torch.randn(n + c, 2, 8, generator=g)
+    kv = _kv("quest").kv  # keep 0.4, 1 sink, recent 4, pages of 2
+    q_pos, k_pos = torch.arange(n, n + c), torch.arange(n + c)
+    out, _, mask = attention.attend_selected(q, k, v, q_pos, k_pos, 0.35, kv, return_mask=True)
+    assert torch.equal(mask[:, :, n:], torch.ones(c, c, dtype=torch.bool).tril().expand(2, -1, -1))  # its own keys, causally
+    before = mask[:, :, :n].sum(-1)
+    assert (before <= 16).all() and (before >= 16 - kv.page_size).all()  # ceil(0.4 * 40) of the 40 positions before it
+    assert mask[:, :, 0].all() and mask[:, 0, n - 3 : n].all()  # the sink; the first query's recent keys
+    q2 = q.clone()
+    q2[6:] = torch.randn(c - 6, 4, 8, generator=g)
+    out2 = attention.attend_selected(q2, k, v, q_pos, k_pos, 0.35, kv)[0]
+    assert torch.equal(out[:6], out2[:6]) and not torch.equal(out[6:], out2[6:])  # causal within the extension
+
+
+def test_quest_continuation_after_a_cached_prefix_is_causal():
+    from quicksilver.needle import extend
+
+    engine = Engine(TINY["llama"](seed=3), _kv("quest", keep_fraction=0.3))
+    g = torch.Generator().manual_seed(6)
+    prefix, a = torch.randint(0, 99, (50,), generator=g), torch.randint(0, 99, (20,), generator=g)
+    b = a.clone()
+    b[9:] = torch.randint(0, 99, (11,), generator=g)
+    rows = torch.arange(20)
+    logits = []
+    for cont in (a, b):
+        cache = SequenceCache(4)
+        from quicksilver.generate import prefill
+
+        prefill(engine, prefix, cache)
+        logits.append(extend(engine, cont, cache, logit_rows=rows)[0])
+    assert torch.equal(logits[0][:9], logits[1][:9]) and not torch.equal(logits[0][9:], logits[1][9:])

@@ -63,3 +63,12 @@ def test_our_rules_at_a_kept_fraction():
     assert window.enabled and window.selection == "window" and window.sink_tokens + window.recent_window == 1024
     snap = kvpress_side.policy_config("snapkv", 0.5, 4096).kv
     assert snap.enabled and snap.selection == "snapkv" and snap.keep_fraction == 0.5
+
+
+def test_our_rules_may_carry_kv_settings():
+    assert kvpress_side.parse_policies("window,quest+page_size=8") == ["window", "quest+page_size=8"]
+    cfg = kvpress_side.policy_config("quest+page_size=8", 0.25, 4096).kv
+    assert (cfg.selection, cfg.keep_fraction, cfg.page_size) == ("quest", 0.25, 8)
+    for bad in ("quest+page_size", "nope+page_size=8"):
+        with pytest.raises(kvpress_side.BenchError, match="policies"):
+            kvpress_side.parse_policies(bad)

@@ -140,7 +140,12 @@ def attend_selected(
     reads ``kv_select.budget(keep_fraction, p0)`` keys in each KV head: the sinks, every key
     from p0 - W + 1 on (causally), and the older ones that head ranks best. Older keys are
     ranked only from keys before p0 and from queries at or before p0 (the block's first row
-    and earlier rows), so no query depends on a later token. ``pages`` keeps quest's page
+    and earlier rows), so no query depends on a later token. A call that extends a cache
+    (keys before its first query: a question after its context, a continuation after its
+    prefix, a decode step) reads its own keys in full, causally, and ``keep_fraction`` of
+    the positions before it (sinks and recent keys among them), as an eviction rule's
+    extension reads its compressed cache and itself: the context is compressed, the text
+    that follows it is not. ``pages`` keeps quest's page
     summaries between calls on a growing cache (a decode step summarizes only a page it
     completed). Returns (Tq, H*hd), pairs seen per head, and with ``return_mask`` the
     (Hkv, Tq, Tk) visibility it used (for the masked reference path).
@@ -156,6 +161,8 @@ def attend_selected(
     outs, pairs = [], 0
     full = torch.zeros(hkv, tq, tk, dtype=torch.bool, device=dev) if return_mask else None
     heads = torch.arange(hkv, device=dev)
+    start = int(torch.searchsorted(k_pos, q_pos[0]))  # keys before this call's first query: a cache it extends
+    prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1) if start > n_sink else None  # kept of the positions before the call
     # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
     step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
     for i0 in range(0, tq, step):
@@ -167,7 +174,11 @@ def attend_selected(
         hi = int(torch.searchsorted(k_pos, p1, right=True))
         if acc is not None and i0 > 0:  # h2o: the previous block's last queries add their attention
             acc[:before] += kv_select.attention_scores(q[max(0, i0 - m):i0], q_pos[max(0, i0 - m):i0], k[:before], k_pos[:before], scale)
-        room = kv_select.budget(kv.keep_fraction, p0) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
+        if prior is None:
+            room = kv_select.budget(kv.keep_fraction, p0) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
+        else:  # an extension: its own keys in full, the budget over the keys before it
+            lo = max(n_sink, min(lo, start))
+            room = prior - n_sink - (start - lo)
         if lo > n_sink and room < lo - n_sink:  # older keys exist (not for a query among the sinks) and do not all fit
             middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
             ks = torch.cat([kv_select.per_head(torch.arange(n_sink, device=dev), hkv), middle,

@@ -3,8 +3,8 @@
 For each chunk of ``prefix + continuation`` tokens, the prefix is prefilled with the
 configuration (an eviction rule compresses the cache to ``keep_fraction`` of it at the end
 of prefill; the window rule keeps sinks + its window), then the continuation runs after it
-reading the compressed prefix and itself in full (``quest`` chooses prefix pages per query
-block instead). The stock model runs the same chunks with its full cache. The kept
+reading the compressed prefix and itself in full (``quest`` reads itself in full too, and
+chooses the prefix pages each query block reads, ``keep_fraction`` of the prefix). The stock model runs the same chunks with its full cache. The kept
 fraction is measured: prefix entries read by the continuation's queries, over all of them.
 """
 

@@ -59,7 +59,9 @@ class KVCacheSkipping:
         generation cache after prefill to ``keep_fraction`` of the prompt and keep it there.
     keep_fraction : float, default 0.25
         For the importance rules: share of its past (sinks and recent window included) that
-        each query reads, and share of the sequence that a generation cache keeps.
+        each query reads, and share of the sequence that a generation cache keeps. A call
+        that extends a cache (a question after its context) reads its own tokens in full and
+        this share of the positions before it.
     page_size : int, default 16
         Keys per page of ``quest``.
     observation : int, default 16
