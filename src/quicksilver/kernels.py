@@ -333,12 +333,16 @@ class KernelTable:
             return names[0]
         if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
             return _unmeasured_choice(names, rows)
-        k, b = self.key(w, bits, dtype), bucket(rows)
-        timings = self.entries.setdefault(k, {}).get(str(b))
+        b = bucket(rows)
+        return self.fastest(self.key(w, bits, dtype), str(b), names, lambda: measure_shape(w, bits, dtype, rows=(b,))[b])
+
+    def fastest(self, key: str, cell: str, names: list[str], measure) -> str:
+        """The fastest of ``names`` in the table's ``key``/``cell``, measured (``measure()`` -> name -> us)
+        and saved when missing: for the shapes and row counts this process meets, one cell at a time,
+        and again when a kernel was added since (a native build that was missing then)."""
+        timings = self.entries.setdefault(key, {}).get(cell)
         if timings is None or not set(names) <= set(timings):
-            # measured for the row counts this process meets, one bucket at a time (again when a
-            # kernel was added since: a native build that was missing then)
-            timings = self.entries[k][str(b)] = measure_shape(w, bits, dtype, rows=(b,))[b]
+            timings = self.entries[key][cell] = measure()
             self.save()
         return min((t, name) for name, t in timings.items() if name in names)[1]
 
@@ -351,11 +355,7 @@ class KernelTable:
             return "native16" if rows <= 8 else "torch"
         k = f"dense/{weight.shape[0]}x{weight.shape[1]}/{str(dtype).removeprefix('torch.')}"
         b = bucket(rows)
-        timings = self.entries.setdefault(k, {}).get(str(b))
-        if timings is None or not set(names) <= set(timings):
-            timings = self.entries[k][str(b)] = measure_dense(weight, dtype, rows=(b,))[b]
-            self.save()
-        return min((t, name) for name, t in timings.items() if name in names)[1]
+        return self.fastest(k, str(b), names, lambda: measure_dense(weight, dtype, rows=(b,))[b])
 
     def save(self) -> None:
         if self.path is None:
@@ -571,14 +571,9 @@ def _attention_kernel(H: int, Hkv: int, hd: int, rows: int, keys: int, dtype) ->
     names = attention_candidates(dtype)
     if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":  # tests run every kernel: float32 and bfloat16 cases
         return "sdpa" if dtype == torch.float32 else names[-1]
-    table = kernel_table()
     b, t = _attn_bucket(rows, ATTN_ROWS), _attn_bucket(keys, ATTN_KEYS)
     k = f"attention/{H}x{Hkv}x{hd}/{str(dtype).removeprefix('torch.')}"
-    timings = table.entries.setdefault(k, {}).get(f"{b}x{t}")
-    if timings is None or not set(names) <= set(timings):
-        timings = table.entries[k][f"{b}x{t}"] = measure_attention(H, Hkv, hd, b, t, dtype)
-        table.save()
-    return min((us, name) for name, us in timings.items() if name in names)[1]
+    return kernel_table().fastest(k, f"{b}x{t}", names, lambda: measure_attention(H, Hkv, hd, b, t, dtype))
 
 
 def decode_attention(q, keys, values, mask, scale):
@@ -632,14 +627,9 @@ def causal_kernel(H: int, Hkv: int, hd: int, T: int, dtype) -> str:
         if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
             name = "native"  # tests run the native kernel wherever it applies
         else:
-            table = kernel_table()
             k = f"causal/{H}x{Hkv}x{hd}/{str(dtype).removeprefix('torch.')}"
-            b = str(shape[4])
-            timings = table.entries.setdefault(k, {}).get(b)
-            if timings is None or not set(CAUSAL_KERNELS) <= set(timings):
-                timings = table.entries[k][b] = measure_causal(H, Hkv, hd, shape[4], dtype)
-                table.save()
-            name = min((us, n) for n, us in timings.items())[1]
+            name = kernel_table().fastest(k, str(shape[4]), list(CAUSAL_KERNELS),
+                                          lambda: measure_causal(H, Hkv, hd, shape[4], dtype))
         _ATTN_CHOICE[shape] = name
     return name
 
