@@ -8,6 +8,7 @@ alternate prompt by prompt after a warm-up. EOS does not stop either side, so bo
 produce exactly ``--new-tokens`` tokens. Usage:
 
     python benchmarks/bench_decode.py [--new-tokens 128] [--out docs/results] [--dtype auto] [--threads N]
+        [--presets off,fast] [--batches 1,8] [--steps eager,compiled] [--merge]
 """
 
 from __future__ import annotations
@@ -76,10 +77,17 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int |
     return same / max(total, 1), first
 
 
-def run_preset(model, tok, name: str, groups, new_tokens: int) -> dict:
-    """One preset against HF ``generate`` on the same model, alternating group by group."""
+def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eager") -> dict:
+    """One preset against HF ``generate`` on the same model, alternating group by group.
+
+    ``step``: ``eager`` runs the engine's layer loop op by op, ``compiled`` its compiled decode
+    step (``quicksilver.compiled``, compiled during the warm-up, outside the timing).
+    """
+    os.environ["QUICKSILVER_COMPILE"] = "1" if step == "compiled" else "0"
     engine = make_engine(model, tok, Config.preset(name))
-    engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up (and kernel choice)
+    t0 = time.perf_counter()
+    engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up (kernel choice; compiling)
+    warm_s = time.perf_counter() - t0
     hf_tokens, hf_s, hf_ttft, qs_tokens, qs_s, qs_ttft, kv, kv_full = [], 0.0, 0.0, [], 0.0, 0.0, 0, 0
     for group in groups:
         toks, s, ttft = hf_generate(model, tok, group, new_tokens)
@@ -99,6 +107,7 @@ def run_preset(model, tok, name: str, groups, new_tokens: int) -> dict:
         "hf_tokens_per_s": sum(len(t) for t in hf_tokens) / hf_s, "tokens_per_s": n / qs_s,
         "hf_ttft_ms": 1000 * hf_ttft / len(groups), "ttft_ms": 1000 * qs_ttft / len(groups),
         "kv_bytes": kv, "kv_full_bytes": kv_full, "greedy_agreement": agree, "first_divergence": first,
+        "step": step, "warm_up_s": warm_s,
     }
     row["speed_ratio"] = row["tokens_per_s"] / row["hf_tokens_per_s"]
     return row
@@ -124,6 +133,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where native), float32, bfloat16")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--steps", default="eager,compiled",
+                    help="the engine's decode step: eager, compiled (where it applies), or both")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an earlier decode.json that this run does not measure again")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,11 +158,14 @@ def main() -> None:
         runs = [(model, name) for name in args.presets.split(",")]
         if model32 is not None:
             runs.append((model32, "off"))  # off == stock, token for token, checked in float32
-        for m, name in runs:
-            row = run_preset(m, tok, name, groups, args.new_tokens)
+        steps = args.steps.split(",")
+        for m, name, step in [(m, name, step) for m, name in runs for step in steps]:
+            if step == "compiled" and Engine(m, Config.preset(name))._step_key is None:
+                continue  # the compiled step does not apply to this preset's mechanisms
+            row = run_preset(m, tok, name, groups, args.new_tokens, step)
             row["vs_hf_float32"] = row["tokens_per_s"] / (hf32 if hf32 is not None else row["hf_tokens_per_s"])
             rows.append(row)
-            print(f"batch {batch} {name} {row['dtype']}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
+            print(f"batch {batch} {name} {row['dtype']} {step}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
                   f"({row['speed_ratio']:.2f}x; {row['vs_hf_float32']:.2f}x HF float32), agreement {row['greedy_agreement']:.1%}, "
                   f"first divergence {row['first_divergence']}", file=sys.stderr, flush=True)
     meta = {
@@ -160,20 +176,35 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    commands = [meta["command"]]
+    if args.merge and (out / "decode.json").is_file():
+        import json
+
+        old = json.loads((out / "decode.json").read_text())
+        ident = lambda r: (r["batch"], r["preset"], r["dtype"], r.get("step", "eager"))  # noqa: E731
+        mine = {ident(r) for r in rows}
+        rows = [r for r in old["rows"] if ident(r) not in mine] + rows
+        rows.sort(key=lambda r: (r["batch"], r["dtype"] != str(model.dtype).removeprefix("torch."), r["preset"] != "off",
+                                 r["preset"], r.get("step", "eager") != "eager"))
+        commands = old["meta"].get("commands", [old["meta"]["command"]]) + commands
+    meta["commands"] = commands
     write_json_atomic(out / "decode.json", {"meta": meta, "rows": rows})
-    lines = [f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
+    lines = [f"Command: {' + '.join(f'`{c}`' for c in commands)} — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
              f"smollm2-135m, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy. "
              "`ratio`: against HF `generate` on the same model in the same dtype, same run; `vs HF fp32`: against "
              "HF `generate` in float32 (what a user gets without choosing a dtype). Agreement is with HF's greedy "
-             f"tokens in the row's own dtype. Load average at start: {meta['load_average_at_start']}.", "",
-             "| batch | preset | dtype | tok/s | HF tok/s | ratio | vs HF fp32 | TTFT ms | HF TTFT ms | KV bytes vs full "
-             "| greedy agreement | first divergence |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens in the row's own dtype. `step`: the engine's layer loop op by op (`eager`) or its compiled "
+             "decode step (`compiled`, `quicksilver.compiled`; `warm-up s` includes compiling it). "
+             f"Load average at start: {meta['load_average_at_start']}.", "",
+             "| batch | preset | dtype | step | tok/s | HF tok/s | ratio | vs HF fp32 | TTFT ms | HF TTFT ms | KV bytes vs full "
+             "| greedy agreement | first divergence | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['preset']} | {r['dtype']} | {r['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} "
+        lines.append(f"| {r['batch']} | {r['preset']} | {r['dtype']} | {r.get('step', 'eager')} | {r['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} "
                      f"| {r['speed_ratio']:.2f}x | {r['vs_hf_float32']:.2f}x "
                      f"| {r['ttft_ms']:.0f} | {r['hf_ttft_ms']:.0f} | {r['kv_bytes'] / max(r['kv_full_bytes'], 1):.1%} "
-                     f"| {r['greedy_agreement']:.1%} | {r['first_divergence'] if r['first_divergence'] is not None else 'none'} |")
+                     f"| {r['greedy_agreement']:.1%} | {r['first_divergence'] if r['first_divergence'] is not None else 'none'} "
+                     f"| {r.get('warm_up_s', float('nan')):.1f} |")
     write_atomic(out / "decode.md", "\n".join(lines) + "\n")
 
 

@@ -14,6 +14,8 @@ VOCAB = 99
 # dispatch computes the same function): skip the measurement here; tests/test_kernels.py
 # exercises it on its own table.
 os.environ.setdefault("QUICKSILVER_KERNELS", "unmeasured")
+# Compiling a decode step takes seconds: only tests/test_compiled.py compiles (it sets this per test).
+os.environ.setdefault("QUICKSILVER_COMPILE", "0")
 
 
 def tiny_llama(seed: int = 0, attn: str = "sdpa", **overrides) -> LlamaForCausalLM:

@@ -133,6 +133,8 @@ class Engine:
                 head = self.adapter.head_linear()
                 group = amq.group_size if amq.group_size and head.in_features % amq.group_size == 0 else None
                 self._head_q = (QuantizedLinear(head.weight, head.bias, group), amq.head_bits)
+        self._step_key = self._compile_structure()  # None: decode steps always run the eager loop
+        self._step_norms = [w for p in self.adapter.layers for w in (p.rms_weights or ())]
 
     @torch.inference_mode()
     def _activation_absmax(self, ids: torch.Tensor, window: int = 512) -> list[dict]:
@@ -166,7 +168,7 @@ class Engine:
         T = ids.numel()
         return self.run(ids, torch.arange(T, device=ids.device), [(0, T)], [None], logit_rows, compact)
 
-    def run(self, ids, pos, segments, caches, logit_rows=None, compact: bool = True):
+    def run(self, ids, pos, segments, caches, logit_rows=None, compact: bool = True, compile: bool = False):
         """The layer loop over rows that may come from several sequences.
 
         Parameters
@@ -177,9 +179,15 @@ class Engine:
         caches : list of SequenceCache or None, one per segment: earlier entries that the
             segment's queries also see; the segment's new K/V are appended (prefill/decode).
         logit_rows : (n,) rows whose logits are returned; None: every row.
+        compile : run a pooled decode step through the compiled layer loop where it applies
+            (``quicksilver.compiled``); the eager loop otherwise or if compiling fails.
 
         Returns (logits (n, vocab), Ledger).
         """
+        if compile and compact and self._step_key is not None and logit_rows is None and _shared_pool(segments, caches):
+            out = self._run_compiled(ids, pos, caches)
+            if out is not None:
+                return out
         A, spec, cfg = self.adapter, self.spec, self.config
         L, N, dev = spec.n_layers, ids.numel(), ids.device
         if not compact and (len(segments) > 1 or any(c is not None for c in caches)):
@@ -255,6 +263,11 @@ class Engine:
                 cache.note_peak()
         ledger.exit_layer_sum = int(exit_layer.sum())
         ledger.halted_tokens = int((~computing).sum())
+        return self._logits(h, ids, logit_rows, ledger)
+
+    def _logits(self, h, ids, logit_rows, ledger):
+        """Final norm and LM head of the rows ``logit_rows`` (None: every row); (logits, ledger)."""
+        A, spec = self.adapter, self.spec
         h, logit_rows = to_device(A.output_device, h, logit_rows)
         hx = A.final_norm(_take(h, logit_rows))
         ledger.flops["head"] += F_.head_flops(spec, hx.shape[0])
@@ -262,6 +275,101 @@ class Engine:
             head, head_bits = self._head_q
             return head(hx, head_bits).to(ids.device), ledger
         return A.head(hx).to(ids.device), ledger
+
+    def _compile_structure(self):
+        """The shape of this engine's compiled decode step (``compiled.llama_step``'s arguments),
+        or None where the step cannot be compiled: a mechanism that changes the layer loop, per-row
+        precisions, layers spread over devices, or layers other than plain Llama ones."""
+        cfg, spec, layers = self.config, self.spec, self.adapter.layers
+        if cfg.halting.enabled or cfg.kv.enabled or cfg.fusion.enabled:
+            return None
+        if self._quant is not None and self._uniform_bits is None:
+            return None
+        plain = all(p.rms_eps is not None and p.rms_eps == layers[0].rms_eps and p.q_norm is None and p.k_norm is None
+                    and p.attn_out_norm is None and p.mlp_out_norm is None and p.window is None and p.rope_key is None
+                    and p.device == layers[0].device for p in layers)
+        if not plain or not spec.gated_mlp:
+            return None
+        return (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model, spec.d_ff, layers[0].rms_eps)
+
+    def _run_compiled(self, ids, pos, caches):
+        """A pooled decode step (one row per cache) through the compiled layer loop; None if the
+        compiler failed (the caches are then as before the call, and the caller runs eagerly)."""
+        from . import compiled
+
+        A, spec = self.adapter, self.spec
+        N = ids.numel()
+        seen = sum(c.count(0) for c in caches) + N  # every row reads its whole past and itself
+        saved = [(c.length, list(c._n)) for c in caches]
+        h = A.embed(ids, pos)
+        cos, sin = A.rotary(pos)
+        fn = compiled.compiled_step(self._step_key, lambda: compiled.llama_step(*self._step_key))
+        h = compiled.run(self, fn, (h, cos, signed_sin(sin), pos, self._step_norms), caches, {})
+        if h is None:  # nothing was kept of a failed call: the eager loop runs the step again
+            for c, (length, n) in zip(caches, saved):
+                c.length, c._n = length, n
+            return None
+        ledger = Ledger(n_layers=spec.n_layers, tokens=N)
+        full_pairs = int((pos + 1).sum())
+        for _ in range(spec.n_layers):
+            self._count(ledger, N, None, None, None, seen, full_pairs, None)
+        for c, p in zip(caches, pos.tolist()):
+            c.length = p + 1
+            c.note_peak()
+        ledger.exit_layer_sum = N * spec.n_layers
+        return self._logits(h, ids, None, ledger)
+
+    def _compile_pays(self, rows: int) -> bool:
+        """Whether the compiled decode step measured faster than the eager one on this machine, for
+        this model's shape and dtype, at ``rows`` rows (bucketed 1 / 8 as the kernels; cached)."""
+        from .kernels import kernel_table
+
+        dtype = next(self.model.parameters()).dtype
+        b = 1 if rows < 3 else 8
+        key = f"decode-step/{'x'.join(map(str, self._step_key))}/{str(dtype).removeprefix('torch.')}"
+        return kernel_table().fastest(key, str(b), ["eager", "compiled"], lambda: self._measure_step(b)) == "compiled"
+
+    def _measure_step(self, rows: int, keys: int = 128) -> dict[str, float]:
+        """Microseconds of one pooled decode step, eager and compiled (compiling first), over a
+        scratch cache of ``keys`` entries per row; a compiler failure measures as infinitely slow."""
+        from . import compiled
+        from .cache import CachePool
+        from .kernels import time_call
+
+        param = next(self.model.parameters())
+        spec = self.spec
+        caches = CachePool(spec.n_layers, rows, keys + 1, spec.n_kv_heads, spec.head_dim, param.dtype, param.device).rows
+        ids = torch.zeros(rows, dtype=torch.long, device=param.device)
+        pos = torch.full((rows,), keys, dtype=torch.long, device=param.device)
+        segments = [(i, i + 1) for i in range(rows)]
+
+        def step(use):
+            for c in caches:  # the same step again: entries past ``keys`` are overwritten
+                c._n, c.length = [keys] * spec.n_layers, keys
+            self.run(ids, pos, segments, caches, compile=use)
+
+        eager = time_call(lambda: step(False), reps=15, budget_s=1.0) * 1e6
+        step(True)  # compiles
+        if compiled.failed() is not None:
+            return {"eager": eager, "compiled": float("inf")}
+        return {"eager": eager, "compiled": time_call(lambda: step(True), reps=15, budget_s=1.0) * 1e6}
+
+    def _step_linear(self, fn: int, x: torch.Tensor) -> torch.Tensor:
+        """Linear ``fn = 4 l + j`` of the compiled step (j: qkv, o, gate_up, down), as the eager layer runs it."""
+        l, j = divmod(fn, 4)
+        p = self.adapter.layers[l]
+        if j in (0, 2):
+            group, names, plain = ("qkv", ("q", "k", "v"), p.qkv) if j == 0 else ("gate_up", ("gate", "up"), p.gate_up)
+            if self._fused is not None and group in self._fused[l]:
+                return self._fused[l][group](x, self._uniform_bits)
+            if self._quant is None and plain is not None:
+                return plain(x)
+            return torch.cat([self._lin(l, n, x, None, None) for n in names], dim=-1)
+        return self._lin(l, "o" if j == 1 else "down", x, None, None)
+
+    def _step_attend(self, l, q, k, v, pos, caches, plans):
+        """Attention of layer l in the compiled step: the pooled decode attention, cache writes included."""
+        return self._pooled_decode(l, q, k, v, pos, caches, self.adapter.layers[l].attn_scale, plans)[0]
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
         """Autoregressive generation with this engine's mechanisms; see ``quicksilver.generate.generate``."""

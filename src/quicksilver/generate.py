@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import compiled
 from .cache import CachePool, SequenceCache
 from .errors import QuicksilverError
 from .ledger import Ledger
@@ -137,11 +138,12 @@ def prefill_batch(engine, prompts: Sequence[torch.Tensor], caches: Sequence[Sequ
     return engine.run(ids, pos, segments, list(caches), logit_rows=ends - 1)
 
 
-def decode_one_token(engine, tokens: torch.Tensor, caches: Sequence[SequenceCache]):
-    """One step for several rows: ``tokens`` (B,) at each cache's next position; logits (B, V)."""
+def decode_one_token(engine, tokens: torch.Tensor, caches: Sequence[SequenceCache], compile: bool = False):
+    """One step for several rows: ``tokens`` (B,) at each cache's next position; logits (B, V).
+    ``compile``: through the compiled layer loop where it applies (``quicksilver.compiled``)."""
     pos = torch.tensor([c.length for c in caches], device=tokens.device)
     segments = [(i, i + 1) for i in range(len(caches))]
-    return engine.run(tokens, pos, segments, list(caches))
+    return engine.run(tokens, pos, segments, list(caches), compile=compile)
 
 
 @torch.inference_mode()
@@ -184,6 +186,7 @@ def generate(
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
 
+    use_compiled = compiled.wanted(engine, len(rows), max_new_tokens - 1)  # measured once per machine and shape
     t0 = time.perf_counter()
     logits, ledger = prefill_batch(engine, [r.to(device) for r in rows], caches)
     total.merge(ledger)
@@ -210,7 +213,7 @@ def generate(
             break
         active = [i for _, i in still]
         feed = next_tokens[torch.tensor([j for j, _ in still], device=next_tokens.device)]
-        logits, ledger = decode_one_token(engine, feed, [caches[i] for i in active])
+        logits, ledger = decode_one_token(engine, feed, [caches[i] for i in active], use_compiled)
         decode_ledger.merge(ledger)
         total.merge(ledger)
         next_tokens = sample(logits)

@@ -166,6 +166,10 @@ class LayerParams:
     rope_key: str | None = None
     qkv: Linear | None = None  # q, k and v in one matmul (fused_linear), where the weights allow it
     gate_up: Linear | None = None  # gate and up in one matmul, where the weights allow it
+    # Llama-style layers only: the weights of (attn_norm, mlp_norm) and their epsilon, when both
+    # norms are RMSNorm as transformers' Llama computes it (what the compiled decode step uses).
+    rms_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    rms_eps: float | None = None
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head norms of queries and keys, (N, heads, head_dim) each (identity without QK-norm)."""

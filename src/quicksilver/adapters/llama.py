@@ -29,6 +29,13 @@ def _linear(module) -> Linear:
     return Linear(module.weight, module.bias)
 
 
+def _rms_eps(*norms) -> float | None:
+    """The epsilon shared by transformers' ``LlamaRMSNorm`` modules (None for any other norm)."""
+    eps = {getattr(n, "variance_epsilon", None) for n in norms}
+    plain = all(type(n).__name__ == "LlamaRMSNorm" for n in norms)
+    return eps.pop() if plain and len(eps) == 1 and None not in eps else None
+
+
 class LlamaAdapter(FamilyAdapter):
     def __init__(self, model):
         config = model.config
@@ -58,6 +65,8 @@ class LlamaAdapter(FamilyAdapter):
                     attn_scale=attn.scaling,
                     qkv=fused_linear([q, k, v]),
                     gate_up=fused_linear([gate, up]),
+                    rms_weights=(layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
+                    rms_eps=_rms_eps(layer.input_layernorm, layer.post_attention_layernorm),
                 )
             )
         self._embed = inner.embed_tokens
