@@ -135,6 +135,7 @@ class Engine:
                 self._head_q = (QuantizedLinear(head.weight, head.bias, group), amq.head_bits)
         self._step_key = self._compile_structure()  # None: decode steps always run the eager loop
         self._step_norms = [w for p in self.adapter.layers for w in (p.rms_weights or ())]
+        self._step_fns: dict = {}  # linear index of the compiled step -> its callable, resolved once
 
     @torch.inference_mode()
     def _activation_absmax(self, ids: torch.Tensor, window: int = 512) -> list[dict]:
@@ -356,16 +357,25 @@ class Engine:
 
     def _step_linear(self, fn: int, x: torch.Tensor) -> torch.Tensor:
         """Linear ``fn = 4 l + j`` of the compiled step (j: qkv, o, gate_up, down), as the eager layer runs it."""
+        f = self._step_fns.get(fn)
+        if f is None:
+            f = self._step_fns[fn] = self._step_linear_fn(fn)
+        return f(x)
+
+    def _step_linear_fn(self, fn: int):
         l, j = divmod(fn, 4)
         p = self.adapter.layers[l]
         if j in (0, 2):
             group, names, plain = ("qkv", ("q", "k", "v"), p.qkv) if j == 0 else ("gate_up", ("gate", "up"), p.gate_up)
             if self._fused is not None and group in self._fused[l]:
-                return self._fused[l][group](x, self._uniform_bits)
+                return lambda x, f=self._fused[l][group], b=self._uniform_bits: f(x, b)
             if self._quant is None and plain is not None:
-                return plain(x)
-            return torch.cat([self._lin(l, n, x, None, None) for n in names], dim=-1)
-        return self._lin(l, "o" if j == 1 else "down", x, None, None)
+                return plain
+            return lambda x: torch.cat([self._lin(l, n, x, None, None) for n in names], dim=-1)
+        name = "o" if j == 1 else "down"
+        if self._quant is None:
+            return self._linears[l][name]
+        return lambda x, f=self._quant[l][name], b=self._uniform_bits: f(x, b)
 
     def _step_attend(self, l, q, k, v, pos, caches, plans):
         """Attention of layer l in the compiled step: the pooled decode attention, cache writes included."""
