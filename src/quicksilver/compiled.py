@@ -134,7 +134,7 @@ def compiled_step(key: tuple, make):
 
 def wanted(engine, rows: int, steps: int) -> bool:
     """Should a generation of ``rows`` sequences and ``steps`` decode steps compile its steps?"""
-    if engine._step_key is None or _failed is not None:
+    if getattr(engine, "_step_key", None) is None or _failed is not None:  # also an engine-like wrapper
         return False
     m = mode()
     if m != "auto":

@@ -143,7 +143,9 @@ def decode_one_token(engine, tokens: torch.Tensor, caches: Sequence[SequenceCach
     ``compile``: through the compiled layer loop where it applies (``quicksilver.compiled``)."""
     pos = torch.tensor([c.length for c in caches], device=tokens.device)
     segments = [(i, i + 1) for i in range(len(caches))]
-    return engine.run(tokens, pos, segments, list(caches), compile=compile)
+    if compile:
+        return engine.run(tokens, pos, segments, list(caches), compile=True)
+    return engine.run(tokens, pos, segments, list(caches))  # engine-like wrappers need not know ``compile``
 
 
 @torch.inference_mode()

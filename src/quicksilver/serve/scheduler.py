@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from ..cache import CachePool, SequenceCache
+from .. import compiled
 from ..generate import decode_one_token, make_sampler, prefill, prefill_batch
 from ..kernels import argmax
 
@@ -348,7 +349,9 @@ class Scheduler:
         snapshots = [_snapshot(r.cache) for r in rows]
         t0 = time.perf_counter()
         try:
-            outcome, _ = decode_one_token(self.engine, tokens, [r.cache for r in rows])  # (B, V)
+            # The compiled step once the server has decoded enough steps for compiling to pay (measured).
+            use = compiled.wanted(self.engine, len(rows), 1)
+            outcome, _ = decode_one_token(self.engine, tokens, [r.cache for r in rows], use)  # (B, V)
         except Exception:
             # Find the culprit: restore every cache and run each row alone.
             outcome = []
