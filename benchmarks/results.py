@@ -37,6 +37,7 @@ STEPS = {
                     "--tokens", "4096", "--mechanisms", "kv", "halting", "--out", OUT],
     "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
     "compile-probe": ["benchmarks/compile_probe.py", "--out", OUT],
+    "compile-dequant": ["benchmarks/compile_dequant.py", "--out", OUT],
     "fast": ["benchmarks/bench_fast.py", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
     "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
