@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--steps", default="eager,compiled",
                     help="the engine's decode step: eager, compiled (where it applies), or both")
+    ap.add_argument("--skip-float32-check", action="store_true",
+                    help="leave out the float32 `off` rows (the equality check; kept from an earlier run with --merge)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an earlier decode.json that this run does not measure again")
     args = ap.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
         hf_generate(model, tok, groups[0], 4)  # warm-up
         hf32 = hf_rate(model32, tok, groups, args.new_tokens) if model32 is not None else None
         runs = [(model, name) for name in args.presets.split(",")]
-        if model32 is not None:
+        if model32 is not None and not args.skip_float32_check:
             runs.append((model32, "off"))  # off == stock, token for token, checked in float32
         steps = args.steps.split(",")
         for m, name, step in [(m, name, step) for m, name in runs for step in steps]:
