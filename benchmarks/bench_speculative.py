@@ -1,7 +1,7 @@
 """Speculative decoding benchmark: lossless drafting against HF ``generate`` and HF prompt lookup.
 
-Prompts: benchmarks/prompts/speculative.json (8 open-ended wiki openings; 9 input-grounded
-prompts that repeat, lightly edit or continue a 300-600 token wiki passage, chat template
+Prompts: benchmarks/prompts/speculative.json (8 open-ended wiki openings; 24 input-grounded
+prompts, 8 each that repeat, lightly edit or continue a 300-600 token wiki passage, chat template
 applied). For each dtype and batch size (1 and 8) and each prompt group, in turn: HF
 ``generate`` (greedy, same dtype), HF assisted generation with ``prompt_lookup_num_tokens=10``
 (batch 1 only: HF runs it at batch 1 only), the engine with speculation off, and the engine
