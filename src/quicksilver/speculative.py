@@ -5,18 +5,22 @@ Every step, each sequence of the batch may get a draft of a few tokens from one 
 skipped). The verifier, the engine with its own configuration, then runs one forward over
 [last token, draft...] for every sequence at once (one segment per sequence, each with its own
 cache), keeps the longest accepted prefix plus one token of its own, and rolls each cache
-back to what it accepted (``SequenceCache.truncate``). Greedy: a drafted token is accepted when
-it is the verifier's argmax, so the output equals decoding one token at a time. Sampling:
+back to what it accepted (``SequenceCache.truncate``). The caches are rows of one pool, as in
+plain generation, so a step where no sequence has a draft is plain generation's pooled
+one-token step; a draft is verified only where its expected tokens pay for its verified rows
+and, at a batch, for leaving that pooled step (``choose_drafts``, on measured ``StepCosts``).
+Greedy: a drafted token is accepted when it is the verifier's argmax, so the output equals
+decoding one token at a time. Sampling:
 speculative sampling (Leviathan et al. 2023; Chen et al. 2023): accept a drafted token d with
 probability min(1, p(d)/q(d)), else resample from max(p - q, 0) normalized, so every emitted
 token follows the verifier's distribution p. A deterministic draft (lookup, or greedy model
 drafts) has q = one-hot.
 
-Drafting adapts per sequence and source, by measured costs: a verify pass's time is fitted as
-a + b * rows while the passes run (``VerifyCost``), a model draft's pass is timed, and each
-sequence keeps decayed counts of accepted and rejected drafted tokens. From these the draft
-length that maximises expected tokens per unit of time is chosen (``best_length``); where no
-length beats a plain step, or a model draft's realised gain falls under 1, the source is
+Drafting adapts per sequence and source, by measured costs: a plain step's time is averaged
+and a verify pass's time is fitted as a + b * rows while the passes run (``StepCosts``), a
+model draft's pass is timed, and each sequence keeps decayed counts of accepted and rejected
+drafted tokens. From these the draft length that maximises expected tokens per unit of time is
+chosen (``best_length``); where no length beats a plain step, or a model draft's realised gain falls under 1, the source is
 switched off for that sequence for a while (doubling each time). On a CPU at batch 1 a
 verified row costs a few percent of a step (the weights are read once whatever the rows), so
 prompt lookup drafts long and stays on; a model draft must win back its own passes, and gets
@@ -36,7 +40,7 @@ import torch
 from .cache import SequenceCache
 from .config import Config
 from .errors import QuicksilverError
-from .generate import GenerationResult, _check_request, prefill_batch
+from .generate import GenerationResult, _check_request, decode_one_token, new_caches, prefill_batch
 from .kernels import argmax
 from .ledger import Ledger
 
@@ -420,6 +424,120 @@ class VerifyCost:
         return max((y - b * x) / w + b * sequences, 1e-9)
 
 
+    def predict(self, rows: int) -> float | None:
+        """Seconds of a pass over ``rows`` rows, from the fit (None until it has two distinct row counts)."""
+        w, x, xx, y, xy = self.s
+        var = w * xx - x * x
+        if w < 4 or var < 0.5 * w * w:
+            return None
+        b = max((w * xy - x * y) / var, 0.0)
+        return max((y - b * x) / w + b * rows, 1e-9)
+
+
+class StepCosts:
+    """Measured wall time of the verifier's two kinds of pass, per number of sequences B.
+
+    A step where no sequence has a draft is a plain one-token step: with the caches rows of one
+    pool it is the pooled decode step that speculation-off generation takes (one attention call
+    per layer for the whole batch). A step with drafts is a ragged verify pass (one attention
+    call per sequence and layer), fitted as a + b * rows (``VerifyCost``). At batch 1 the two
+    cost about the same; at batch 8 on a CPU leaving the pooled step cost more than half a step
+    by itself, so drafts must bring that back before they are verified (``choose_drafts``).
+    """
+
+    def __init__(self, prior: float = 0.03):
+        self.prior = prior
+        self.plain: dict[int, float] = {}  # B -> running average of a plain step's seconds
+        self.verify: dict[int, VerifyCost] = {}  # B -> fit of ragged verify passes
+
+    @staticmethod
+    def _smooth(old: float | None, new: float) -> float:
+        # A first call on a new shape may measure kernels: one sample moves the average by a bounded step.
+        return new if old is None else 0.8 * old + 0.2 * min(new, 3 * old)
+
+    def add_plain(self, sequences: int, seconds: float) -> None:
+        self.plain[sequences] = self._smooth(self.plain.get(sequences), seconds)
+
+    def add_verify(self, sequences: int, rows: int, seconds: float) -> None:
+        fit = self.verify.setdefault(sequences, VerifyCost(self.prior))
+        guess = self.verify_time(sequences, rows)
+        fit.add(rows, seconds if guess is None else min(seconds, 3 * guess))
+
+    def plain_step(self, sequences: int) -> float | None:
+        """Seconds of a plain step of ``sequences`` one-row sequences (None before one was measured)."""
+        if sequences in self.plain:
+            return self.plain[sequences]
+        fit = self.verify.get(sequences)
+        return fit.plain_step(sequences) if fit is not None else None
+
+    def verify_time(self, sequences: int, rows: int) -> float | None:
+        """Seconds of a ragged verify pass of ``rows`` rows over ``sequences`` sequences.
+
+        Until the fit has varied rows: the line through the plain step (a draft-free pass) and
+        the mean of the passes measured, which puts all of the extra on the rows, so that small
+        drafts look cheap and get tried (and measured) before they are ruled out.
+        """
+        fit, plain = self.verify.get(sequences), self.plain.get(sequences)
+        if fit is not None:
+            got = fit.predict(rows)
+            if got is not None:
+                return got
+        if plain is None:
+            return fit.plain_step(sequences) if fit is not None else None
+        w, x, _, y, _ = fit.s if fit is not None else (0.0,) * 5
+        if w == 0 or x / w <= sequences:
+            return plain * (1 + self.prior * (rows - sequences))
+        slope = max((y / w - plain) / (x / w - sequences), 0.0)
+        return plain + slope * (rows - sequences)
+
+    def row_cost(self, sequences: int) -> float:
+        """One more verified row, in units of one sequence's share of a plain step."""
+        plain = self.plain_step(sequences)
+        if plain is None:
+            return self.prior
+        extra = self.verify_time(sequences, sequences + 1)
+        base = self.verify_time(sequences, sequences)
+        if extra is None or base is None:
+            return self.prior
+        return min(max((extra - base) * sequences / plain, 0.002), 1.0)
+
+
+def choose_drafts(candidates: list[tuple[int, int, float]], sequences: int, costs: StepCosts,
+                  pooled: bool) -> list[int]:
+    """The sequences whose drafts to verify this step: the subset with the most tokens per second.
+
+    ``candidates``: (sequence, drafted tokens, expected accepted tokens). Drafts are taken in
+    order of expected tokens per verified row; each prefix of that order is scored as tokens
+    per second of its verify pass, against ``sequences`` tokens per plain step (the pooled
+    step when ``pooled``). Until both kinds of pass were measured at this batch size, the one
+    not yet measured is taken: every draft first, then (with a pool) none.
+    """
+    if not candidates:
+        return []
+    if sequences not in costs.verify:
+        return [i for i, _, _ in candidates]
+    plain = costs.plain.get(sequences) if pooled else costs.plain_step(sequences)
+    if plain is None:
+        return []
+    order = sorted(candidates, key=lambda c: -c[2] / max(c[1], 1))
+    best, best_rate = 0, sequences / plain
+    rows, tokens = sequences, float(sequences)
+    for m, (_, k, e) in enumerate(order, 1):
+        rows += k
+        tokens += e
+        t = costs.verify_time(sequences, rows)
+        if t is not None and tokens / t > best_rate:
+            best, best_rate = m, tokens / t
+    return [i for i, _, _ in order[:best]]
+
+
+def expected_accepted(alpha: float, k: int) -> float:
+    """Expected accepted tokens of a k-token draft, each accepted with probability ``alpha`` until the first rejection."""
+    if alpha >= 1:
+        return float(k)
+    return alpha * (1.0 - alpha**k) / (1.0 - alpha)
+
+
 @dataclass
 class SpeculativeResult(GenerationResult):
     """``GenerationResult`` plus what speculation did (``speculative``: per source and overall)."""
@@ -487,7 +605,9 @@ def generate_speculative(
 
     Same parameters and result, plus ``sources`` (default: built from the config) and the
     result's ``speculative`` statistics: verify steps, tokens per verify step, and per source
-    the steps it drafted in, tokens drafted and accepted, and its acceptance rate.
+    the steps it drafted in, tokens drafted and accepted, and its acceptance rate; engine
+    passes of each kind (``plain_passes``, ``verify_passes``), drafts made but not verified
+    (``declined_drafts``) and rows verified without a draft beside others' drafts.
     """
     from .generate import make_sampler
 
@@ -502,7 +622,11 @@ def generate_speculative(
     sources = sources if sources is not None else make_sources(engine, temperature, top_k, top_p, gen, len(rows))
     device = next(engine.model.parameters()).device
     K = cfg.max_draft
-    caches = [SequenceCache(spec.n_layers, capacity=r.numel() + max_new_tokens + K + 1, margin=K) for r in rows]
+    capacities = [r.numel() + max_new_tokens + K + 1 for r in rows]  # room for the last verify pass's draft
+    if engine.config.kv.enabled:  # caches that shrink row by row; the margin keeps rollbacks exact
+        caches = [SequenceCache(spec.n_layers, capacity=c, margin=K) for c in capacities]
+    else:  # rows of one pool, as plain generation: a step without drafts is its pooled one-token step
+        caches = new_caches(engine, capacities)
     contexts = [r.tolist() for r in rows]
     out: list[list[int]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
@@ -511,7 +635,9 @@ def generate_speculative(
     plain = SourceStats()  # steps where a sequence had no draft
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
-    verify = VerifyCost()
+    costs = StepCosts()
+    # Engine passes by kind, drafts made but not verified, rows verified without a draft beside others' drafts.
+    passes = {"plain": 0, "verify": 0, "declined": 0, "mixed_rows": 0}
     by_name = {s.name: s for s in sources}
 
     def emit(i: int, tok: int) -> bool:
@@ -541,11 +667,12 @@ def generate_speculative(
     step = 0
     while active:
         step += 1
-        row_cost = verify.row_cost(len(active))
+        B = len(active)
+        row_cost = costs.row_cost(B)
         # 1. Drafts: each row asks its sources best expected rate first (ties: in the configured
         # order); a source with nothing to propose for a row passes it on to the next.
         drafts: dict[int, tuple[str, Draft]] = {}
-        plain_s = verify.plain_step(len(active))
+        plain_s = costs.plain_step(B)
         queue = {}
         for i in active:
             room = max_new_tokens - len(out[i]) - 1  # the verifier adds one token of its own
@@ -564,10 +691,18 @@ def generate_speculative(
                     if d.tokens:
                         drafts[i] = (src.name, d)
                     elif d.passes:  # a model draft that spent passes and proposed nothing: a cost with no gain
-                        _adapt(policy[i][src.name], 0, 0, step, cfg, row_cost, _cost(src, d, verify, len(active)))
+                        _adapt(policy[i][src.name], 0, 0, step, cfg, row_cost, _cost(src, d, costs, B))
                     queue[i] = [] if d.tokens else queue[i][1:]
             queue = {i: q for i, q in queue.items() if q}
-        # 2. One verify pass over [last token, draft...] of every active row.
+        # 2. Which drafts to verify: those whose expected tokens pay for their rows and, at a
+        # batch, for leaving the pooled one-token step (measured costs, per-row acceptance).
+        pooled = caches[active[0]].pool is not None
+        keep = choose_drafts([(i, len(d.tokens), expected_accepted(_alpha(policy[i][name]), len(d.tokens)))
+                              for i, (name, d) in drafts.items()], B, costs, pooled)
+        passes["declined"] += len(drafts) - len(keep)
+        drafts = {i: drafts[i] for i in keep}
+        # 3. One pass of the verifier: the plain one-token step when no row has a draft, else a
+        # verify pass over [last token, draft...] of every active row.
         ids, pos, segments = [], [], []
         for i in active:
             toks = [contexts[i][-1]] + (drafts[i][1].tokens if i in drafts else [])
@@ -576,13 +711,25 @@ def generate_speculative(
             pos += range(caches[i].length, caches[i].length + len(toks))
             segments.append((start, len(ids)))
         tv = time.perf_counter()
-        logits, ledger = engine.run(torch.tensor(ids, device=device), torch.tensor(pos, device=device), segments,
-                                    [caches[i] for i in active])
+        if drafts:
+            logits, ledger = engine.run(torch.tensor(ids, device=device), torch.tensor(pos, device=device), segments,
+                                        [caches[i] for i in active])
+        else:
+            logits, ledger = decode_one_token(engine, torch.tensor(ids, device=device), [caches[i] for i in active])
         logits = logits.float()
-        verify.add(len(ids), time.perf_counter() - tv)
+        best = None if sampling else argmax(logits).tolist()  # one call for the whole batch (it syncs)
+        took = time.perf_counter() - tv
+        passes["verify" if drafts else "plain"] += 1
+        passes["mixed_rows"] += B - len(drafts) if drafts else 0
+        if drafts:
+            costs.add_verify(B, len(ids), took)
+        else:
+            costs.add_plain(B, took)
+            if not pooled:  # a plain step is a ragged pass without drafts: one more point of the same fit
+                costs.add_verify(B, len(ids), took)
         decode_ledger.merge(ledger)
         total.merge(ledger)
-        # 3. Accept, emit, roll back, adapt.
+        # 4. Accept, emit, roll back, adapt.
         still = []
         for (a, b), i in zip(segments, active):
             name, d = drafts.get(i, (None, Draft([])))
@@ -590,8 +737,12 @@ def generate_speculative(
             if sampling:
                 n, nxt = accept_sampled(probs_of(logits[a:b]), d.tokens, d.probs, gen)
             else:
-                n, nxt = accept_greedy(logits[a:b], d.tokens)
-            caches[i].truncate(base + 1 + n)
+                n = 0
+                while n < len(d.tokens) and d.tokens[n] == best[a + n]:
+                    n += 1
+                nxt = best[a + n]
+            if caches[i].length != base + 1 + n:
+                caches[i].truncate(base + 1 + n)
             done = False
             emitted = 0
             for tok in d.tokens[:n] + [nxt]:
@@ -606,7 +757,7 @@ def generate_speculative(
             s.emitted += emitted
             if name:
                 src = by_name[name]
-                _adapt(policy[i][name], len(d.tokens), n, step, cfg, row_cost, _cost(src, d, verify, len(active)))
+                _adapt(policy[i][name], len(d.tokens), n, step, cfg, row_cost, _cost(src, d, costs, B))
                 src.update(i, n)
             if not done:
                 still.append(i)
@@ -627,6 +778,8 @@ def generate_speculative(
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "sources": {name: s.as_dict() for name, s in stats.items()},
         "undrafted_steps": plain.steps,
+        "plain_passes": passes["plain"], "verify_passes": passes["verify"], "declined_drafts": passes["declined"],
+        "undrafted_rows_in_verify": passes["mixed_rows"],
         "draft_flops": sum(s.ledger.total_flops for s in sources if isinstance(s, ModelDraft)),
     }
     return SpeculativeResult(
@@ -644,7 +797,7 @@ def generate_speculative(
     )
 
 
-def _cost(src, d: Draft, verify: VerifyCost, sequences: int) -> tuple[float, float] | None:
+def _cost(src, d: Draft, verify: StepCosts, sequences: int) -> tuple[float, float] | None:
     """A model draft's (time spent on this sequence this step, one pass's time), in plain steps; None for lookup."""
     if not isinstance(src, ModelDraft):
         return None
@@ -669,6 +822,11 @@ def best_length(alpha: float, token_cost: float, max_draft: int) -> tuple[int, f
         if now > rate:
             best, rate = k, now
     return best, rate
+
+
+def _alpha(pol: _RowPolicy) -> float:
+    """A sequence's estimated per-token acceptance for one source (decayed counts, ``_RowPolicy``)."""
+    return pol.taken / (pol.taken + pol.rejected)
 
 
 def _expected_rate(pol: _RowPolicy, src, row_cost: float, plain_s: float | None, cfg) -> float:
