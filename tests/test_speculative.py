@@ -253,3 +253,31 @@ def test_drafts_are_verified_only_where_they_pay_for_leaving_the_pooled_step():
     sure = [(i, 16, 15.5) for i in range(8)]
     assert sorted(choose_drafts(sure + [(9, 4, 0.2)], 8, costs, pooled=True)) == list(range(8))
     assert expected_accepted(0.5, 2) == 0.75 and expected_accepted(1.0, 5) == 5.0
+
+
+def test_pooled_verify_pass_equals_the_per_sequence_path():
+    """Engine level, float32: a ragged pass over rows of one pool (one write and one attention call
+    per layer) gives the logits and cache entries of the per-sequence path."""
+    from quicksilver.generate import new_caches, prefill_batch
+
+    engine = Engine(tiny_llama(), Config())
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 99, (n,), generator=g) for n in (7, 3, 12)]
+    pooled = new_caches(engine, [n + 10 for n in (7, 3, 12)])
+    own = [SequenceCache(4) for _ in prompts]
+    prefill_batch(engine, prompts, pooled)
+    prefill_batch(engine, prompts, own)
+    lens = (3, 1, 5)  # a draft of 2, no draft, a draft of 4
+    ids = torch.randint(0, 99, (sum(lens),), generator=g)
+    pos = torch.cat([torch.arange(p.numel(), p.numel() + m) for p, m in zip(prompts, lens)])
+    ends = torch.tensor(lens).cumsum(0).tolist()
+    segments = [(e - m, e) for e, m in zip(ends, lens)]
+    a, _ = engine.run(ids, pos, segments, pooled)
+    b, _ = engine.run(ids, pos, segments, own)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert all(c.pool is not None for c in pooled)  # still rows of the pool (not regrown)
+    for c, o in zip(pooled, own):
+        assert c.length == o.length
+        for layer in range(4):
+            x, y = c.get(layer), o.get(layer)
+            assert torch.equal(x.pos, y.pos) and torch.allclose(x.k, y.k, atol=1e-6) and torch.allclose(x.v, y.v, atol=1e-6)

@@ -434,41 +434,96 @@ class VerifyCost:
         return max((y - b * x) / w + b * rows, 1e-9)
 
 
+class _DecayedFit:
+    """Decayed least squares of y on (1, x1, x2): sums of the normal equations, older passes weigh less."""
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.m = [[0.0] * 3 for _ in range(3)]
+        self.v = [0.0] * 3
+
+    def add(self, x1: float, x2: float, y: float) -> None:
+        f = (1.0, x1, x2)
+        for r in range(3):
+            self.v[r] = self.decay * self.v[r] + f[r] * y
+            for c in range(3):
+                self.m[r][c] = self.decay * self.m[r][c] + f[r] * f[c]
+
+    @property
+    def weight(self) -> float:
+        return self.m[0][0]
+
+    def mean(self) -> tuple[float, float, float]:
+        w = self.m[0][0]
+        return self.m[0][1] / w, self.m[0][2] / w, self.v[0] / w
+
+    def varies(self, j: int) -> bool:
+        """Whether x_j has varied enough to fit its slope (at least ~5 passes, spread of 1/2 or more)."""
+        w = self.m[0][0]
+        return w >= 4 and w * self.m[j][j] - self.m[0][j] ** 2 >= 0.5 * w * w
+
+    def predict(self, x1: float, x2: float) -> float | None:
+        """y at (x1, x2); slopes only along the inputs that varied, none negative; None until x1 varied."""
+        if not self.varies(1):
+            return None
+        cols = [0, 1] + ([2] if self.varies(2) else [])
+        m = torch.tensor([[self.m[r][c] for c in cols] for r in cols], dtype=torch.float64)
+        v = torch.tensor([self.v[r] for r in cols], dtype=torch.float64)
+        try:
+            coef = torch.linalg.solve(m, v).tolist()
+        except RuntimeError:  # singular: the inputs moved together
+            return None
+        if len(coef) == 3:
+            coef[2] = max(coef[2], 0.0)
+        coef[1] = max(coef[1], 0.0)
+        # Refit the intercept through the mean with the (clamped) slopes.
+        m1, m2, my = self.mean()
+        slopes = coef[1] * (x1 - m1) + (coef[2] * (x2 - m2) if len(coef) == 3 else 0.0)
+        return max(my + slopes, 1e-9)
+
+
 class StepCosts:
-    """Measured wall time of the verifier's two kinds of pass, per number of sequences B.
+    """Measured wall time of the verifier's two kinds of pass, as functions of B, the sequences stepped.
 
     A step where no sequence has a draft is a plain one-token step: with the caches rows of one
     pool it is the pooled decode step that speculation-off generation takes (one attention call
-    per layer for the whole batch). A step with drafts is a ragged verify pass (one attention
-    call per sequence and layer), fitted as a + b * rows (``VerifyCost``). At batch 1 the two
-    cost about the same; at batch 8 on a CPU leaving the pooled step cost more than half a step
-    by itself, so drafts must bring that back before they are verified (``choose_drafts``).
+    per layer for the whole batch); its time is fitted as p + q * B. A step with drafts is a
+    ragged verify pass (one attention call per sequence and layer), fitted as
+    a + b * rows + s * B. At batch 1 the two cost about the same; at batch 8 on a CPU leaving the
+    pooled step cost more than half a step by itself, so drafts must bring that back before
+    they are verified (``choose_drafts``). Rows finish at different times, so B moves during a
+    generation: until B has varied, the fits assume the cost does not depend on it.
     """
 
     def __init__(self, prior: float = 0.03):
         self.prior = prior
-        self.plain: dict[int, float] = {}  # B -> running average of a plain step's seconds
-        self.verify: dict[int, VerifyCost] = {}  # B -> fit of ragged verify passes
+        self._plain = _DecayedFit()  # x1 = B
+        self._verify = _DecayedFit()  # x1 = rows, x2 = B
 
     @staticmethod
-    def _smooth(old: float | None, new: float) -> float:
-        # A first call on a new shape may measure kernels: one sample moves the average by a bounded step.
-        return new if old is None else 0.8 * old + 0.2 * min(new, 3 * old)
+    def _clip(guess: float | None, seconds: float) -> float:
+        # A first call on a new shape may measure kernels: one sample counts at most 3x the prediction.
+        return seconds if guess is None else min(seconds, 3 * guess)
+
+    @property
+    def measured(self) -> tuple[bool, bool]:
+        """Whether a plain step and a verify pass have been measured."""
+        return self._plain.weight > 0, self._verify.weight > 0
 
     def add_plain(self, sequences: int, seconds: float) -> None:
-        self.plain[sequences] = self._smooth(self.plain.get(sequences), seconds)
+        guess = self.plain_step(sequences) if self.measured[0] else None
+        self._plain.add(sequences, 0.0, self._clip(guess, seconds))
 
     def add_verify(self, sequences: int, rows: int, seconds: float) -> None:
-        fit = self.verify.setdefault(sequences, VerifyCost(self.prior))
-        guess = self.verify_time(sequences, rows)
-        fit.add(rows, seconds if guess is None else min(seconds, 3 * guess))
+        guess = self.verify_time(sequences, rows) if self.measured[1] else None
+        self._verify.add(rows, sequences, self._clip(guess, seconds))
 
     def plain_step(self, sequences: int) -> float | None:
         """Seconds of a plain step of ``sequences`` one-row sequences (None before one was measured)."""
-        if sequences in self.plain:
-            return self.plain[sequences]
-        fit = self.verify.get(sequences)
-        return fit.plain_step(sequences) if fit is not None else None
+        if self._plain.weight == 0:
+            return None
+        got = self._plain.predict(sequences, 0.0)
+        return got if got is not None else self._plain.mean()[2]
 
     def verify_time(self, sequences: int, rows: int) -> float | None:
         """Seconds of a ragged verify pass of ``rows`` rows over ``sequences`` sequences.
@@ -477,27 +532,25 @@ class StepCosts:
         the mean of the passes measured, which puts all of the extra on the rows, so that small
         drafts look cheap and get tried (and measured) before they are ruled out.
         """
-        fit, plain = self.verify.get(sequences), self.plain.get(sequences)
-        if fit is not None:
-            got = fit.predict(rows)
-            if got is not None:
-                return got
+        if self._verify.weight == 0:
+            return None
+        got = self._verify.predict(rows, sequences)
+        if got is not None:
+            return got
+        plain = self.plain_step(sequences)
+        mean_rows, mean_seq, mean_y = self._verify.mean()
         if plain is None:
-            return fit.plain_step(sequences) if fit is not None else None
-        w, x, _, y, _ = fit.s if fit is not None else (0.0,) * 5
-        if w == 0 or x / w <= sequences:
+            return mean_y
+        if mean_rows <= mean_seq:
             return plain * (1 + self.prior * (rows - sequences))
-        slope = max((y / w - plain) / (x / w - sequences), 0.0)
+        slope = max((mean_y - plain) / (mean_rows - mean_seq), 0.0)
         return plain + slope * (rows - sequences)
 
     def row_cost(self, sequences: int) -> float:
         """One more verified row, in units of one sequence's share of a plain step."""
         plain = self.plain_step(sequences)
-        if plain is None:
-            return self.prior
-        extra = self.verify_time(sequences, sequences + 1)
-        base = self.verify_time(sequences, sequences)
-        if extra is None or base is None:
+        extra, base = self.verify_time(sequences, sequences + 1), self.verify_time(sequences, sequences)
+        if plain is None or extra is None or base is None:
             return self.prior
         return min(max((extra - base) * sequences / plain, 0.002), 1.0)
 
@@ -509,14 +562,15 @@ def choose_drafts(candidates: list[tuple[int, int, float]], sequences: int, cost
     ``candidates``: (sequence, drafted tokens, expected accepted tokens). Drafts are taken in
     order of expected tokens per verified row; each prefix of that order is scored as tokens
     per second of its verify pass, against ``sequences`` tokens per plain step (the pooled
-    step when ``pooled``). Until both kinds of pass were measured at this batch size, the one
-    not yet measured is taken: every draft first, then (with a pool) none.
+    step when ``pooled``). Until both kinds of pass were measured, the one not yet measured is
+    taken: every draft first, then (with a pool) none.
     """
     if not candidates:
         return []
-    if sequences not in costs.verify:
+    has_plain, has_verify = costs.measured
+    if not has_verify:
         return [i for i, _, _ in candidates]
-    plain = costs.plain.get(sequences) if pooled else costs.plain_step(sequences)
+    plain = costs.plain_step(sequences) if has_plain or not pooled else None
     if plain is None:
         return []
     order = sorted(candidates, key=lambda c: -c[2] / max(c[1], 1))
@@ -636,6 +690,7 @@ def generate_speculative(
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
     costs = StepCosts()
+    declined_run, probe_after = 0, cfg.retry_after
     # Engine passes by kind, drafts made but not verified, rows verified without a draft beside others' drafts.
     passes = {"plain": 0, "verify": 0, "declined": 0, "mixed_rows": 0}
     by_name = {s.name: s for s in sources}
@@ -699,6 +754,15 @@ def generate_speculative(
         pooled = caches[active[0]].pool is not None
         keep = choose_drafts([(i, len(d.tokens), expected_accepted(_alpha(policy[i][name]), len(d.tokens)))
                               for i, (name, d) in drafts.items()], B, costs, pooled)
+        if drafts and not keep:
+            # Declining rests on measurements that only verify passes renew (one slow pass, and
+            # drafting would stay off for good): after a run of declined steps, verify anyway,
+            # the run doubling each time.
+            declined_run += 1
+            if declined_run >= probe_after:
+                keep, declined_run, probe_after = list(drafts), 0, 2 * probe_after
+        elif keep:
+            declined_run = 0
         passes["declined"] += len(drafts) - len(keep)
         drafts = {i: drafts[i] for i in keep}
         # 3. One pass of the verifier: the plain one-token step when no row has a draft, else a
