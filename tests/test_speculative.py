@@ -246,8 +246,8 @@ def test_drafts_are_verified_only_where_they_pay_for_leaving_the_pooled_step():
     for rows in (12, 20, 40, 16, 28):
         costs.add_verify(8, rows, 0.016 + 0.001 * rows)  # a ragged pass: 16 ms plus 1 ms per row
     assert choose_drafts([(0, 4, 1.0)], 8, costs, pooled=True) == []  # then the pooled step, to measure it
-    costs.add_plain(8, 0.010)  # the pooled step: 10 ms for 8 tokens
-    assert abs(costs.verify_time(8, 24) - 0.040) < 1e-9 and abs(costs.row_cost(8) - 0.8) < 1e-9
+    costs.add_plain(8, 0.0125)  # the pooled step: 12.5 ms for 8 tokens
+    assert abs(costs.verify_time(8, 24) - 0.040) < 1e-9 and abs(costs.row_cost(8) - 0.64) < 1e-9
     # One short, likely draft does not pay for the ragged pass; long sure drafts on every row do.
     assert choose_drafts([(0, 4, 1.0), (3, 2, 0.5)], 8, costs, pooled=True) == []
     sure = [(i, 16, 15.5) for i in range(8)]

@@ -499,11 +499,15 @@ class StepCosts:
         self.prior = prior
         self._plain = _DecayedFit()  # x1 = B
         self._verify = _DecayedFit()  # x1 = rows, x2 = B
+        self.plain_seen: set[int] = set()  # batch sizes a plain step was measured at
 
     @staticmethod
-    def _clip(guess: float | None, seconds: float) -> float:
-        # A first call on a new shape may measure kernels: one sample counts at most 3x the prediction.
-        return seconds if guess is None else min(seconds, 3 * guess)
+    def _clip(guess: float | None, seconds: float, most: float) -> float:
+        # Timing noise only ever adds (another process, a first call that measures kernels): one
+        # sample counts at most ``most`` times the prediction. Tight for plain steps, whose
+        # overestimate would make drafts look better than they are; loose for verify passes,
+        # whose fit is rougher and whose overestimate only makes drafting more careful.
+        return seconds if guess is None else min(seconds, most * guess)
 
     @property
     def measured(self) -> tuple[bool, bool]:
@@ -512,18 +516,25 @@ class StepCosts:
 
     def add_plain(self, sequences: int, seconds: float) -> None:
         guess = self.plain_step(sequences) if self.measured[0] else None
-        self._plain.add(sequences, 0.0, self._clip(guess, seconds))
+        self._plain.add(sequences, 0.0, self._clip(guess, seconds, 1.2))
+        self.plain_seen.add(sequences)
 
     def add_verify(self, sequences: int, rows: int, seconds: float) -> None:
         guess = self.verify_time(sequences, rows) if self.measured[1] else None
-        self._verify.add(rows, sequences, self._clip(guess, seconds))
+        self._verify.add(rows, sequences, self._clip(guess, seconds, 3.0))
 
     def plain_step(self, sequences: int) -> float | None:
         """Seconds of a plain step of ``sequences`` one-row sequences (None before one was measured)."""
         if self._plain.weight == 0:
             return None
         got = self._plain.predict(sequences, 0.0)
-        return got if got is not None else self._plain.mean()[2]
+        if got is not None:
+            return got
+        # Measured at one batch size only: a sequence more costs what a verified row does.
+        mean_seq, _, mean_y = self._plain.mean()
+        a, b = self._verify.predict(1.0, sequences), self._verify.predict(2.0, sequences)
+        slope = b - a if a is not None and b is not None else 0.0
+        return max(mean_y + slope * (sequences - mean_seq), 1e-9)
 
     def verify_time(self, sequences: int, rows: int) -> float | None:
         """Seconds of a ragged verify pass of ``rows`` rows over ``sequences`` sequences.
@@ -555,6 +566,14 @@ class StepCosts:
         return min(max((extra - base) * sequences / plain, 0.002), 1.0)
 
 
+# A verify pass is taken over the plain step only when it promises this much more: its expected
+# tokens come from acceptance estimates that run optimistic (a prior of 4:1, streaks of a row
+# that loops) and from costs measured on a shared machine. At batch 1 a drafted row costs a few
+# percent of a step, so the margin changes little there; at batch 8 on a CPU a verified row costs
+# nearly a sequence's share of a plain step, and the margin keeps marginal drafts out.
+VERIFY_MARGIN = 1.1
+
+
 def choose_drafts(candidates: list[tuple[int, int, float]], sequences: int, costs: StepCosts,
                   pooled: bool) -> list[int]:
     """The sequences whose drafts to verify this step: the subset with the most tokens per second.
@@ -563,18 +582,21 @@ def choose_drafts(candidates: list[tuple[int, int, float]], sequences: int, cost
     order of expected tokens per verified row; each prefix of that order is scored as tokens
     per second of its verify pass, against ``sequences`` tokens per plain step (the pooled
     step when ``pooled``). Until both kinds of pass were measured, the one not yet measured is
-    taken: every draft first, then (with a pool) none.
+    taken: every draft first, then (with a pool) none, and none again at each batch size the
+    pooled step has not run at (as rows finish, B falls, and so does a plain step's cost).
     """
     if not candidates:
         return []
     has_plain, has_verify = costs.measured
     if not has_verify:
         return [i for i, _, _ in candidates]
-    plain = costs.plain_step(sequences) if has_plain or not pooled else None
+    if pooled and sequences not in costs.plain_seen:  # a batch size new to the pooled step (rows finished)
+        return []
+    plain = costs.plain_step(sequences)
     if plain is None:
         return []
     order = sorted(candidates, key=lambda c: -c[2] / max(c[1], 1))
-    best, best_rate = 0, sequences / plain
+    best, best_rate = 0, VERIFY_MARGIN * sequences / plain
     rows, tokens = sequences, float(sequences)
     for m, (_, k, e) in enumerate(order, 1):
         rows += k
@@ -752,15 +774,19 @@ def generate_speculative(
         # 2. Which drafts to verify: those whose expected tokens pay for their rows and, at a
         # batch, for leaving the pooled one-token step (measured costs, per-row acceptance).
         pooled = caches[active[0]].pool is not None
-        keep = choose_drafts([(i, len(d.tokens), expected_accepted(_alpha(policy[i][name]), len(d.tokens)))
+        # One sequence: the per-sequence policy already weighs the draft against a plain step
+        # by the same measured costs (``_adapt``), and a declined draft leaves its acceptance
+        # estimate stale (lookup's matches come in bursts), so every draft is verified.
+        keep = list(drafts) if B == 1 else choose_drafts([(i, len(d.tokens), expected_accepted(_alpha(policy[i][name]), len(d.tokens)))
                               for i, (name, d) in drafts.items()], B, costs, pooled)
         if drafts and not keep:
             # Declining rests on measurements that only verify passes renew (one slow pass, and
-            # drafting would stay off for good): after a run of declined steps, verify anyway,
-            # the run doubling each time.
+            # drafting would stay off for good): after a run of declined steps, verify the
+            # likeliest draft anyway (a pass of few rows), the run doubling each time.
             declined_run += 1
             if declined_run >= probe_after:
-                keep, declined_run, probe_after = list(drafts), 0, 2 * probe_after
+                keep = [max(drafts, key=lambda i: _alpha(policy[i][drafts[i][0]]))]
+                declined_run, probe_after = 0, 2 * probe_after
         elif keep:
             declined_run = 0
         passes["declined"] += len(drafts) - len(keep)
