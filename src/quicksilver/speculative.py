@@ -713,6 +713,7 @@ def generate_speculative(
     total = Ledger(n_layers=spec.n_layers)
     costs = StepCosts()
     declined_run, probe_after = 0, cfg.retry_after
+    realized = None  # running gain of the verify passes at a batch: their tokens per second against a plain step's
     # Engine passes by kind, drafts made but not verified, rows verified without a draft beside others' drafts.
     passes = {"plain": 0, "verify": 0, "declined": 0, "mixed_rows": 0}
     by_name = {s.name: s for s in sources}
@@ -779,6 +780,8 @@ def generate_speculative(
         # estimate stale (lookup's matches come in bursts), so every draft is verified.
         keep = list(drafts) if B == 1 else choose_drafts([(i, len(d.tokens), expected_accepted(_alpha(policy[i][name]), len(d.tokens)))
                               for i, (name, d) in drafts.items()], B, costs, pooled)
+        if B > 1 and realized is not None and realized < 1.0:
+            keep = []  # the passes chosen by expectation have not paid in fact: plain steps (and probes)
         if drafts and not keep:
             # Declining rests on measurements that only verify passes renew (one slow pass, and
             # drafting would stay off for good): after a run of declined steps, verify the
@@ -821,6 +824,7 @@ def generate_speculative(
         total.merge(ledger)
         # 4. Accept, emit, roll back, adapt.
         still = []
+        pass_emitted = 0
         for (a, b), i in zip(segments, active):
             name, d = drafts.get(i, (None, Draft([])))
             base = caches[i].length - (b - a)  # the cache length before this step
@@ -837,6 +841,7 @@ def generate_speculative(
             emitted = 0
             for tok in d.tokens[:n] + [nxt]:
                 emitted += 1
+                pass_emitted += 1
                 if emit(i, tok):
                     done = True
                     break
@@ -851,6 +856,10 @@ def generate_speculative(
                 src.update(i, n)
             if not done:
                 still.append(i)
+        plain_s = costs.plain_step(B)
+        if drafts and B > 1 and plain_s:
+            gain = (pass_emitted / took) / (B / plain_s)
+            realized = gain if realized is None else 0.7 * realized + 0.3 * gain
         active = still
     if device.type == "cuda":
         torch.cuda.synchronize(device)
