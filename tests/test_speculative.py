@@ -12,7 +12,8 @@ from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
 from quicksilver.generate import decode_one_token, prefill
 from quicksilver.speculative import (
-    ModelDraft, PromptLookup, VerifyCost, accept_greedy, accept_sampled, best_length, draft_engine, make_probs, usable_sources,
+    ModelDraft, PromptLookup, StepCosts, VerifyCost, accept_greedy, accept_sampled, best_length, choose_drafts, draft_engine,
+    expected_accepted, make_probs, usable_sources,
 )
 
 
@@ -221,3 +222,62 @@ def test_draft_length_follows_acceptance_and_costs():
 def test_model_drafts_left_out_of_cpu_batches_when_lookup_is_configured():
     engine = Engine(tiny_llama().to(torch.bfloat16), Config.preset("lossless"))
     assert usable_sources(engine, 1) == ["lookup", "int8"] and usable_sources(engine, 8) == ["lookup"]
+
+
+def test_batch_mixing_plain_steps_and_verify_passes_equals_plain_decoding():
+    """float32, batch: pooled one-token steps, verify passes, rows with and without drafts side by side."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(7)
+    loop = torch.randint(0, 99, (6,), generator=g)
+    prompts = [torch.cat([loop] * 4), torch.randint(0, 99, (11,), generator=g), torch.tensor([4, 4, 4, 4, 4, 4]),
+               torch.randint(0, 99, (5,), generator=g)]
+    ref = Engine(model, Config()).generate(prompts, 24)
+    r = Engine(model, Config.from_dict({"speculative": _spec("lookup")})).generate(prompts, 24)
+    assert r.tokens == ref.tokens
+    s = r.speculative
+    # The first step verifies every draft (a repeating prompt has one, a random one none), the
+    # next draft-free step is the pooled one-token step of plain decoding.
+    assert s["verify_passes"] >= 1 and s["plain_passes"] >= 1 and s["undrafted_rows_in_verify"] >= 1
+
+
+def test_drafts_are_verified_only_where_they_pay_for_leaving_the_pooled_step():
+    costs = StepCosts()
+    assert choose_drafts([(0, 4, 1.0)], 8, costs, pooled=True) == [0]  # nothing measured: verify first
+    for rows in (12, 20, 40, 16, 28):
+        costs.add_verify(8, rows, 0.016 + 0.001 * rows)  # a ragged pass: 16 ms plus 1 ms per row
+    assert choose_drafts([(0, 4, 1.0)], 8, costs, pooled=True) == []  # then the pooled step, to measure it
+    costs.add_plain(8, 0.0125)  # the pooled step: 12.5 ms for 8 tokens
+    assert abs(costs.verify_time(8, 24) - 0.040) < 1e-9 and abs(costs.row_cost(8) - 0.64) < 1e-9
+    # One short, likely draft does not pay for the ragged pass; long sure drafts on every row do.
+    assert choose_drafts([(0, 4, 1.0), (3, 2, 0.5)], 8, costs, pooled=True) == []
+    sure = [(i, 16, 15.5) for i in range(8)]
+    assert sorted(choose_drafts(sure + [(9, 4, 0.2)], 8, costs, pooled=True)) == list(range(8))
+    assert expected_accepted(0.5, 2) == 0.75 and expected_accepted(1.0, 5) == 5.0
+
+
+def test_pooled_verify_pass_equals_the_per_sequence_path():
+    """Engine level, float32: a ragged pass over rows of one pool (one write and one attention call
+    per layer) gives the logits and cache entries of the per-sequence path."""
+    from quicksilver.generate import new_caches, prefill_batch
+
+    engine = Engine(tiny_llama(), Config())
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 99, (n,), generator=g) for n in (7, 3, 12)]
+    pooled = new_caches(engine, [n + 10 for n in (7, 3, 12)])
+    own = [SequenceCache(4) for _ in prompts]
+    prefill_batch(engine, prompts, pooled)
+    prefill_batch(engine, prompts, own)
+    lens = (3, 1, 5)  # a draft of 2, no draft, a draft of 4
+    ids = torch.randint(0, 99, (sum(lens),), generator=g)
+    pos = torch.cat([torch.arange(p.numel(), p.numel() + m) for p, m in zip(prompts, lens)])
+    ends = torch.tensor(lens).cumsum(0).tolist()
+    segments = [(e - m, e) for e, m in zip(ends, lens)]
+    a, _ = engine.run(ids, pos, segments, pooled)
+    b, _ = engine.run(ids, pos, segments, own)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert all(c.pool is not None for c in pooled)  # still rows of the pool (not regrown)
+    for c, o in zip(pooled, own):
+        assert c.length == o.length
+        for layer in range(4):
+            x, y = c.get(layer), o.get(layer)
+            assert torch.equal(x.pos, y.pos) and torch.allclose(x.k, y.k, atol=1e-6) and torch.allclose(x.v, y.v, atol=1e-6)

@@ -443,6 +443,11 @@ class Engine:
         if pooled:
             out, pairs = self._pooled_decode(l, q, k, v, pos, caches, p.attn_scale, plans)
             outs.append(out)
+        elif (not kv.enabled and layer_window is None and bias is None and attn_rows is None and kv_rows is None
+              and _pooled_verify_applies(l, segments, caches)):  # a speculative verify pass over pooled rows
+            out, pairs = self._pooled_verify(l, q, k, v, pos, segments, caches, p.attn_scale, plans)
+            outs.append(out)
+            pooled = True
         for (a, b), cache in ([] if pooled else zip(segments, caches)):
             qa, qb = _bounds(attn_rows, a, b)
             ka, kb = _bounds(kv_rows, a, b)
@@ -518,6 +523,51 @@ class Engine:
         else:
             keys, values = pool.k[l][slot_t, :, :T], pool.v[l][slot_t, :, :T]
         return decode_attention(q, keys, values, mask, scale), sum(n) + len(n)
+
+    def _pooled_verify(self, l, q, k, v, pos, segments, caches, scale, plans):
+        """A few query rows per cache (a speculative verify pass), caches rows of one pool: one
+        indexed write of every new entry and one batched attention call, each row masked to its
+        own sequence's entries up to its position (instead of a write and a call per sequence).
+
+        q (N, H, hd), k/v (N, Hkv, hd), pos (N,). Returns ((N, H*hd), pairs seen).
+        """
+        pool, B = caches[0].pool, len(caches)
+        n = [c.count(l) for c in caches]
+        lens = [b - a for a, b in segments]
+        slots = [c.slot for c in caches]
+        key = ("verify", tuple(n), tuple(lens), tuple(slots))
+        if key not in plans:
+            dev, Q = q.device, max(lens)
+            slot_t = torch.tensor([s for s, m in zip(slots, lens) for _ in range(m)], device=dev)
+            at = torch.tensor([c + j for c, m in zip(n, lens) for j in range(m)], device=dev)
+            where = torch.tensor([i * Q + j for i, m in enumerate(lens) for j in range(m)], device=dev)  # row -> padded row
+            T = max(c + m for c, m in zip(n, lens))
+            last = torch.tensor(n, device=dev)[:, None] + torch.arange(Q, device=dev)[None, :]  # (B, Q) newest visible entry
+            seen = torch.arange(T, device=dev)[None, None, :] <= last[:, :, None]
+            mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))  # (B, Q, T), float32 scores
+            pairs = sum(c + j + 1 for c, m in zip(n, lens) for j in range(m))
+            plans[key] = (slot_t, at, where, mask, T, pairs)
+        slot_t, at, where, mask, T, pairs = plans[key]
+        pool.k[l][slot_t, :, at] = k  # each row's entry into its sequence's next free slots (head-major)
+        pool.v[l][slot_t, :, at] = v
+        pool.pos[l][slot_t, at] = pos
+        for c, m, L in zip(caches, n, lens):
+            c._n[l] = m + L
+        if slots == list(range(slots[0], slots[0] + B)):  # (B, Hkv, T, hd) views, no copy
+            keys, values = pool.k[l][slots[0] : slots[0] + B, :, :T], pool.v[l][slots[0] : slots[0] + B, :, :T]
+        else:
+            idx = torch.tensor(slots, device=q.device)
+            keys, values = pool.k[l][idx, :, :T], pool.v[l][idx, :, :T]
+        H, hd, Hkv, Q = q.shape[1], q.shape[2], keys.shape[1], mask.shape[1]
+        G = H // Hkv  # a query head's group shares its key head (GQA), as in the decode kernels
+        qp = q.new_zeros(B * Q, H, hd)
+        qp[where] = q
+        qg = qp.view(B, Q, Hkv, G, hd).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Q * G, hd)
+        scores = torch.matmul(qg, keys.transpose(2, 3)).float() * scale  # (B, Hkv, Q*G, T)
+        scores = scores.view(B, Hkv, Q, G, T) + mask[:, None, :, None, :]
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, Hkv, Q * G, T)
+        out = torch.matmul(probs, values).view(B, Hkv, Q, G, hd).permute(0, 2, 1, 3, 4).reshape(B * Q, H * hd)
+        return out[where], pairs
 
     @staticmethod
     def _pooled_step(n, slots, q):
@@ -638,6 +688,18 @@ def _shared_pool(segments, caches) -> bool:
     if pool is None:
         return False
     return all(b - a == 1 for a, b in segments) and all(c is not None and c.pool is pool for c in caches)
+
+
+def _pooled_verify_applies(l: int, segments, caches, most_rows: int = 64) -> bool:
+    """Short segments (a verify pass, not a prefill) whose caches are non-empty rows of one pool with room."""
+    pool = caches[0].pool if caches and caches[0] is not None else None
+    if pool is None:
+        return False
+    room = pool.k[l].shape[2]
+    for (a, b), c in zip(segments, caches):
+        if c is None or c.pool is not pool or b - a > most_rows or c.count(l) == 0 or c.count(l) + b - a > room:
+            return False
+    return True
 
 
 def _fused_linears(lins: dict, amq) -> dict:

@@ -5,18 +5,22 @@ Every step, each sequence of the batch may get a draft of a few tokens from one 
 skipped). The verifier, the engine with its own configuration, then runs one forward over
 [last token, draft...] for every sequence at once (one segment per sequence, each with its own
 cache), keeps the longest accepted prefix plus one token of its own, and rolls each cache
-back to what it accepted (``SequenceCache.truncate``). Greedy: a drafted token is accepted when
-it is the verifier's argmax, so the output equals decoding one token at a time. Sampling:
+back to what it accepted (``SequenceCache.truncate``). The caches are rows of one pool, as in
+plain generation, so a step where no sequence has a draft is plain generation's pooled
+one-token step; a draft is verified only where its expected tokens pay for its verified rows
+and, at a batch, for leaving that pooled step (``choose_drafts``, on measured ``StepCosts``).
+Greedy: a drafted token is accepted when it is the verifier's argmax, so the output equals
+decoding one token at a time. Sampling:
 speculative sampling (Leviathan et al. 2023; Chen et al. 2023): accept a drafted token d with
 probability min(1, p(d)/q(d)), else resample from max(p - q, 0) normalized, so every emitted
 token follows the verifier's distribution p. A deterministic draft (lookup, or greedy model
 drafts) has q = one-hot.
 
-Drafting adapts per sequence and source, by measured costs: a verify pass's time is fitted as
-a + b * rows while the passes run (``VerifyCost``), a model draft's pass is timed, and each
-sequence keeps decayed counts of accepted and rejected drafted tokens. From these the draft
-length that maximises expected tokens per unit of time is chosen (``best_length``); where no
-length beats a plain step, or a model draft's realised gain falls under 1, the source is
+Drafting adapts per sequence and source, by measured costs: a plain step's time is averaged
+and a verify pass's time is fitted as a + b * rows while the passes run (``StepCosts``), a
+model draft's pass is timed, and each sequence keeps decayed counts of accepted and rejected
+drafted tokens. From these the draft length that maximises expected tokens per unit of time is
+chosen (``best_length``); where no length beats a plain step, or a model draft's realised gain falls under 1, the source is
 switched off for that sequence for a while (doubling each time). On a CPU at batch 1 a
 verified row costs a few percent of a step (the weights are read once whatever the rows), so
 prompt lookup drafts long and stays on; a model draft must win back its own passes, and gets
@@ -36,7 +40,7 @@ import torch
 from .cache import SequenceCache
 from .config import Config
 from .errors import QuicksilverError
-from .generate import GenerationResult, _check_request, prefill_batch
+from .generate import GenerationResult, _check_request, decode_one_token, new_caches, prefill_batch
 from .kernels import argmax
 from .ledger import Ledger
 
@@ -420,6 +424,196 @@ class VerifyCost:
         return max((y - b * x) / w + b * sequences, 1e-9)
 
 
+    def predict(self, rows: int) -> float | None:
+        """Seconds of a pass over ``rows`` rows, from the fit (None until it has two distinct row counts)."""
+        w, x, xx, y, xy = self.s
+        var = w * xx - x * x
+        if w < 4 or var < 0.5 * w * w:
+            return None
+        b = max((w * xy - x * y) / var, 0.0)
+        return max((y - b * x) / w + b * rows, 1e-9)
+
+
+class _DecayedFit:
+    """Decayed least squares of y on (1, x1, x2): sums of the normal equations, older passes weigh less."""
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.m = [[0.0] * 3 for _ in range(3)]
+        self.v = [0.0] * 3
+
+    def add(self, x1: float, x2: float, y: float) -> None:
+        f = (1.0, x1, x2)
+        for r in range(3):
+            self.v[r] = self.decay * self.v[r] + f[r] * y
+            for c in range(3):
+                self.m[r][c] = self.decay * self.m[r][c] + f[r] * f[c]
+
+    @property
+    def weight(self) -> float:
+        return self.m[0][0]
+
+    def mean(self) -> tuple[float, float, float]:
+        w = self.m[0][0]
+        return self.m[0][1] / w, self.m[0][2] / w, self.v[0] / w
+
+    def varies(self, j: int) -> bool:
+        """Whether x_j has varied enough to fit its slope (at least ~5 passes, spread of 1/2 or more)."""
+        w = self.m[0][0]
+        return w >= 4 and w * self.m[j][j] - self.m[0][j] ** 2 >= 0.5 * w * w
+
+    def predict(self, x1: float, x2: float) -> float | None:
+        """y at (x1, x2); slopes only along the inputs that varied, none negative; None until x1 varied."""
+        if not self.varies(1):
+            return None
+        cols = [0, 1] + ([2] if self.varies(2) else [])
+        m = torch.tensor([[self.m[r][c] for c in cols] for r in cols], dtype=torch.float64)
+        v = torch.tensor([self.v[r] for r in cols], dtype=torch.float64)
+        try:
+            coef = torch.linalg.solve(m, v).tolist()
+        except RuntimeError:  # singular: the inputs moved together
+            return None
+        if len(coef) == 3:
+            coef[2] = max(coef[2], 0.0)
+        coef[1] = max(coef[1], 0.0)
+        # Refit the intercept through the mean with the (clamped) slopes.
+        m1, m2, my = self.mean()
+        slopes = coef[1] * (x1 - m1) + (coef[2] * (x2 - m2) if len(coef) == 3 else 0.0)
+        return max(my + slopes, 1e-9)
+
+
+class StepCosts:
+    """Measured wall time of the verifier's two kinds of pass, as functions of B, the sequences stepped.
+
+    A step where no sequence has a draft is a plain one-token step: with the caches rows of one
+    pool it is the pooled decode step that speculation-off generation takes (one attention call
+    per layer for the whole batch); its time is fitted as p + q * B. A step with drafts is a
+    ragged verify pass (one attention call per sequence and layer), fitted as
+    a + b * rows + s * B. At batch 1 the two cost about the same; at batch 8 on a CPU leaving the
+    pooled step cost more than half a step by itself, so drafts must bring that back before
+    they are verified (``choose_drafts``). Rows finish at different times, so B moves during a
+    generation: until B has varied, the fits assume the cost does not depend on it.
+    """
+
+    def __init__(self, prior: float = 0.03):
+        self.prior = prior
+        self._plain = _DecayedFit()  # x1 = B
+        self._verify = _DecayedFit()  # x1 = rows, x2 = B
+        self.plain_seen: set[int] = set()  # batch sizes a plain step was measured at
+
+    @staticmethod
+    def _clip(guess: float | None, seconds: float, most: float) -> float:
+        # Timing noise only ever adds (another process, a first call that measures kernels): one
+        # sample counts at most ``most`` times the prediction. Tight for plain steps, whose
+        # overestimate would make drafts look better than they are; loose for verify passes,
+        # whose fit is rougher and whose overestimate only makes drafting more careful.
+        return seconds if guess is None else min(seconds, most * guess)
+
+    @property
+    def measured(self) -> tuple[bool, bool]:
+        """Whether a plain step and a verify pass have been measured."""
+        return self._plain.weight > 0, self._verify.weight > 0
+
+    def add_plain(self, sequences: int, seconds: float) -> None:
+        guess = self.plain_step(sequences) if self.measured[0] else None
+        self._plain.add(sequences, 0.0, self._clip(guess, seconds, 1.2))
+        self.plain_seen.add(sequences)
+
+    def add_verify(self, sequences: int, rows: int, seconds: float) -> None:
+        guess = self.verify_time(sequences, rows) if self.measured[1] else None
+        self._verify.add(rows, sequences, self._clip(guess, seconds, 3.0))
+
+    def plain_step(self, sequences: int) -> float | None:
+        """Seconds of a plain step of ``sequences`` one-row sequences (None before one was measured)."""
+        if self._plain.weight == 0:
+            return None
+        got = self._plain.predict(sequences, 0.0)
+        if got is not None:
+            return got
+        # Measured at one batch size only: a sequence more costs what a verified row does.
+        mean_seq, _, mean_y = self._plain.mean()
+        a, b = self._verify.predict(1.0, sequences), self._verify.predict(2.0, sequences)
+        slope = b - a if a is not None and b is not None else 0.0
+        return max(mean_y + slope * (sequences - mean_seq), 1e-9)
+
+    def verify_time(self, sequences: int, rows: int) -> float | None:
+        """Seconds of a ragged verify pass of ``rows`` rows over ``sequences`` sequences.
+
+        Until the fit has varied rows: the line through the plain step (a draft-free pass) and
+        the mean of the passes measured, which puts all of the extra on the rows, so that small
+        drafts look cheap and get tried (and measured) before they are ruled out.
+        """
+        if self._verify.weight == 0:
+            return None
+        got = self._verify.predict(rows, sequences)
+        if got is not None:
+            return got
+        plain = self.plain_step(sequences)
+        mean_rows, mean_seq, mean_y = self._verify.mean()
+        if plain is None:
+            return mean_y
+        if mean_rows <= mean_seq:
+            return plain * (1 + self.prior * (rows - sequences))
+        slope = max((mean_y - plain) / (mean_rows - mean_seq), 0.0)
+        return plain + slope * (rows - sequences)
+
+    def row_cost(self, sequences: int) -> float:
+        """One more verified row, in units of one sequence's share of a plain step."""
+        plain = self.plain_step(sequences)
+        extra, base = self.verify_time(sequences, sequences + 1), self.verify_time(sequences, sequences)
+        if plain is None or extra is None or base is None:
+            return self.prior
+        return min(max((extra - base) * sequences / plain, 0.002), 1.0)
+
+
+# A verify pass is taken over the plain step only when it promises this much more: its expected
+# tokens come from acceptance estimates that run optimistic (a prior of 4:1, streaks of a row
+# that loops) and from costs measured on a shared machine. At batch 1 a drafted row costs a few
+# percent of a step, so the margin changes little there; at batch 8 on a CPU a verified row costs
+# nearly a sequence's share of a plain step, and the margin keeps marginal drafts out.
+VERIFY_MARGIN = 1.1
+
+
+def choose_drafts(candidates: list[tuple[int, int, float]], sequences: int, costs: StepCosts,
+                  pooled: bool) -> list[int]:
+    """The sequences whose drafts to verify this step: the subset with the most tokens per second.
+
+    ``candidates``: (sequence, drafted tokens, expected accepted tokens). Drafts are taken in
+    order of expected tokens per verified row; each prefix of that order is scored as tokens
+    per second of its verify pass, against ``sequences`` tokens per plain step (the pooled
+    step when ``pooled``). Until both kinds of pass were measured, the one not yet measured is
+    taken: every draft first, then (with a pool) none, and none again at each batch size the
+    pooled step has not run at (as rows finish, B falls, and so does a plain step's cost).
+    """
+    if not candidates:
+        return []
+    has_plain, has_verify = costs.measured
+    if not has_verify:
+        return [i for i, _, _ in candidates]
+    if pooled and sequences not in costs.plain_seen:  # a batch size new to the pooled step (rows finished)
+        return []
+    plain = costs.plain_step(sequences)
+    if plain is None:
+        return []
+    order = sorted(candidates, key=lambda c: -c[2] / max(c[1], 1))
+    best, best_rate = 0, VERIFY_MARGIN * sequences / plain
+    rows, tokens = sequences, float(sequences)
+    for m, (_, k, e) in enumerate(order, 1):
+        rows += k
+        tokens += e
+        t = costs.verify_time(sequences, rows)
+        if t is not None and tokens / t > best_rate:
+            best, best_rate = m, tokens / t
+    return [i for i, _, _ in order[:best]]
+
+
+def expected_accepted(alpha: float, k: int) -> float:
+    """Expected accepted tokens of a k-token draft, each accepted with probability ``alpha`` until the first rejection."""
+    if alpha >= 1:
+        return float(k)
+    return alpha * (1.0 - alpha**k) / (1.0 - alpha)
+
+
 @dataclass
 class SpeculativeResult(GenerationResult):
     """``GenerationResult`` plus what speculation did (``speculative``: per source and overall)."""
@@ -487,7 +681,9 @@ def generate_speculative(
 
     Same parameters and result, plus ``sources`` (default: built from the config) and the
     result's ``speculative`` statistics: verify steps, tokens per verify step, and per source
-    the steps it drafted in, tokens drafted and accepted, and its acceptance rate.
+    the steps it drafted in, tokens drafted and accepted, and its acceptance rate; engine
+    passes of each kind (``plain_passes``, ``verify_passes``), drafts made but not verified
+    (``declined_drafts``) and rows verified without a draft beside others' drafts.
     """
     from .generate import make_sampler
 
@@ -502,7 +698,11 @@ def generate_speculative(
     sources = sources if sources is not None else make_sources(engine, temperature, top_k, top_p, gen, len(rows))
     device = next(engine.model.parameters()).device
     K = cfg.max_draft
-    caches = [SequenceCache(spec.n_layers, capacity=r.numel() + max_new_tokens + K + 1, margin=K) for r in rows]
+    capacities = [r.numel() + max_new_tokens + K + 1 for r in rows]  # room for the last verify pass's draft
+    if engine.config.kv.enabled:  # caches that shrink row by row; the margin keeps rollbacks exact
+        caches = [SequenceCache(spec.n_layers, capacity=c, margin=K) for c in capacities]
+    else:  # rows of one pool, as plain generation: a step without drafts is its pooled one-token step
+        caches = new_caches(engine, capacities)
     contexts = [r.tolist() for r in rows]
     out: list[list[int]] = [[] for _ in rows]
     reasons = ["length"] * len(rows)
@@ -511,7 +711,11 @@ def generate_speculative(
     plain = SourceStats()  # steps where a sequence had no draft
     decode_ledger = Ledger(n_layers=spec.n_layers)
     total = Ledger(n_layers=spec.n_layers)
-    verify = VerifyCost()
+    costs = StepCosts()
+    declined_run, probe_after = 0, cfg.retry_after
+    realized = None  # running gain of the verify passes at a batch: their tokens per second against a plain step's
+    # Engine passes by kind, drafts made but not verified, rows verified without a draft beside others' drafts.
+    passes = {"plain": 0, "verify": 0, "declined": 0, "mixed_rows": 0}
     by_name = {s.name: s for s in sources}
 
     def emit(i: int, tok: int) -> bool:
@@ -541,11 +745,12 @@ def generate_speculative(
     step = 0
     while active:
         step += 1
-        row_cost = verify.row_cost(len(active))
+        B = len(active)
+        row_cost = costs.row_cost(B)
         # 1. Drafts: each row asks its sources best expected rate first (ties: in the configured
         # order); a source with nothing to propose for a row passes it on to the next.
         drafts: dict[int, tuple[str, Draft]] = {}
-        plain_s = verify.plain_step(len(active))
+        plain_s = costs.plain_step(B)
         queue = {}
         for i in active:
             room = max_new_tokens - len(out[i]) - 1  # the verifier adds one token of its own
@@ -564,10 +769,33 @@ def generate_speculative(
                     if d.tokens:
                         drafts[i] = (src.name, d)
                     elif d.passes:  # a model draft that spent passes and proposed nothing: a cost with no gain
-                        _adapt(policy[i][src.name], 0, 0, step, cfg, row_cost, _cost(src, d, verify, len(active)))
+                        _adapt(policy[i][src.name], 0, 0, step, cfg, row_cost, _cost(src, d, costs, B))
                     queue[i] = [] if d.tokens else queue[i][1:]
             queue = {i: q for i, q in queue.items() if q}
-        # 2. One verify pass over [last token, draft...] of every active row.
+        # 2. Which drafts to verify: those whose expected tokens pay for their rows and, at a
+        # batch, for leaving the pooled one-token step (measured costs, per-row acceptance).
+        pooled = caches[active[0]].pool is not None
+        # One sequence: the per-sequence policy already weighs the draft against a plain step
+        # by the same measured costs (``_adapt``), and a declined draft leaves its acceptance
+        # estimate stale (lookup's matches come in bursts), so every draft is verified.
+        keep = list(drafts) if B == 1 else choose_drafts([(i, len(d.tokens), expected_accepted(_alpha(policy[i][name]), len(d.tokens)))
+                              for i, (name, d) in drafts.items()], B, costs, pooled)
+        if B > 1 and realized is not None and realized < 1.0:
+            keep = []  # the passes chosen by expectation have not paid in fact: plain steps (and probes)
+        if drafts and not keep:
+            # Declining rests on measurements that only verify passes renew (one slow pass, and
+            # drafting would stay off for good): after a run of declined steps, verify the
+            # likeliest draft anyway (a pass of few rows), the run doubling each time.
+            declined_run += 1
+            if declined_run >= probe_after:
+                keep = [max(drafts, key=lambda i: _alpha(policy[i][drafts[i][0]]))]
+                declined_run, probe_after = 0, 2 * probe_after
+        elif keep:
+            declined_run = 0
+        passes["declined"] += len(drafts) - len(keep)
+        drafts = {i: drafts[i] for i in keep}
+        # 3. One pass of the verifier: the plain one-token step when no row has a draft, else a
+        # verify pass over [last token, draft...] of every active row.
         ids, pos, segments = [], [], []
         for i in active:
             toks = [contexts[i][-1]] + (drafts[i][1].tokens if i in drafts else [])
@@ -576,26 +804,44 @@ def generate_speculative(
             pos += range(caches[i].length, caches[i].length + len(toks))
             segments.append((start, len(ids)))
         tv = time.perf_counter()
-        logits, ledger = engine.run(torch.tensor(ids, device=device), torch.tensor(pos, device=device), segments,
-                                    [caches[i] for i in active])
+        if drafts:
+            logits, ledger = engine.run(torch.tensor(ids, device=device), torch.tensor(pos, device=device), segments,
+                                        [caches[i] for i in active])
+        else:
+            logits, ledger = decode_one_token(engine, torch.tensor(ids, device=device), [caches[i] for i in active])
         logits = logits.float()
-        verify.add(len(ids), time.perf_counter() - tv)
+        best = None if sampling else argmax(logits).tolist()  # one call for the whole batch (it syncs)
+        took = time.perf_counter() - tv
+        passes["verify" if drafts else "plain"] += 1
+        passes["mixed_rows"] += B - len(drafts) if drafts else 0
+        if drafts:
+            costs.add_verify(B, len(ids), took)
+        else:
+            costs.add_plain(B, took)
+            if not pooled:  # a plain step is a ragged pass without drafts: one more point of the same fit
+                costs.add_verify(B, len(ids), took)
         decode_ledger.merge(ledger)
         total.merge(ledger)
-        # 3. Accept, emit, roll back, adapt.
+        # 4. Accept, emit, roll back, adapt.
         still = []
+        pass_emitted = 0
         for (a, b), i in zip(segments, active):
             name, d = drafts.get(i, (None, Draft([])))
             base = caches[i].length - (b - a)  # the cache length before this step
             if sampling:
                 n, nxt = accept_sampled(probs_of(logits[a:b]), d.tokens, d.probs, gen)
             else:
-                n, nxt = accept_greedy(logits[a:b], d.tokens)
-            caches[i].truncate(base + 1 + n)
+                n = 0
+                while n < len(d.tokens) and d.tokens[n] == best[a + n]:
+                    n += 1
+                nxt = best[a + n]
+            if caches[i].length != base + 1 + n:
+                caches[i].truncate(base + 1 + n)
             done = False
             emitted = 0
             for tok in d.tokens[:n] + [nxt]:
                 emitted += 1
+                pass_emitted += 1
                 if emit(i, tok):
                     done = True
                     break
@@ -606,10 +852,14 @@ def generate_speculative(
             s.emitted += emitted
             if name:
                 src = by_name[name]
-                _adapt(policy[i][name], len(d.tokens), n, step, cfg, row_cost, _cost(src, d, verify, len(active)))
+                _adapt(policy[i][name], len(d.tokens), n, step, cfg, row_cost, _cost(src, d, costs, B))
                 src.update(i, n)
             if not done:
                 still.append(i)
+        plain_s = costs.plain_step(B)
+        if drafts and B > 1 and plain_s:
+            gain = (pass_emitted / took) / (B / plain_s)
+            realized = gain if realized is None else 0.7 * realized + 0.3 * gain
         active = still
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -627,6 +877,8 @@ def generate_speculative(
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "sources": {name: s.as_dict() for name, s in stats.items()},
         "undrafted_steps": plain.steps,
+        "plain_passes": passes["plain"], "verify_passes": passes["verify"], "declined_drafts": passes["declined"],
+        "undrafted_rows_in_verify": passes["mixed_rows"],
         "draft_flops": sum(s.ledger.total_flops for s in sources if isinstance(s, ModelDraft)),
     }
     return SpeculativeResult(
@@ -644,7 +896,7 @@ def generate_speculative(
     )
 
 
-def _cost(src, d: Draft, verify: VerifyCost, sequences: int) -> tuple[float, float] | None:
+def _cost(src, d: Draft, verify: StepCosts, sequences: int) -> tuple[float, float] | None:
     """A model draft's (time spent on this sequence this step, one pass's time), in plain steps; None for lookup."""
     if not isinstance(src, ModelDraft):
         return None
@@ -669,6 +921,11 @@ def best_length(alpha: float, token_cost: float, max_draft: int) -> tuple[int, f
         if now > rate:
             best, rate = k, now
     return best, rate
+
+
+def _alpha(pol: _RowPolicy) -> float:
+    """A sequence's estimated per-token acceptance for one source (decayed counts, ``_RowPolicy``)."""
+    return pol.taken / (pol.taken + pol.rejected)
 
 
 def _expected_rate(pol: _RowPolicy, src, row_cost: float, plain_s: float | None, cfg) -> float:
