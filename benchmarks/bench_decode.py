@@ -77,7 +77,7 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int |
     return same / max(total, 1), first
 
 
-def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eager") -> dict:
+def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eager") -> dict | None:
     """One preset against HF ``generate`` on the same model, alternating group by group.
 
     ``step``: ``eager`` runs the engine's layer loop op by op, ``compiled`` its compiled decode
@@ -85,6 +85,8 @@ def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eage
     """
     os.environ["QUICKSILVER_COMPILE"] = "1" if step == "compiled" else "0"
     engine = make_engine(model, tok, Config.preset(name))
+    if step == "compiled" and engine._step_key is None:
+        return None  # the compiled step does not apply to this preset's mechanisms
     t0 = time.perf_counter()
     engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up (kernel choice; compiling)
     warm_s = time.perf_counter() - t0
@@ -162,9 +164,9 @@ def main() -> None:
             runs.append((model32, "off"))  # off == stock, token for token, checked in float32
         steps = args.steps.split(",")
         for m, name, step in [(m, name, step) for m, name in runs for step in steps]:
-            if step == "compiled" and Engine(m, Config.preset(name))._step_key is None:
-                continue  # the compiled step does not apply to this preset's mechanisms
             row = run_preset(m, tok, name, groups, args.new_tokens, step)
+            if row is None:
+                continue
             row["vs_hf_float32"] = row["tokens_per_s"] / (hf32 if hf32 is not None else row["hf_tokens_per_s"])
             rows.append(row)
             print(f"batch {batch} {name} {row['dtype']} {step}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
