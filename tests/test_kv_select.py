@@ -55,6 +55,17 @@ def test_each_kv_head_chooses_its_own_keys(selection):
     assert not torch.triu(mask, diagonal=1).any()
 
 
+@pytest.mark.parametrize("selection", RULES)
+def test_one_query_through_the_decode_kernel_equals_its_masked_reference(selection):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(1, 4, 8, generator=g), torch.randn(60, 2, 8, generator=g), torch.randn(60, 2, 8, generator=g)
+    k_pos, kv = torch.arange(60), _kv(selection).kv
+    out, _, mask = attention.attend_selected(q, k, v, torch.tensor([59]), k_pos, 0.35, kv, return_mask=True)
+    assert 0 < int(mask[0].sum()) < 60  # really selected a subset
+    ref = attention._sdpa(q, k, v, 0.35, mask=attention._additive(mask, q.dtype))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 def test_page_summaries_are_computed_once_per_page_and_follow_truncation():
     g = torch.Generator().manual_seed(0)
     k, pos = torch.randn(50, 2, 4, generator=g), torch.arange(50)

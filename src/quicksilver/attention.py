@@ -194,7 +194,10 @@ def attend_selected(
         if bias is not None:
             b = bias(qb, k_pos[ks]) if isinstance(ks, slice) else torch.stack([bias(qb, k_pos[ks[h]]) for h in range(hkv)])
             mask = mask + b.to(q.dtype)  # (Tq, n) or per head (Hkv, Tq, n)
-        outs.append(_sdpa_heads(q[qs], kb, vb, scale, mask))
+        if bias is None and q[qs].shape[0] == 1 and bool(seen.all()):  # one query reading all it gathered: the decode kernel
+            outs.append(decode_attention(q[qs], kb[None], vb[None], None, scale))
+        else:
+            outs.append(_sdpa_heads(q[qs], kb, vb, scale, mask))
         pairs += int(seen.sum())
         if full is not None:
             if isinstance(ks, slice):
