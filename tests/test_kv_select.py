@@ -73,11 +73,25 @@ def test_page_summaries_are_computed_once_per_page_and_follow_truncation():
     for n in (9, 10, 17, 33, 12, 50):  # growing, then cut back (a rollback), then growing again
         kmin, kmax = pages.update(k[:n], pos[:n], 1)
         full = k[1 : 1 + (n - 1) // 4 * 4].view(-1, 4, 2, 4)
-        assert torch.equal(kmin, full.amin(1)) and torch.equal(kmax, full.amax(1))
+        assert torch.equal(kmin, full.amin(1).transpose(0, 1)) and torch.equal(kmax, full.amax(1).transpose(0, 1))  # head-major
     k2 = k.clone()
     k2[5] += 10  # a different cache with the same length: noticed by the last summarized position only if it moved
     pages.update(k2[:50], pos[:50] + 1, 1)
-    assert torch.equal(pages.kmax[:12], k2[1:49].view(12, 4, 2, 4).amax(1))
+    assert torch.equal(pages.kmax[:, :12], k2[1:49].view(12, 4, 2, 4).amax(1).transpose(0, 1))
+
+
+def test_quest_bound_is_exact_on_pages_of_one_key_and_an_upper_bound_on_larger_ones():
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(3, 4, 8, generator=g), torch.randn(32, 2, 8, generator=g)
+    pos = torch.arange(32)
+    kmin, kmax = kv_select.PageSummaries(1).update(k, pos, 0)
+    exact = torch.einsum("okgd,tkd->okgt", q.view(3, 2, 2, 8), k) * 0.5  # (To, Hkv, g, T)
+    assert torch.allclose(kv_select.quest_page_scores(q, kmin, kmax, 0.5), exact.softmax(-1).amax(dim=(0, 2)).T, atol=1e-6)
+    kmin, kmax = kv_select.PageSummaries(4).update(k, pos, 0)
+    bound = torch.baddbmm(torch.bmm(q.view(3, 2, 2, 8).transpose(0, 1).reshape(2, 6, 8).clamp(min=0), kmax.transpose(1, 2)),
+                          q.view(3, 2, 2, 8).transpose(0, 1).reshape(2, 6, 8).clamp(max=0), kmin.transpose(1, 2))  # (Hkv, To*g, P)
+    best = exact.view(3, 2, 2, 8, 4).amax(-1).permute(1, 0, 2, 3).reshape(2, 6, 8) / 0.5  # the best key of each page
+    assert (bound >= best - 1e-5).all()
 
 
 def test_rules_choose_differently():
