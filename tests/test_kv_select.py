@@ -94,6 +94,22 @@ def test_quest_bound_is_exact_on_pages_of_one_key_and_an_upper_bound_on_larger_o
     assert (bound >= best - 1e-5).all()
 
 
+def test_quest_blocks_on_coarser_pages_are_causal_and_equal_the_masked_reference():
+    model = TINY["llama"](seed=3)
+    engine = Engine(model, _kv("quest", block_pages=4))
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 99, (40,), generator=g)
+    b = a.clone()
+    b[18:] = torch.randint(0, 99, (22,), generator=g)
+    la, lb = engine(a), engine(b)
+    assert torch.equal(la.logits[:18], lb.logits[:18])
+    assert torch.allclose(la.logits, engine(a, compact=False).logits, atol=1e-5)
+    assert not torch.equal(la.logits, Engine(model, _kv("quest")).__call__(a).logits)  # the coarser pages chose differently
+    kmin, kmax = kv_select.PageSummaries(2).update(torch.randn(13, 2, 4, generator=g), torch.arange(13), 1)
+    cmin, cmax = kv_select.coarser_pages(kmin, kmax, 2)  # 6 pages of 2 -> 3 pages of 4
+    assert torch.equal(cmax[:, 1], torch.maximum(kmax[:, 2], kmax[:, 3])) and cmin.shape == (2, 3, 4)
+
+
 def test_rules_choose_differently():
     model = TINY["llama"](seed=3)
     ids = torch.randint(0, 99, (40,), generator=torch.Generator().manual_seed(2))
@@ -160,7 +176,8 @@ def test_quest_decode_reads_fewer_keys_but_drops_none():
 
 
 @pytest.mark.parametrize("bad,message", [({"selection": "random"}, "selection"), ({"keep_fraction": 0}, "keep_fraction"),
-                                         ({"keep_fraction": 1.5}, "keep_fraction"), ({"page_size": 0}, "page_size")])
+                                         ({"keep_fraction": 1.5}, "keep_fraction"), ({"page_size": 0}, "page_size"),
+                                         ({"page_size": 4, "block_pages": 6}, "block_pages")])
 def test_bad_selection_settings_are_rejected(bad, message):
     with pytest.raises(QuicksilverError, match=message):
         Config.from_dict({"kv": bad})

@@ -136,7 +136,7 @@ def attend_selected(
     """Attention where each query block reads sinks + its recent range + the best older keys, per KV head.
 
     ``kv`` is the KVCacheSkipping settings (``selection``, ``keep_fraction``, ``sink_tokens``,
-    recent window, ``page_size``, ``observation``). A block whose first query sits at p0
+    recent window, ``page_size``, ``block_pages``, ``observation``). A block whose first query sits at p0
     reads ``kv_select.budget(keep_fraction, p0)`` keys in each KV head: the sinks, every key
     from p0 - W + 1 on (causally), and the older ones that head ranks best. Older keys are
     ranked only from keys before p0 and from queries at or before p0 (the block's first row
@@ -165,6 +165,9 @@ def attend_selected(
     prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1) if start > n_sink else None  # kept of the positions before the call
     # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
     step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
+    if sel == "quest" and step > 1 and (kv.block_pages or page) > page:  # blocks of queries choose among coarser pages
+        kmin, kmax = kv_select.coarser_pages(kmin, kmax, kv.block_pages // page)
+        page = kv.block_pages
     for i0 in range(0, tq, step):
         qs = slice(i0, i0 + step)
         qb = q_pos[qs]

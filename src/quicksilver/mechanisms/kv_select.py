@@ -87,6 +87,17 @@ class PageSummaries:
         return self.kmin[:, :full], self.kmax[:, :full]
 
 
+def coarser_pages(kmin: torch.Tensor, kmax: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summaries (Hkv, P // factor, hd) of pages ``factor`` times as long, from those of the pages they join.
+
+    A partial group at the end is left out (its keys are then a partial page, always read, as
+    keys past the last full page are).
+    """
+    hkv, p, hd = kmin.shape
+    n = p // factor * factor
+    return (kmin[:, :n].reshape(hkv, -1, factor, hd).amin(dim=2), kmax[:, :n].reshape(hkv, -1, factor, hd).amax(dim=2))
+
+
 def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, scale: float) -> torch.Tensor:
     """(P, Hkv) how much attention each page may get from the queries ``q`` (To, H, hd).
 
