@@ -186,8 +186,7 @@ def attend_selected(
             middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
             ks = torch.cat([kv_select.per_head(torch.arange(n_sink, device=dev), hkv), middle,
                             kv_select.per_head(torch.arange(lo, hi, device=dev), hkv)], dim=1)  # (Hkv, n)
-            flat = (ks * hkv + heads[:, None]).flatten()  # rows of k viewed as (Tk * Hkv, hd), head by head
-            kb, vb = (x.reshape(-1, x.shape[2]).index_select(0, flat).view(hkv, -1, x.shape[2]) for x in (k, v))  # (Hkv, n, hd)
+            kb, vb = _gather_heads(k, ks), _gather_heads(v, ks)  # (Hkv, n, hd)
             kp = k_pos[ks[0]]  # the heads differ only in older keys, all before p0: one causal mask serves all
         else:  # every older key fits: one contiguous range shared by all heads
             ks = slice(0, hi)
@@ -208,6 +207,19 @@ def attend_selected(
             else:
                 full[heads[:, None, None], torch.arange(tq, device=dev)[qs][None, :, None], ks[:, None, :]] = seen
     return torch.cat(outs), pairs, full
+
+
+def _gather_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (Hkv, n) of each head of ``x`` (Tk, Hkv, hd) -> (Hkv, n, hd).
+
+    One row gather per head: a generation cache is stored head-major, so ``x`` is a
+    transposed view there, and reshaping it to index all heads at once would copy the whole
+    cache every layer and step (advanced indexing over both dims is slower still).
+    """
+    out = x.new_empty((x.shape[1], index.shape[1], x.shape[2]))
+    for h in range(x.shape[1]):
+        torch.index_select(x[:, h], 0, index[h], out=out[h])
+    return out
 
 
 def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m):
