@@ -10,7 +10,7 @@ be measured in chunks of a few minutes each; ``report`` writes the markdown tabl
     python benchmarks/long_context.py continuation --corpus wiki --context 4096 --chunks 4 --rules window,snapkv --keep 0.25,0.5
     python benchmarks/long_context.py speed --prefill 8192 --decode-context 7680
     python benchmarks/long_context.py report [--out docs/results]
-    python benchmarks/long_context.py all --rules window,quest   # all of the above, as benchmarks/results.py runs it
+    python benchmarks/long_context.py all --corpus wiki,news --rules window,quest   # all of the above, as benchmarks/results.py runs it
 
 A rule may carry settings: ``quest+page_size=8`` (``kv.page_size=8``); ``+dense=N`` keeps the
 first N layers dense and lowers the others' kept fraction so that the average stays ``--keep``.
@@ -333,11 +333,15 @@ def acceptance(data: dict, best: str) -> list[str]:
 
 
 def run_all(args, data, path):
-    """The RESULTS plan: needle and continuation at every context for window and ``--rules``, then speed, then the report."""
-    for n in (2048, 4096, 7680):
-        args.context = n
-        needle(args, data, path)
-        continuation(args, data, path)
+    """The RESULTS plan: needle and continuation on every corpus of ``--corpus`` (comma-separated) at every context
+    for window and ``--rules``, then speed (on the first corpus), then the report."""
+    corpora = args.corpus.split(",")
+    for corpus in corpora:
+        for n in (2048, 4096, 7680):
+            args.corpus, args.context = corpus, n
+            needle(args, data, path)
+            continuation(args, data, path)
+    args.corpus = corpora[0]
     speed(argparse.Namespace(**{**vars(args), "rules": [r for r in args.rules if r != "window"], "keep": [0.25]}), data, path)
     report(args, data, path)
 
