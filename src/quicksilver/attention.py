@@ -235,7 +235,7 @@ def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static
             return rest
         obs = slice(max(0, i0 + 1 - m), i0 + 1)  # the block's first query and the ones before it
         scores = kv_select.quest_page_scores(q[obs], kmin[:, :n_pages], kmax[:, :n_pages], scale)  # (P, Hkv)
-        pages = kv_select.top_index(scores, n_pick)  # (Hkv, n_pick)
+        pages = kv_select.top_index(scores, n_pick, ordered=False)  # (Hkv, n_pick), in any order
         picked = (pages[:, :, None] * page + torch.arange(page, device=dev)).flatten(1) + n_sink
         return torch.cat([picked, rest], dim=1)
     if sel == "knorm":
