@@ -270,7 +270,8 @@ def report(args, data, path):
             cells = [f"{_pct(row[c]['relative_delta_perplexity'])} (kept {row[c]['kv_fraction']:.1%})" if c in row else "" for c in cols]
             lines.append(f"| {n:,} | {any_e['chunks']} | {any_e['baseline_perplexity']:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += acceptance(data, args.best)
+    for best in args.best.split(","):
+        lines += acceptance(data, best)
     sp = data.get("speed", {})
     if any(k.startswith(("prefill/", "decode/")) for k in sp):
         lines += [f"Speed ({sp['dtype']}, {sp['threads']} threads, `/work/wt/bin/quiet`, {sp['date']}): prefill through "
@@ -302,7 +303,7 @@ def acceptance(data: dict, best: str) -> list[str]:
     """
     rows = []
     points = sorted({(e["corpus"], e["context"], e["keep"]) for e in [*data["needle"].values(),
-                     *(e for k, e in data["continuation"].items() if not k.startswith("baseline/"))] if e["rule"] in ("window", best)})
+                     *(e for k, e in data["continuation"].items() if not k.startswith("baseline/"))] if e["rule"] == best})
     for corpus, n, keep in points:
         nw, nb = (data["needle"].get(f"{corpus}/{n}/{r}/{keep:g}") for r in ("window", best))
         cw, cb = (data["continuation"].get(f"{corpus}/{n}/{r}/{keep:g}") for r in ("window", best))
@@ -363,7 +364,8 @@ def main() -> None:
     ap.add_argument("--prefill-rules", default="quest", help="speed: rules timed at prefill (comma-separated)")
     ap.add_argument("--promise", type=int, default=1, help="speed: also evaluate 4,096-token windows over 8,192 tokens (1) or not (0)")
     ap.add_argument("--budget-s", type=float, default=0, help="needle/continuation: start no trial or chunk after this many seconds (0: no limit)")
-    ap.add_argument("--best", default="quest+page_size=8", help="report: the rule checked against issue #12's bars")
+    ap.add_argument("--best", default="quest+page_size=2+block_pages=16,quest+page_size=8",
+                    help="report: the rules checked against issue #12's bars (comma-separated, one table each)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
     args.started = time.perf_counter()
