@@ -44,6 +44,7 @@ from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 CONTINUATION = 512
 SINKS = 4
+MIN_TRIALS = 5  # the bars table judges a pass-key point on at least this many trials
 N_LAYERS = 30  # smollm2-135m
 
 
@@ -312,7 +313,9 @@ def acceptance(data: dict, best: str) -> list[str]:
             m = min(nw["trials"], nb["trials"])
             w, b = (sum(r["correct"] for r in e["trials_detail"][:m]) for e in (nw, nb))
             st = sum(r["baseline_correct"] for r in nb["trials_detail"][:m])
-            if w >= st - 0.1 * m:
+            if m < MIN_TRIALS:
+                verdict = f"too few trials to judge (fewer than {MIN_TRIALS})"
+            elif w >= st - 0.1 * m:
                 verdict = "window holds (bar does not apply)"
             else:
                 verdict = "**met**" if b >= st - 0.1 * m - 1e-9 else "**not met**"
