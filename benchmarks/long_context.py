@@ -10,7 +10,7 @@ be measured in chunks of a few minutes each; ``report`` writes the markdown tabl
     python benchmarks/long_context.py continuation --corpus wiki --context 4096 --chunks 4 --rules window,snapkv --keep 0.25,0.5
     python benchmarks/long_context.py speed --prefill 8192 --decode-context 7680
     python benchmarks/long_context.py report [--out docs/results]
-    python benchmarks/long_context.py all --rules window,quest   # all of the above, as benchmarks/results.py runs it
+    python benchmarks/long_context.py all --corpus wiki,news --rules window,quest   # all of the above, as benchmarks/results.py runs it
 
 A rule may carry settings: ``quest+page_size=8`` (``kv.page_size=8``); ``+dense=N`` keeps the
 first N layers dense and lowers the others' kept fraction so that the average stays ``--keep``.
@@ -44,6 +44,7 @@ from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 CONTINUATION = 512
 SINKS = 4
+MIN_TRIALS = 5  # the bars table judges a pass-key point on at least this many trials
 N_LAYERS = 30  # smollm2-135m
 
 
@@ -75,44 +76,56 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"needle": {}, "needle_baseline": {}, "continuation": {}, "speed": {}}
 
 
+def _out_of_time(args) -> bool:
+    """Whether this run's ``--budget-s`` is spent (checked between trials and chunks: a run stops cleanly, resumable)."""
+    return bool(args.budget_s) and time.perf_counter() - args.started > args.budget_s
+
+
 def needle(args, data, path):
+    """Trial by trial: the stock model, then every (rule, keep) that lacks this trial, so the columns hold the same
+    trials whenever a run stops; a later run with the same or more ``--trials`` goes on where the last one stopped."""
     from quicksilver.needle import DEFAULT_DEPTHS, answer_key, make_trials, run_trial, summarize
 
     model, tok = load_model("smollm2-135m", dtype=args.dtype)
     source = load_corpus(args.corpus, "test")
     haystack = tokenize_documents(tok, source.documents, args.context * 4)
-    trials = make_trials(tok, haystack, [args.context], DEFAULT_DEPTHS, args.trials, args.seed)
+    trials = make_trials(tok, haystack, [args.context], DEFAULT_DEPTHS, args.trials, args.seed)  # the first k of n are the k trials
     bkey = f"{args.corpus}/{args.context}/{args.seed}"
     base = data["needle_baseline"].setdefault(bkey, {})
     baseline = Engine(model)
+    configs = [(f"{args.corpus}/{args.context}/{rule}/{keep:g}", rule, keep) for rule in args.rules for keep in args.keep]
+    engines = {key: Engine(model, kv_config(rule, keep, args.context)) for key, rule, keep in configs}
+    spent = {key: 0.0 for key, _, _ in configs}
     for i, t in enumerate(trials):
+        if _out_of_time(args):
+            print(f"needle: --budget-s spent before trial {i} of {len(trials)}; rerun to go on", flush=True)
+            break
         if str(i) not in base:
             tokens, _ = run_trial(baseline, t)
             base[str(i)] = {"answer": tok.decode(tokens), "correct": answer_key(tok.decode(tokens)) == t.key}
             write_json_atomic(path, data)
-    for rule in args.rules:
-        for keep in args.keep:
-            key = f"{args.corpus}/{args.context}/{rule}/{keep:g}"
-            done = data["needle"].get(key, {}).get("trials_detail", [])
-            if len(done) >= len(trials):
+        for key, rule, keep in configs:
+            rows = data["needle"].get(key, {}).get("trials_detail", [])
+            if len(rows) > i:
                 continue
-            engine = Engine(model, kv_config(rule, keep, args.context))
-            rows = []
             t0 = time.perf_counter()
-            for i, t in enumerate(trials):
-                tokens, kept = run_trial(engine, t)
-                text = tok.decode(tokens)
-                rows.append({"context": t.context, "depth": t.depth, "key": t.key, "answer": text, "baseline_answer": base[str(i)]["answer"],
-                             "correct": answer_key(text) == t.key, "baseline_correct": base[str(i)]["correct"], "kept_fraction": kept})
+            tokens, kept = run_trial(engines[key], t)
+            spent[key] += time.perf_counter() - t0
+            text = tok.decode(tokens)
+            rows = [*rows, {"context": t.context, "depth": t.depth, "key": t.key, "answer": text, "baseline_answer": base[str(i)]["answer"],
+                            "correct": answer_key(text) == t.key, "baseline_correct": base[str(i)]["correct"], "kept_fraction": kept}]
             data["needle"][key] = {"corpus": args.corpus, "context": args.context, "rule": rule, "keep": keep, "seed": args.seed,
                                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), **summarize(rows)}
             write_json_atomic(path, data)
-            r = data["needle"][key]
-            print(f"needle {key}: {r['accuracy']:.0%} (stock {r['baseline_accuracy']:.0%}), kept {r['kv_fraction']:.3f}, "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+    for key, _, _ in configs:
+        r = data["needle"].get(key)
+        if r:
+            print(f"needle {key}: {r['accuracy'] * r['trials']:.0f}/{r['trials']} (stock {r['baseline_accuracy'] * r['trials']:.0f}), "
+                  f"kept {r['kv_fraction']:.3f}, {spent[key]:.0f} s this run", flush=True)
 
 
 def continuation(args, data, path):
+    """Chunk by chunk, as ``needle`` goes trial by trial (resumable, the columns on the same chunks)."""
     from quicksilver.continuation import score_chunk
 
     model, tok = load_model("smollm2-135m", dtype=args.dtype)
@@ -123,30 +136,36 @@ def continuation(args, data, path):
     bkey = f"baseline/{args.corpus}/{args.context}"
     base = data["continuation"].setdefault(bkey, {"nll": []})
     baseline = Engine(model)
-    for c in chunks[len(base["nll"]):]:
-        base["nll"].append(score_chunk(baseline, c[:prefix], c[prefix:])[0])
-        write_json_atomic(path, data)
-    for rule in args.rules:
-        for keep in args.keep:
-            key = f"{args.corpus}/{args.context}/{rule}/{keep:g}"
-            if len(data["continuation"].get(key, {}).get("nll", [])) >= n:
-                continue
-            engine = Engine(model, kv_config(rule, keep, prefix))
-            nll, kept = [], []
-            t0 = time.perf_counter()
-            for c in chunks:
-                a, k = score_chunk(engine, c[:prefix], c[prefix:])
-                nll.append(a)
-                kept.append(k)
-            tokens = n * CONTINUATION
-            ppl, bppl = math.exp(sum(nll) / tokens), math.exp(sum(base["nll"][:n]) / tokens)
-            data["continuation"][key] = {"corpus": args.corpus, "context": args.context, "rule": rule, "keep": keep, "chunks": n,
-                                         "prefix_tokens": prefix, "continuation_tokens": CONTINUATION, "nll": nll, "perplexity": ppl,
-                                         "baseline_perplexity": bppl, "relative_delta_perplexity": ppl / bppl - 1,
-                                         "kv_fraction": sum(kept) / n, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    configs = [(f"{args.corpus}/{args.context}/{rule}/{keep:g}", rule, keep) for rule in args.rules for keep in args.keep]
+    engines = {key: Engine(model, kv_config(rule, keep, prefix)) for key, rule, keep in configs}
+    for i, c in enumerate(chunks):
+        if _out_of_time(args):
+            print(f"continuation: --budget-s spent before chunk {i} of {n}; rerun to go on", flush=True)
+            break
+        if len(base["nll"]) <= i:
+            base["nll"].append(score_chunk(baseline, c[:prefix], c[prefix:])[0])
             write_json_atomic(path, data)
-            print(f"continuation {key}: {ppl:.3f} vs {bppl:.3f} ({(ppl / bppl - 1) * 100:+.2f}%), kept {sum(kept) / n:.3f}, "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        for key, rule, keep in configs:
+            e = data["continuation"].get(key, {})
+            nll = e.get("nll", [])
+            if len(nll) > i:
+                continue
+            kept = e.get("kept", [e.get("kv_fraction", 0.0)] * len(nll))  # entries written before per-chunk kept fractions
+            a, k = score_chunk(engines[key], c[:prefix], c[prefix:])
+            nll, kept = [*nll, a], [*kept, k]
+            m = len(nll)
+            tokens = m * CONTINUATION
+            ppl, bppl = math.exp(sum(nll) / tokens), math.exp(sum(base["nll"][:m]) / tokens)
+            data["continuation"][key] = {"corpus": args.corpus, "context": args.context, "rule": rule, "keep": keep, "chunks": m,
+                                         "prefix_tokens": prefix, "continuation_tokens": CONTINUATION, "nll": nll, "kept": kept,
+                                         "perplexity": ppl, "baseline_perplexity": bppl, "relative_delta_perplexity": ppl / bppl - 1,
+                                         "kv_fraction": sum(kept) / m, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+            write_json_atomic(path, data)
+    for key, _, _ in configs:
+        r = data["continuation"].get(key)
+        if r:
+            print(f"continuation {key}: {r['perplexity']:.3f} vs {r['baseline_perplexity']:.3f} ({r['relative_delta_perplexity'] * 100:+.2f}%), "
+                  f"{r['chunks']} chunks, kept {r['kv_fraction']:.3f}", flush=True)
 
 
 def speed(args, data, path):
@@ -208,6 +227,10 @@ def _pct(x: float) -> str:
     return f"{x * 100:+.2f}%"
 
 
+def _count(e: dict, field: str) -> str:
+    return f"{e[field] * e['trials']:.0f}"
+
+
 def report(args, data, path):
     """docs/results/long_context.md from the accumulated JSON."""
     lines = [f"Command: `python benchmarks/long_context.py needle|continuation|speed ...` then `report` (see the script's usage), "
@@ -217,15 +240,23 @@ def report(args, data, path):
     for corpus in sorted({e["corpus"] for e in data["needle"].values()}):
         entries = [e for e in data["needle"].values() if e["corpus"] == corpus]
         cols = sorted({(e["rule"], e["keep"]) for e in entries}, key=lambda c: (c[1], c[0] != "window", c[0]))
-        lines += [f"Pass-key retrieval on `{corpus}` (trials per context as shown; the same needles for every column; "
-                  "kept = share of the context's K/V entries the question and answer read, measured):", "",
+        lines += [f"Pass-key retrieval on `{corpus}` (the same needles for every column: a cell run on fewer trials than its "
+                  "row says the stock model's count on those trials; kept = share of the context's K/V entries the question "
+                  "and answer read, measured):", "",
                   "| context | trials | stock | " + " | ".join(f"{r} {k:.0%}" for r, k in cols) + " |",
                   "|---|---|---|" + "---|" * len(cols)]
         for n in sorted({e["context"] for e in entries}):
             row = {(e["rule"], e["keep"]): e for e in entries if e["context"] == n}
-            any_e = next(iter(row.values()))
-            cells = [f"{row[c]['accuracy'] * row[c]['trials']:.0f}/{row[c]['trials']} (kept {row[c]['kv_fraction']:.1%})" if c in row else "" for c in cols]
-            lines.append(f"| {n:,} | {any_e['trials']} | {any_e['baseline_accuracy'] * any_e['trials']:.0f}/{any_e['trials']} | " + " | ".join(cells) + " |")
+            most = max(row.values(), key=lambda e: e["trials"])
+            cells = []
+            for c in cols:
+                if c not in row:
+                    cells.append("")
+                    continue
+                e = row[c]
+                stock = "" if e["trials"] == most["trials"] else f", stock {_count(e, 'baseline_accuracy')}"
+                cells.append(f"{_count(e, 'accuracy')}/{e['trials']} (kept {e['kv_fraction']:.1%}{stock})")
+            lines.append(f"| {n:,} | {most['trials']} | {_count(most, 'baseline_accuracy')}/{most['trials']} | " + " | ".join(cells) + " |")
         lines.append("")
     for corpus in sorted({e["corpus"] for k, e in data["continuation"].items() if not k.startswith("baseline/")}):
         entries = [e for k, e in data["continuation"].items() if not k.startswith("baseline/") and e["corpus"] == corpus]
@@ -240,6 +271,8 @@ def report(args, data, path):
             cells = [f"{_pct(row[c]['relative_delta_perplexity'])} (kept {row[c]['kv_fraction']:.1%})" if c in row else "" for c in cols]
             lines.append(f"| {n:,} | {any_e['chunks']} | {any_e['baseline_perplexity']:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
+    for best in args.best.split(","):
+        lines += acceptance(data, best)
     sp = data.get("speed", {})
     if any(k.startswith(("prefill/", "decode/")) for k in sp):
         lines += [f"Speed ({sp['dtype']}, {sp['threads']} threads, `/work/wt/bin/quiet`, {sp['date']}): prefill through "
@@ -262,12 +295,57 @@ def report(args, data, path):
     print(f"wrote {args.out}/long_context.md")
 
 
+def acceptance(data: dict, best: str) -> list[str]:
+    """Issue #12's bars per (corpus, context, kept fraction), for the window and the rule ``best``.
+
+    Pass keys: where the window loses more than 1 in 10 against the stock model, ``best`` must stay within 1 in 10 of it
+    (on the same trials; the shorter column's trials). Continuation: ``best``'s perplexity increase is at most half the
+    window's.
+    """
+    rows = []
+    points = sorted({(e["corpus"], e["context"], e["keep"]) for e in [*data["needle"].values(),
+                     *(e for k, e in data["continuation"].items() if not k.startswith("baseline/"))] if e["rule"] == best})
+    for corpus, n, keep in points:
+        nw, nb = (data["needle"].get(f"{corpus}/{n}/{r}/{keep:g}") for r in ("window", best))
+        cw, cb = (data["continuation"].get(f"{corpus}/{n}/{r}/{keep:g}") for r in ("window", best))
+        needle_cells = ["", "", "", "", "not run"]
+        if nw and nb:
+            m = min(nw["trials"], nb["trials"])
+            w, b = (sum(r["correct"] for r in e["trials_detail"][:m]) for e in (nw, nb))
+            st = sum(r["baseline_correct"] for r in nb["trials_detail"][:m])
+            if m < MIN_TRIALS:
+                verdict = f"too few trials to judge (fewer than {MIN_TRIALS})"
+            elif w >= st - 0.1 * m:
+                verdict = "window holds (bar does not apply)"
+            else:
+                verdict = "**met**" if b >= st - 0.1 * m - 1e-9 else "**not met**"
+            needle_cells = [str(m), f"{st}/{m}", f"{w}/{m}", f"{b}/{m}", verdict]
+        cont_cells = ["", "", "", "not run"]
+        if cw and cb:
+            c = min(cw["chunks"], cb["chunks"])
+            base = data["continuation"][f"baseline/{corpus}/{n}"]["nll"][:c]
+            dw, db = (math.exp((sum(e["nll"][:c]) - sum(base)) / (c * CONTINUATION)) - 1 for e in (cw, cb))
+            cont_cells = [str(c), _pct(dw), _pct(db), ("**met**" if db <= dw / 2 else "**not met**") + f" (bar {_pct(dw / 2)})"]
+        rows.append(f"| `{corpus}` | {n:,} | {keep:.0%} | " + " | ".join(needle_cells + cont_cells) + " |")
+    if not rows:
+        return []
+    return [f"Issue #12's bars, `{best}` against the window at the same kept fraction (pass keys: where the window loses "
+            "more than 1 in 10 of the stock model's, the rule must stay within 1 in 10 of it; continuation: at most half the "
+            "window's perplexity increase; counted on the trials and chunks both columns ran):", "",
+            "| corpus | context | kept | trials | stock | window | " + best + " | pass-key bar | chunks | window ΔPPL | "
+            + best + " ΔPPL | continuation bar |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def run_all(args, data, path):
-    """The RESULTS plan: needle and continuation at every context for window and ``--rules``, then speed, then the report."""
-    for n in (2048, 4096, 7680):
-        args.context = n
-        needle(args, data, path)
-        continuation(args, data, path)
+    """The RESULTS plan: needle and continuation on every corpus of ``--corpus`` (comma-separated) at every context
+    for window and ``--rules``, then speed (on the first corpus), then the report."""
+    corpora = args.corpus.split(",")
+    for corpus in corpora:
+        for n in (2048, 4096, 7680):
+            args.corpus, args.context = corpus, n
+            needle(args, data, path)
+            continuation(args, data, path)
+    args.corpus = corpora[0]
     speed(argparse.Namespace(**{**vars(args), "rules": [r for r in args.rules if r != "window"], "keep": [0.25]}), data, path)
     report(args, data, path)
 
@@ -288,8 +366,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="speed: timed decode steps per engine")
     ap.add_argument("--prefill-rules", default="quest", help="speed: rules timed at prefill (comma-separated)")
     ap.add_argument("--promise", type=int, default=1, help="speed: also evaluate 4,096-token windows over 8,192 tokens (1) or not (0)")
+    ap.add_argument("--budget-s", type=float, default=0, help="needle/continuation: start no trial or chunk after this many seconds (0: no limit)")
+    ap.add_argument("--best", default="quest+page_size=2+block_pages=16,quest+page_size=8",
+                    help="report: the rules checked against issue #12's bars (comma-separated, one table each)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
+    args.started = time.perf_counter()
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     args.keep = [float(k) for k in args.keep.split(",")]
     path = ROOT / args.out / "long_context.json"

@@ -50,7 +50,9 @@ STEPS = {
     "kvpress": ["benchmarks/kvpress_side.py", "--trials", "10", "--continuation-chunks", "1", "--logit-check", "512",
                 "--verify-tokens", "512", "--policies", "window,knorm,h2o,tova,snapkv,quest,quest+page_size=8",
                 "--output", f"{OUT}/kvpress.json"],
-    "long-context": ["benchmarks/long_context.py", "all", "--rules", "window,quest,quest+page_size=8,snapkv", "--out", OUT],
+    "long-context": ["benchmarks/long_context.py", "all", "--corpus", "wiki,news", "--rules", "window,quest+page_size=8,quest+page_size=2+block_pages=16",
+                     "--prefill-rules", "quest,quest+page_size=8,quest+page_size=2+block_pages=16", "--best", "quest+page_size=2+block_pages=16,quest+page_size=8",
+                     "--out", OUT],
     "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
 }
 

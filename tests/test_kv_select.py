@@ -55,6 +55,17 @@ def test_each_kv_head_chooses_its_own_keys(selection):
     assert not torch.triu(mask, diagonal=1).any()
 
 
+@pytest.mark.parametrize("selection", RULES)
+def test_one_query_through_the_decode_kernel_equals_its_masked_reference(selection):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(1, 4, 8, generator=g), torch.randn(60, 2, 8, generator=g), torch.randn(60, 2, 8, generator=g)
+    k_pos, kv = torch.arange(60), _kv(selection).kv
+    out, _, mask = attention.attend_selected(q, k, v, torch.tensor([59]), k_pos, 0.35, kv, return_mask=True)
+    assert 0 < int(mask[0].sum()) < 60  # really selected a subset
+    ref = attention._sdpa(q, k, v, 0.35, mask=attention._additive(mask, q.dtype))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 def test_page_summaries_are_computed_once_per_page_and_follow_truncation():
     g = torch.Generator().manual_seed(0)
     k, pos = torch.randn(50, 2, 4, generator=g), torch.arange(50)
@@ -62,11 +73,41 @@ def test_page_summaries_are_computed_once_per_page_and_follow_truncation():
     for n in (9, 10, 17, 33, 12, 50):  # growing, then cut back (a rollback), then growing again
         kmin, kmax = pages.update(k[:n], pos[:n], 1)
         full = k[1 : 1 + (n - 1) // 4 * 4].view(-1, 4, 2, 4)
-        assert torch.equal(kmin, full.amin(1)) and torch.equal(kmax, full.amax(1))
+        assert torch.equal(kmin, full.amin(1).transpose(0, 1)) and torch.equal(kmax, full.amax(1).transpose(0, 1))  # head-major
     k2 = k.clone()
     k2[5] += 10  # a different cache with the same length: noticed by the last summarized position only if it moved
     pages.update(k2[:50], pos[:50] + 1, 1)
-    assert torch.equal(pages.kmax[:12], k2[1:49].view(12, 4, 2, 4).amax(1))
+    assert torch.equal(pages.kmax[:, :12], k2[1:49].view(12, 4, 2, 4).amax(1).transpose(0, 1))
+
+
+def test_quest_bound_is_exact_on_pages_of_one_key_and_an_upper_bound_on_larger_ones():
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(3, 4, 8, generator=g), torch.randn(32, 2, 8, generator=g)
+    pos = torch.arange(32)
+    kmin, kmax = kv_select.PageSummaries(1).update(k, pos, 0)
+    exact = torch.einsum("okgd,tkd->okgt", q.view(3, 2, 2, 8), k) * 0.5  # (To, Hkv, g, T)
+    assert torch.allclose(kv_select.quest_page_scores(q, kmin, kmax, 0.5), exact.softmax(-1).amax(dim=(0, 2)).T, atol=1e-6)
+    kmin, kmax = kv_select.PageSummaries(4).update(k, pos, 0)
+    bound = torch.baddbmm(torch.bmm(q.view(3, 2, 2, 8).transpose(0, 1).reshape(2, 6, 8).clamp(min=0), kmax.transpose(1, 2)),
+                          q.view(3, 2, 2, 8).transpose(0, 1).reshape(2, 6, 8).clamp(max=0), kmin.transpose(1, 2))  # (Hkv, To*g, P)
+    best = exact.view(3, 2, 2, 8, 4).amax(-1).permute(1, 0, 2, 3).reshape(2, 6, 8) / 0.5  # the best key of each page
+    assert (bound >= best - 1e-5).all()
+
+
+def test_quest_blocks_on_coarser_pages_are_causal_and_equal_the_masked_reference():
+    model = TINY["llama"](seed=3)
+    engine = Engine(model, _kv("quest", block_pages=4))
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 99, (40,), generator=g)
+    b = a.clone()
+    b[18:] = torch.randint(0, 99, (22,), generator=g)
+    la, lb = engine(a), engine(b)
+    assert torch.equal(la.logits[:18], lb.logits[:18])
+    assert torch.allclose(la.logits, engine(a, compact=False).logits, atol=1e-5)
+    assert not torch.equal(la.logits, Engine(model, _kv("quest")).__call__(a).logits)  # the coarser pages chose differently
+    kmin, kmax = kv_select.PageSummaries(2).update(torch.randn(13, 2, 4, generator=g), torch.arange(13), 1)
+    cmin, cmax = kv_select.coarser_pages(kmin, kmax, 2)  # 6 pages of 2 -> 3 pages of 4
+    assert torch.equal(cmax[:, 1], torch.maximum(kmax[:, 2], kmax[:, 3])) and cmin.shape == (2, 3, 4)
 
 
 def test_rules_choose_differently():
@@ -135,7 +176,8 @@ def test_quest_decode_reads_fewer_keys_but_drops_none():
 
 
 @pytest.mark.parametrize("bad,message", [({"selection": "random"}, "selection"), ({"keep_fraction": 0}, "keep_fraction"),
-                                         ({"keep_fraction": 1.5}, "keep_fraction"), ({"page_size": 0}, "page_size")])
+                                         ({"keep_fraction": 1.5}, "keep_fraction"), ({"page_size": 0}, "page_size"),
+                                         ({"page_size": 4, "block_pages": 6}, "block_pages")])
 def test_bad_selection_settings_are_rejected(bad, message):
     with pytest.raises(QuicksilverError, match=message):
         Config.from_dict({"kv": bad})

@@ -136,7 +136,7 @@ def attend_selected(
     """Attention where each query block reads sinks + its recent range + the best older keys, per KV head.
 
     ``kv`` is the KVCacheSkipping settings (``selection``, ``keep_fraction``, ``sink_tokens``,
-    recent window, ``page_size``, ``observation``). A block whose first query sits at p0
+    recent window, ``page_size``, ``block_pages``, ``observation``). A block whose first query sits at p0
     reads ``kv_select.budget(keep_fraction, p0)`` keys in each KV head: the sinks, every key
     from p0 - W + 1 on (causally), and the older ones that head ranks best. Older keys are
     ranked only from keys before p0 and from queries at or before p0 (the block's first row
@@ -165,6 +165,9 @@ def attend_selected(
     prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1) if start > n_sink else None  # kept of the positions before the call
     # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
     step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
+    if sel == "quest" and step > 1 and (kv.block_pages or page) > page:  # blocks of queries choose among coarser pages
+        kmin, kmax = kv_select.coarser_pages(kmin, kmax, kv.block_pages // page)
+        page = kv.block_pages
     for i0 in range(0, tq, step):
         qs = slice(i0, i0 + step)
         qb = q_pos[qs]
@@ -183,8 +186,7 @@ def attend_selected(
             middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
             ks = torch.cat([kv_select.per_head(torch.arange(n_sink, device=dev), hkv), middle,
                             kv_select.per_head(torch.arange(lo, hi, device=dev), hkv)], dim=1)  # (Hkv, n)
-            flat = (ks * hkv + heads[:, None]).flatten()  # rows of k viewed as (Tk * Hkv, hd), head by head
-            kb, vb = (x.reshape(-1, x.shape[2]).index_select(0, flat).view(hkv, -1, x.shape[2]) for x in (k, v))  # (Hkv, n, hd)
+            kb, vb = _gather_heads(k, ks), _gather_heads(v, ks)  # (Hkv, n, hd)
             kp = k_pos[ks[0]]  # the heads differ only in older keys, all before p0: one causal mask serves all
         else:  # every older key fits: one contiguous range shared by all heads
             ks = slice(0, hi)
@@ -194,7 +196,10 @@ def attend_selected(
         if bias is not None:
             b = bias(qb, k_pos[ks]) if isinstance(ks, slice) else torch.stack([bias(qb, k_pos[ks[h]]) for h in range(hkv)])
             mask = mask + b.to(q.dtype)  # (Tq, n) or per head (Hkv, Tq, n)
-        outs.append(_sdpa_heads(q[qs], kb, vb, scale, mask))
+        if bias is None and q[qs].shape[0] == 1 and bool(seen.all()):  # one query reading all it gathered: the decode kernel
+            outs.append(decode_attention(q[qs], kb[None], vb[None], None, scale))
+        else:
+            outs.append(_sdpa_heads(q[qs], kb, vb, scale, mask))
         pairs += int(seen.sum())
         if full is not None:
             if isinstance(ks, slice):
@@ -202,6 +207,19 @@ def attend_selected(
             else:
                 full[heads[:, None, None], torch.arange(tq, device=dev)[qs][None, :, None], ks[:, None, :]] = seen
     return torch.cat(outs), pairs, full
+
+
+def _gather_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (Hkv, n) of each head of ``x`` (Tk, Hkv, hd) -> (Hkv, n, hd).
+
+    One row gather per head: a generation cache is stored head-major, so ``x`` is a
+    transposed view there, and reshaping it to index all heads at once would copy the whole
+    cache every layer and step (advanced indexing over both dims is slower still).
+    """
+    out = x.new_empty((x.shape[1], index.shape[1], x.shape[2]))
+    for h in range(x.shape[1]):
+        torch.index_select(x[:, h], 0, index[h], out=out[h])
+    return out
 
 
 def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m):
@@ -216,8 +234,8 @@ def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static
         if n_pick <= 0 or n_pages == 0:
             return rest
         obs = slice(max(0, i0 + 1 - m), i0 + 1)  # the block's first query and the ones before it
-        scores = kv_select.quest_page_scores(q[obs], kmin[:n_pages], kmax[:n_pages], scale)  # (P, Hkv)
-        pages = kv_select.top_index(scores, n_pick)  # (Hkv, n_pick)
+        scores = kv_select.quest_page_scores(q[obs], kmin[:, :n_pages], kmax[:, :n_pages], scale)  # (P, Hkv)
+        pages = kv_select.top_index(scores, n_pick, ordered=False)  # (Hkv, n_pick), in any order
         picked = (pages[:, :, None] * page + torch.arange(page, device=dev)).flatten(1) + n_sink
         return torch.cat([picked, rest], dim=1)
     if sel == "knorm":

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import QuicksilverError
 from ._checks import check_choice, check_range
 
 POLICIES = ("propagate", "skip")
@@ -64,6 +65,12 @@ class KVCacheSkipping:
         this share of the positions before it.
     page_size : int, default 16
         Keys per page of ``quest``.
+    block_pages : int or None, default None
+        ``quest``: keys per page when a block of queries chooses (a prefill, a teacher-forced
+        pass, a continuation of more than ``attention.QUEST_PER_QUERY`` tokens), a multiple of
+        ``page_size``; a short run of queries (a question, a decode step) chooses each of its
+        queries' pages of ``page_size`` keys. None: ``page_size`` everywhere. Small pages choose
+        more precisely (retrieval), large ones cost less to score (prefill speed).
     observation : int, default 16
         Latest queries whose attention scores keys for ``h2o``, ``snapkv`` and ``quest``.
     """
@@ -76,6 +83,7 @@ class KVCacheSkipping:
     selection: str = "window"
     keep_fraction: float = 0.25
     page_size: int = 16
+    block_pages: int | None = None
     observation: int = 16
 
     def __post_init__(self):
@@ -88,6 +96,9 @@ class KVCacheSkipping:
         if self.keep_fraction <= 0:
             check_range("kv", "keep_fraction", self.keep_fraction, 1e-6, 1.0)
         check_range("kv", "page_size", self.page_size, 1, integer=True)
+        check_range("kv", "block_pages", self.block_pages, 1, integer=True, allow_none=True)
+        if self.block_pages is not None and self.block_pages % self.page_size:
+            raise QuicksilverError(f"kv.block_pages must be a multiple of kv.page_size ({self.page_size}), got {self.block_pages}")
         check_range("kv", "observation", self.observation, 1, integer=True)
 
     def selects(self, layer: int) -> bool:
