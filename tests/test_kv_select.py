@@ -108,6 +108,31 @@ def test_quest_blocks_on_coarser_pages_are_causal_and_equal_the_masked_reference
     assert torch.equal(cmax[:, 1], torch.maximum(kmax[:, 2], kmax[:, 3])) and cmin.shape == (2, 3, 4)
 
 
+def test_block_summaries_grow_with_their_pages_and_follow_truncation():
+    g = torch.Generator().manual_seed(8)
+    k, pos = torch.randn(60, 2, 4, generator=g), torch.arange(60)
+    pages = kv_select.PageSummaries(2, coarse=3)
+    for n in (7, 8, 20, 33, 13, 60):  # growing a step at a time or in jumps, cut back, growing again
+        kmin, kmax = pages.update(k[:n], pos[:n], 1)
+        want = kv_select.coarser_pages(kmin, kmax, 3)
+        assert all(torch.equal(a, b) for a, b in zip(pages.blocks(), want))
+
+
+def test_quest_question_picks_fine_pages_and_a_decode_step_block_pages():
+    # block_pages: a run of queries appended to a cache (a question) still picks pages of page_size keys,
+    # while a single decode step reads whole blocks (its scoring reads 1/factor of the summaries).
+    g = torch.Generator().manual_seed(9)
+    n, c = 64, 6
+    q, k, v = torch.randn(c, 4, 8, generator=g), torch.randn(n + c, 2, 8, generator=g), torch.randn(n + c, 2, 8, generator=g)
+    fine, blocks, coarse = _kv("quest").kv, _kv("quest", block_pages=4).kv, _kv("quest", page_size=4).kv
+    q_pos, k_pos = torch.arange(n, n + c), torch.arange(n + c)
+    question = [attention.attend_selected(q, k, v, q_pos, k_pos, 0.35, kv, return_mask=True)[2] for kv in (fine, blocks)]
+    assert torch.equal(question[0], question[1])
+    step = [attention.attend_selected(q[:1], k[: n + 1], v[: n + 1], q_pos[:1], k_pos[: n + 1], 0.35, kv, return_mask=True)[2]
+            for kv in (fine, blocks, coarse)]
+    assert torch.equal(step[1], step[2]) and not torch.equal(step[0], step[1])
+
+
 def test_rules_choose_differently():
     model = TINY["llama"](seed=3)
     ids = torch.randint(0, 99, (40,), generator=torch.Generator().manual_seed(2))

@@ -22,7 +22,7 @@ from .kernels import causal_attention, decode_attention
 from .mechanisms import kv_select
 
 QUERY_BLOCK = 128
-QUEST_PER_QUERY = 32  # up to this many queries, quest selects pages per query rather than per block
+QUEST_PER_QUERY = 32  # a run of 2 to this many queries appended to a cache (a question) picks fine pages per query
 
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
@@ -156,7 +156,8 @@ def attend_selected(
     static = kv_select.knorm_scores(k) if sel == "knorm" else None
     kmin = kmax = None
     if sel == "quest":
-        kmin, kmax = (pages or kv_select.PageSummaries(page)).update(k, k_pos, n_sink)
+        pages = pages or kv_select.PageSummaries(page, (kv.block_pages or page) // page)
+        kmin, kmax = pages.update(k, k_pos, n_sink)
     acc = torch.zeros(tk, hkv, device=dev) if sel == "h2o" else None
     outs, pairs = [], 0
     full = torch.zeros(hkv, tq, tk, dtype=torch.bool, device=dev) if return_mask else None
@@ -165,8 +166,8 @@ def attend_selected(
     prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1) if start > n_sink else None  # kept of the positions before the call
     # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
     step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
-    if sel == "quest" and step > 1 and (kv.block_pages or page) > page:  # blocks of queries choose among coarser pages
-        kmin, kmax = kv_select.coarser_pages(kmin, kmax, kv.block_pages // page)
+    if sel == "quest" and pages.coarse > 1 and (step > 1 or tq == 1):  # blocks of queries and decode steps: block pages
+        kmin, kmax = pages.blocks()
         page = kv.block_pages
     for i0 in range(0, tq, step):
         qs = slice(i0, i0 + step)

@@ -461,7 +461,9 @@ class Engine:
             if qb > qa and selecting and (cache is None or kv.selection == "quest"):
                 pages = None
                 if cache is not None:  # quest's page summaries live beside the cache, computed once per page
-                    pages = cache.pages[l] = cache.pages[l] or kv_select.PageSummaries(kv.page_size)
+                    pages, coarse = cache.pages[l], (kv.block_pages or kv.page_size) // kv.page_size
+                    if pages is None or (pages.page, pages.coarse) != (kv.page_size, coarse):  # another engine's pages
+                        pages = cache.pages[l] = kv_select.PageSummaries(kv.page_size, coarse)
                 out, seen, _ = attend_selected(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, kv, bias, pages=pages)
                 outs.append(out)
                 pairs += seen

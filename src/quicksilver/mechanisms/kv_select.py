@@ -54,30 +54,31 @@ class PageSummaries:
     ----------
     page : int
         Keys per page.
+    coarse : int, default 1
+        Pages per block of ``blocks`` (kept too, extended as pages complete).
     """
 
-    def __init__(self, page: int):
+    def __init__(self, page: int, coarse: int = 1):
         self.page = page
+        self.coarse = coarse
         self.start = -1
         self.n_pages = 0
+        self.n_blocks = 0
         self.last_pos = -1
         # Head-major (Hkv, capacity, hd) float32, so scoring is one batched matmul per bound without a copy.
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
+        self.cmin: torch.Tensor | None = None  # the same for blocks of ``coarse`` pages (``blocks``)
+        self.cmax: torch.Tensor | None = None
 
     def update(self, k: torch.Tensor, k_pos: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Summaries (Hkv, P, hd) of the full pages of ``k[start:]`` (a partial last page is left out)."""
         page = self.page
         full = (k.shape[0] - start) // page
         if start != self.start or self.n_pages > full or (self.n_pages and int(k_pos[start + self.n_pages * page - 1]) != self.last_pos):
-            self.start, self.n_pages = start, 0  # a different cache or one changed below the summaries
-        if self.kmin is None or self.kmin.shape[1] < full:
-            cap = max(full, 2 * (self.kmin.shape[1] if self.kmin is not None else 0), 16)
-            shape = (k.shape[1], cap, k.shape[2])
-            kmin, kmax = k.new_empty(shape, dtype=torch.float32), k.new_empty(shape, dtype=torch.float32)
-            if self.n_pages:
-                kmin[:, : self.n_pages], kmax[:, : self.n_pages] = self.kmin[:, : self.n_pages], self.kmax[:, : self.n_pages]
-            self.kmin, self.kmax = kmin, kmax
+            self.start, self.n_pages, self.n_blocks = start, 0, 0  # a different cache or one changed below the summaries
+        shape = (k.shape[1], k.shape[2], k.device)
+        self.kmin, self.kmax = _room(self.kmin, full, self.n_pages, *shape), _room(self.kmax, full, self.n_pages, *shape)
         if full > self.n_pages:
             new = k[start + self.n_pages * page : start + full * page].float().view(full - self.n_pages, page, *k.shape[1:])
             self.kmin[:, self.n_pages : full] = new.amin(dim=1).transpose(0, 1)
@@ -85,6 +86,32 @@ class PageSummaries:
             self.n_pages = full
             self.last_pos = int(k_pos[start + full * page - 1])
         return self.kmin[:, :full], self.kmax[:, :full]
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summaries (Hkv, B, hd) of the whole blocks of ``coarse`` pages among those ``update`` summarized.
+
+        Each block is summarized once, from its pages' summaries, when its last page completes.
+        """
+        f, full = self.coarse, self.n_pages // self.coarse
+        if self.n_blocks > full:
+            self.n_blocks = 0
+        shape = (self.kmin.shape[0], self.kmin.shape[2], self.kmin.device)
+        self.cmin, self.cmax = _room(self.cmin, full, self.n_blocks, *shape), _room(self.cmax, full, self.n_blocks, *shape)
+        if full > self.n_blocks:
+            new = slice(self.n_blocks * f, full * f)
+            self.cmin[:, self.n_blocks : full], self.cmax[:, self.n_blocks : full] = coarser_pages(self.kmin[:, new], self.kmax[:, new], f)
+            self.n_blocks = full
+        return self.cmin[:, :full], self.cmax[:, :full]
+
+
+def _room(buf: torch.Tensor | None, need: int, keep: int, heads: int, dim: int, device) -> torch.Tensor:
+    """``buf`` (heads, capacity, dim) float32 with room for ``need`` rows, its first ``keep`` rows kept (grown 2x when short)."""
+    if buf is not None and buf.shape[1] >= need:
+        return buf
+    out = torch.empty((heads, max(need, 2 * (buf.shape[1] if buf is not None else 0), 16), dim), dtype=torch.float32, device=device)
+    if keep:
+        out[:, :keep] = buf[:, :keep]
+    return out
 
 
 def coarser_pages(kmin: torch.Tensor, kmax: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
