@@ -76,6 +76,38 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"needle": {}, "needle_baseline": {}, "continuation": {}, "speed": {}}
 
 
+def save(path: Path, data: dict) -> None:
+    """Write ``data`` merged over what is on disk now, so runs of different tables into one file may overlap.
+
+    Under a lock, the file is read again and every entry of this run replaces the disk's entry of the
+    same key (a stock baseline's trials merge one by one); entries only on disk stay.
+    """
+    import fcntl
+    import json
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load(path)
+        for section, entries in data.items():
+            if not isinstance(entries, dict) or not isinstance(disk.get(section), dict):
+                disk[section] = entries
+                continue
+            for key, entry in entries.items():
+                if section == "needle_baseline" and isinstance(disk[section].get(key), dict):
+                    disk[section][key].update(entry)
+                else:
+                    disk[section][key] = entry
+        write_json_atomic(path, disk)
+    for section, entries in disk.items():  # this run sees the other runs' entries too, its own objects kept
+        mine = data.setdefault(section, {})
+        for key, entry in entries.items():
+            if key not in mine:
+                mine[key] = json.loads(json.dumps(entry))
+            elif section == "needle_baseline":
+                for trial, row in entry.items():
+                    mine[key].setdefault(trial, row)
+
+
 def _out_of_time(args) -> bool:
     """Whether this run's ``--budget-s`` is spent (checked between trials and chunks: a run stops cleanly, resumable)."""
     return bool(args.budget_s) and time.perf_counter() - args.started > args.budget_s
@@ -103,7 +135,7 @@ def needle(args, data, path):
         if str(i) not in base:
             tokens, _ = run_trial(baseline, t)
             base[str(i)] = {"answer": tok.decode(tokens), "correct": answer_key(tok.decode(tokens)) == t.key}
-            write_json_atomic(path, data)
+            save(path, data)
         for key, rule, keep in configs:
             rows = data["needle"].get(key, {}).get("trials_detail", [])
             if len(rows) > i:
@@ -116,7 +148,7 @@ def needle(args, data, path):
                             "correct": answer_key(text) == t.key, "baseline_correct": base[str(i)]["correct"], "kept_fraction": kept}]
             data["needle"][key] = {"corpus": args.corpus, "context": args.context, "rule": rule, "keep": keep, "seed": args.seed,
                                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), **summarize(rows)}
-            write_json_atomic(path, data)
+            save(path, data)
     for key, _, _ in configs:
         r = data["needle"].get(key)
         if r:
@@ -144,7 +176,7 @@ def continuation(args, data, path):
             break
         if len(base["nll"]) <= i:
             base["nll"].append(score_chunk(baseline, c[:prefix], c[prefix:])[0])
-            write_json_atomic(path, data)
+            save(path, data)
         for key, rule, keep in configs:
             e = data["continuation"].get(key, {})
             nll = e.get("nll", [])
@@ -160,7 +192,7 @@ def continuation(args, data, path):
                                          "prefix_tokens": prefix, "continuation_tokens": CONTINUATION, "nll": nll, "kept": kept,
                                          "perplexity": ppl, "baseline_perplexity": bppl, "relative_delta_perplexity": ppl / bppl - 1,
                                          "kv_fraction": sum(kept) / m, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-            write_json_atomic(path, data)
+            save(path, data)
     for key, _, _ in configs:
         r = data["continuation"].get(key)
         if r:
@@ -186,7 +218,7 @@ def speed(args, data, path):
                                                        r["relative_delta_perplexity"], "kv_fraction": r["kv_fraction"],
                                                        "seconds": r["wall_seconds"], "baseline_seconds": r["baseline"]["wall_seconds"]}
             print(f"prefill {args.prefill} {rule}: {r['speedup']:.2f}x", flush=True)
-            write_json_atomic(path, data)
+            save(path, data)
         if args.promise:  # the presets' promise setting: 4,096-token windows over the first 8,192 tokens
             r = evaluate_model(corpus=args.corpus, window=4096, max_tokens=8192, loaded=(model, tok), dtype=args.dtype,
                                config=kv_config(rule, args.keep[0], 4096))
@@ -194,7 +226,7 @@ def speed(args, data, path):
                                                         "relative_delta_perplexity": r["relative_delta_perplexity"], "kv_fraction": r["kv_fraction"],
                                                         "seconds": r["wall_seconds"], "baseline_seconds": r["baseline"]["wall_seconds"]}
             print(f"eval 4096-token windows {rule}: {r['relative_delta_perplexity'] * 100:+.2f}%, {r['speedup']:.2f}x", flush=True)
-            write_json_atomic(path, data)
+            save(path, data)
     if not args.decode_context:
         return
     n, steps = args.decode_context, args.steps
@@ -220,7 +252,7 @@ def speed(args, data, path):
                                                    "kv_full_bytes": full, "kv_bytes_fraction": caches[name].nbytes() / full}
         print(f"decode at {n}: {name} {steps / seconds[name]:.2f} tok/s ({seconds['off'] / seconds[name]:.2f}x off), "
               f"KV {caches[name].nbytes() / full:.3f} of full", flush=True)
-    write_json_atomic(path, data)
+    save(path, data)
 
 
 def _pct(x: float) -> str:
