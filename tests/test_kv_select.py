@@ -265,3 +265,21 @@ def test_quest_continuation_after_a_cached_prefix_is_causal():
         prefill(engine, prefix, cache)
         logits.append(extend(engine, cont, cache, logit_rows=rows)[0])
     assert torch.equal(logits[0][:9], logits[1][:9]) and not torch.equal(logits[0][9:], logits[1][9:])
+
+
+@pytest.mark.parametrize("selection", ("quest", "snapkv"))
+def test_min_keys_reads_a_short_past_in_full_and_the_fraction_beyond(selection):
+    assert kv_select.budget(0.25, 99, 40) == 40 and kv_select.budget(0.25, 29, 40) == 30 and kv_select.budget(0.25, 399, 40) == 100
+    kv = _kv(selection, keep_fraction=0.25, min_keys=24).kv
+    assert kv.reach() == 25  # the first query with more than 24 keys in its past
+    g = torch.Generator().manual_seed(10)
+    q, k, v = torch.randn(60, 4, 8, generator=g), torch.randn(60, 2, 8, generator=g), torch.randn(60, 2, 8, generator=g)
+    pos = torch.arange(60)
+    if selection == "quest":  # teacher-forced: a block of queries reads max(24, 25%) of its first query's past
+        mask = attention.attend_selected(q, k, v, pos, pos, 0.35, kv, return_mask=True)[2]
+        assert torch.equal(mask[:, :24], torch.ones(24, 60, dtype=torch.bool).tril().expand(2, -1, -1))  # blocks before 24: all
+        assert (mask[:, 48:].sum(-1) < pos[48:] + 1).all()  # the last block, whose first query has 48 keys: fewer
+    else:  # a generation cache keeps at least min_keys entries
+        assert kv_select.compress_index(selection, 0.25, k[:20], pos[:20], q[:20], pos[:20], 0.35, 1, 4, 3, floor=24) is None
+        index = kv_select.compress_index(selection, 0.25, k, pos, q, pos, 0.35, 1, 4, 3, floor=24)
+        assert index.shape == (2, 23)  # the next query (position 60) reads the 23 kept and itself

@@ -137,7 +137,7 @@ def attend_selected(
 
     ``kv`` is the KVCacheSkipping settings (``selection``, ``keep_fraction``, ``sink_tokens``,
     recent window, ``page_size``, ``block_pages``, ``observation``). A block whose first query sits at p0
-    reads ``kv_select.budget(keep_fraction, p0)`` keys in each KV head: the sinks, every key
+    reads ``kv_select.budget(keep_fraction, p0, min_keys)`` keys in each KV head: the sinks, every key
     from p0 - W + 1 on (causally), and the older ones that head ranks best. Older keys are
     ranked only from keys before p0 and from queries at or before p0 (the block's first row
     and earlier rows), so no query depends on a later token. A call that extends a cache
@@ -163,7 +163,7 @@ def attend_selected(
     full = torch.zeros(hkv, tq, tk, dtype=torch.bool, device=dev) if return_mask else None
     heads = torch.arange(hkv, device=dev)
     start = int(torch.searchsorted(k_pos, q_pos[0]))  # keys before this call's first query: a cache it extends
-    prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1) if start > n_sink else None  # kept of the positions before the call
+    prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1, kv.min_keys) if start > n_sink else None  # kept of the positions before the call
     # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
     step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
     if sel == "quest" and pages.coarse > 1 and (step > 1 or tq == 1):  # blocks of queries and decode steps: block pages
@@ -179,7 +179,7 @@ def attend_selected(
         if acc is not None and i0 > 0:  # h2o: the previous block's last queries add their attention
             acc[:before] += kv_select.attention_scores(q[max(0, i0 - m):i0], q_pos[max(0, i0 - m):i0], k[:before], k_pos[:before], scale)
         if prior is None:
-            room = kv_select.budget(kv.keep_fraction, p0) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
+            room = kv_select.budget(kv.keep_fraction, p0, kv.min_keys) - n_sink - (int(torch.searchsorted(k_pos, p0, right=True)) - lo)
         else:  # an extension: its own keys in full, the budget over the keys before it
             lo = max(n_sink, min(lo, start))
             room = prior - n_sink - (start - lo)

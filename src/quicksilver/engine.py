@@ -586,7 +586,7 @@ class Engine:
         """Drop the cache entries an eviction rule ranks lowest (prefill: down to its target at once)."""
         e = cache.get(l)
         index = kv_select.compress_index(kv.selection, kv.keep_fraction, e.k, e.pos, q, q_pos, scale, kv.sink_tokens,
-                                         kv.recent_at(l), kv.observation, slack)
+                                         kv.recent_at(l), kv.observation, slack, kv.min_keys)
         if index is not None:
             cache.keep(l, index)
 

@@ -21,9 +21,10 @@ import torch
 H2O_PREFILL_QUERIES = 256
 
 
-def budget(keep_fraction: float, position: int) -> int:
-    """Keys a query at ``position`` reads (sinks and recent window included)."""
-    return math.ceil(keep_fraction * (position + 1))
+def budget(keep_fraction: float, position: int, floor: int = 0) -> int:
+    """Keys a query at ``position`` reads (sinks and recent window included): ``keep_fraction`` of its
+    past, but at least ``floor`` keys (all of a past that short)."""
+    return min(position + 1, max(math.ceil(keep_fraction * (position + 1)), floor))
 
 
 def knorm_scores(k: torch.Tensor) -> torch.Tensor:
@@ -175,6 +176,7 @@ def compress_index(
     recent: int,
     observation: int,
     slack: int = 0,
+    floor: int = 0,
 ) -> torch.Tensor | None:
     """Entries of a cache to keep after its queries ``q`` ran, per KV head (Hkv, m) (None: keep all).
 
@@ -183,11 +185,12 @@ def compress_index(
     by its own scores (the same count for every head). Scores: key norms (knorm), the
     latest query's attention (tova), the latest ``observation`` queries' (snapkv), or the
     attention summed over up to ``H2O_PREFILL_QUERIES`` latest queries (h2o). Nothing is
-    dropped until the cache exceeds its target by more than ``slack``.
+    dropped until the cache exceeds its target by more than ``slack``; the target is never below
+    ``floor`` entries.
     """
     n = k.shape[0]
     next_pos = int(q_pos[-1]) + 1
-    target = budget(keep_fraction, next_pos) - 1  # the next query reads the cache and itself
+    target = budget(keep_fraction, next_pos, floor) - 1  # the next query reads the cache and itself
     if n <= target + slack:
         return None
     n_sink = int(torch.searchsorted(k_pos, sinks))

@@ -20,12 +20,12 @@ RoPE positions stay the true positions in every case.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import QuicksilverError
+from . import kv_select
 from ._checks import check_choice, check_range
 
 POLICIES = ("propagate", "skip")
@@ -63,6 +63,10 @@ class KVCacheSkipping:
         each query reads, and share of the sequence that a generation cache keeps. A call
         that extends a cache (a question after its context) reads its own tokens in full and
         this share of the positions before it.
+    min_keys : int, default 0
+        For the importance rules: each query reads at least this many keys (a token budget, as
+        Quest's), so a context up to ``min_keys`` tokens is read in full and ``keep_fraction``
+        applies beyond it; a generation cache keeps at least this many entries.
     page_size : int, default 16
         Keys per page of ``quest``.
     block_pages : int or None, default None
@@ -86,6 +90,7 @@ class KVCacheSkipping:
     layers_from: int = 0
     selection: str = "window"
     keep_fraction: float = 0.25
+    min_keys: int = 0
     page_size: int = 16
     block_pages: int | None = None
     observation: int = 16
@@ -99,6 +104,7 @@ class KVCacheSkipping:
         check_range("kv", "keep_fraction", self.keep_fraction, 0.0, 1.0)
         if self.keep_fraction <= 0:
             check_range("kv", "keep_fraction", self.keep_fraction, 1e-6, 1.0)
+        check_range("kv", "min_keys", self.min_keys, 0, integer=True)
         check_range("kv", "page_size", self.page_size, 1, integer=True)
         check_range("kv", "block_pages", self.block_pages, 1, integer=True, allow_none=True)
         if self.block_pages is not None and self.block_pages % self.page_size:
@@ -131,8 +137,8 @@ class KVCacheSkipping:
             return None if self.recent_window is None else self.sink_tokens + self.recent_window + 1
         if self.keep_fraction >= 1:
             return None
-        n = self.sink_tokens + self.recent_at(self.layers_from) + 1
-        while math.ceil(self.keep_fraction * n) >= n:
+        n = max(self.sink_tokens + self.recent_at(self.layers_from), self.min_keys) + 1
+        while kv_select.budget(self.keep_fraction, n - 1, self.min_keys) >= n:
             n += 1
         return n
 
