@@ -24,6 +24,7 @@ so its kept fraction equals the importance rules' (both are measured, not assume
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -70,35 +71,45 @@ def kv_config(rule: str, keep: float, compressed: int, n_layers: int = N_LAYERS)
     return Config.from_dict({"kv": {"enabled": True, "selection": name, "keep_fraction": keep, "sink_tokens": SINKS, **extra}})
 
 
-def load(path: Path) -> dict:
-    import json
+_SEEN: dict = {}  # (section, key) -> the JSON of an entry as this run last read or wrote it
 
-    return json.loads(path.read_text()) if path.is_file() else {"needle": {}, "needle_baseline": {}, "continuation": {}, "speed": {}}
+
+def _mark(data: dict) -> None:
+    for section, entries in data.items():
+        for key, entry in entries.items():
+            _SEEN[(section, key)] = json.dumps(entry, sort_keys=True)
+
+
+def load(path: Path) -> dict:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = {s: data.get(s, {}) for s in ("needle", "needle_baseline", "continuation", "speed")} | data
+    _mark(data)
+    return data
 
 
 def save(path: Path, data: dict) -> None:
-    """Write ``data`` merged over what is on disk now, so runs of different tables into one file may overlap.
+    """Write the entries this run changed over what is on disk now, so runs of different tables into one file may overlap.
 
-    Under a lock, the file is read again and every entry of this run replaces the disk's entry of the
-    same key (a stock baseline's trials merge one by one); entries only on disk stay.
+    Under a lock, the file is read again; each entry this run added or changed since it last read or
+    wrote it replaces the disk's (a stock baseline's trials merge one by one); every other entry on
+    disk stays, and the entries this run has not got yet join its ``data``, its own objects kept.
     """
     import fcntl
-    import json
 
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        disk = load(path)
+        disk = json.loads(path.read_text()) if path.is_file() else {}
         for section, entries in data.items():
-            if not isinstance(entries, dict) or not isinstance(disk.get(section), dict):
-                disk[section] = entries
-                continue
+            into = disk.setdefault(section, {})
             for key, entry in entries.items():
-                if section == "needle_baseline" and isinstance(disk[section].get(key), dict):
-                    disk[section][key].update(entry)
+                if json.dumps(entry, sort_keys=True) == _SEEN.get((section, key)):
+                    continue  # unchanged here: the disk's may be newer
+                if section == "needle_baseline" and isinstance(into.get(key), dict):
+                    into[key].update(entry)
                 else:
-                    disk[section][key] = entry
+                    into[key] = entry
         write_json_atomic(path, disk)
-    for section, entries in disk.items():  # this run sees the other runs' entries too, its own objects kept
+    for section, entries in disk.items():
         mine = data.setdefault(section, {})
         for key, entry in entries.items():
             if key not in mine:
@@ -106,6 +117,10 @@ def save(path: Path, data: dict) -> None:
             elif section == "needle_baseline":
                 for trial, row in entry.items():
                     mine[key].setdefault(trial, row)
+            elif json.dumps(mine[key], sort_keys=True) == _SEEN.get((section, key)) and isinstance(mine[key], dict):
+                mine[key].clear()  # not changed here: take the disk's, in place (callers hold the object)
+                mine[key].update(json.loads(json.dumps(entry)))
+    _mark(data)
 
 
 def _out_of_time(args) -> bool:
