@@ -95,8 +95,10 @@ def save(path: Path, data: dict) -> None:
     disk stays, and the entries this run has not got yet join its ``data``, its own objects kept.
     """
     import fcntl
+    import tempfile
 
-    with open(path.with_suffix(".lock"), "w") as lock:
+    lock_path = Path(tempfile.gettempdir()) / f"quicksilver-{path.resolve().as_posix().strip('/').replace('/', '_')}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         disk = json.loads(path.read_text()) if path.is_file() else {}
         for section, entries in data.items():
