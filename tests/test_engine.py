@@ -209,3 +209,20 @@ def test_config_round_trips_through_a_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(QuicksilverError, match="not valid JSON"):
         Config.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("bad,message", [([1.5, 2.0], "token ids"), (torch.tensor([[0.5]]), "token ids"), ("hello", "token ids"),
+                                         (torch.tensor([], dtype=torch.long), "non-empty"), (torch.zeros(1, 2, 3, dtype=torch.long), "non-empty"),
+                                         (torch.tensor([5, 10**6]), "vocabulary"), (torch.tensor([-1]), "vocabulary")])
+def test_bad_input_ids_get_one_clear_error(bad, message):
+    engine = Engine(TINY["llama"](seed=0))
+    with pytest.raises(QuicksilverError, match=message):
+        engine(bad)
+    assert torch.equal(engine([1, 2, 3]).logits, engine(torch.tensor([1, 2, 3])).logits)  # a list of ints is fine
+
+
+def test_load_model_refuses_a_name_that_is_not_text():
+    from quicksilver import load_model
+
+    with pytest.raises(QuicksilverError, match="offline name"):
+        load_model(123)

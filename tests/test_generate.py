@@ -116,6 +116,9 @@ def test_eos_stops_a_row():
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 1.5, "temperature": 1.0}, "top-p"),
         ({"stop_strings": ["x"]}, "tokenizer"),
+        ({"prompts": [[1.5, 2.0]]}, "integers"),
+        ({"prompts": torch.tensor([3, 10**6])}, "vocabulary"),
+        ({"prompts": "hello"}, "token ids"),
     ],
 )
 def test_bad_generation_input(kwargs, message):

@@ -18,6 +18,7 @@ from .adapters import adapter_for
 from .adapters.base import apply_rotary_signed, signed_sin, to_device
 from .attention import _additive, _sdpa, attend, attend_selected, block_plan
 from .config import Config
+from .errors import QuicksilverError
 from .kernels import decode_attention
 from .ledger import Ledger
 from .mechanisms import kv_select
@@ -154,8 +155,10 @@ class Engine:
     def __call__(self, input_ids: torch.Tensor, logit_rows: torch.Tensor | None = None, compact: bool = True) -> EngineOutput:
         """Logits at ``logit_rows`` (default: every position) and the run's ledger.
 
-        ``input_ids`` is (T,) or (B, T); rows of a batch run independently.
+        ``input_ids`` is (T,) or (B, T) token ids (a tensor, or a list of ints); rows of a batch
+        run independently. Anything else raises ``QuicksilverError`` with what was wrong.
         """
+        input_ids = self._check_ids(input_ids)
         if input_ids.dim() == 2:
             outs = [self._forward(row, logit_rows, compact) for row in input_ids]
             ledger = outs[0][1]
@@ -164,6 +167,23 @@ class Engine:
             return EngineOutput(torch.stack([o[0] for o in outs]), ledger)
         logits, ledger = self._forward(input_ids, logit_rows, compact)
         return EngineOutput(logits, ledger)
+
+    def _check_ids(self, ids) -> torch.Tensor:
+        """``ids`` as a non-empty (T,) or (B, T) integer tensor of ids below the vocabulary size."""
+        if isinstance(ids, (list, tuple)):
+            try:
+                ids = torch.tensor(ids)
+            except (TypeError, ValueError, RuntimeError):
+                raise QuicksilverError("input_ids must be token ids: a list of ints or an integer tensor") from None
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise QuicksilverError(f"input_ids must be token ids: a list of ints or an integer tensor, got {got}")
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise QuicksilverError(f"input_ids must be a non-empty (T,) or (B, T) tensor, got shape {tuple(ids.shape)}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.spec.vocab_size:
+            raise QuicksilverError(f"input_ids must lie in [0, {self.spec.vocab_size}) (the vocabulary), got {low if low < 0 else high}")
+        return ids.long()
 
     def _forward(self, ids: torch.Tensor, logit_rows: torch.Tensor | None, compact: bool):
         T = ids.numel()

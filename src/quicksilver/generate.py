@@ -81,25 +81,34 @@ def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: floa
     return sample
 
 
-def _check_request(prompts, max_new_tokens: int, max_positions: int, eos_token_id, stop_strings, tokenizer):
+def _check_request(prompts, max_new_tokens: int, max_positions: int, eos_token_id, stop_strings, tokenizer, vocab: int | None = None):
     """The prompts as 1-D tensors and the EOS ids as a set, after the checks every generation path shares."""
-    rows = _check_prompts(prompts, max_new_tokens, max_positions)
+    rows = _check_prompts(prompts, max_new_tokens, max_positions, vocab)
     if stop_strings and tokenizer is None:
         raise QuicksilverError("stop strings need a tokenizer to decode with")
     return rows, set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
 
 
-def _check_prompts(prompts, max_new_tokens: int, max_positions: int) -> list[torch.Tensor]:
+def _check_prompts(prompts, max_new_tokens: int, max_positions: int, vocab: int | None = None) -> list[torch.Tensor]:
     if max_new_tokens < 1:
         raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
     if isinstance(prompts, torch.Tensor):
         prompts = [prompts] if prompts.dim() == 1 else list(prompts)
-    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    try:
+        rows = [torch.as_tensor(p).flatten() for p in prompts]
+    except (TypeError, ValueError, RuntimeError):
+        raise QuicksilverError("prompts must be token ids: a list of ints, a list of such lists, or an integer tensor") from None
     if not rows:
         raise QuicksilverError("no prompt given")
     for r in rows:
         if r.numel() == 0:
             raise QuicksilverError("empty prompt: give at least one token")
+        if r.dtype.is_floating_point or r.dtype.is_complex or r.dtype == torch.bool:
+            raise QuicksilverError(f"prompts must be token ids (integers), got {r.dtype}")
+        if vocab is not None and (int(r.min()) < 0 or int(r.max()) >= vocab):
+            raise QuicksilverError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary)")
+    rows = [r.long() for r in rows]
+    for r in rows:
         if r.numel() + max_new_tokens > max_positions:
             raise QuicksilverError(
                 f"prompt of {r.numel()} tokens plus {max_new_tokens} new tokens exceeds the model's context of {max_positions}"
@@ -179,7 +188,7 @@ def generate(
         return generate_speculative(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
                                     stop_strings, tokenizer, on_token)
     spec = engine.spec
-    rows, eos = _check_request(prompts, max_new_tokens, spec.max_positions, eos_token_id, stop_strings, tokenizer)
+    rows, eos = _check_request(prompts, max_new_tokens, spec.max_positions, eos_token_id, stop_strings, tokenizer, spec.vocab_size)
     sample = make_sampler(temperature, top_k, top_p, seed)
     device = next(engine.model.parameters()).device
     caches = new_caches(engine, [r.numel() + max_new_tokens for r in rows])

@@ -249,6 +249,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise QuicksilverError(f"model must be an offline name, a local folder or a hub id, got {name_or_path!r}")
     hf_logging.disable_progress_bar()
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)

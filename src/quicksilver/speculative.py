@@ -689,7 +689,7 @@ def generate_speculative(
 
     spec, cfg = engine.spec, engine.config.speculative
     cfg.check_model(spec.n_layers)
-    rows, eos = _check_request(prompts, max_new_tokens, spec.max_positions, eos_token_id, stop_strings, tokenizer)
+    rows, eos = _check_request(prompts, max_new_tokens, spec.max_positions, eos_token_id, stop_strings, tokenizer, spec.vocab_size)
     make_sampler(temperature, top_k, top_p, seed)  # validates the sampling settings like plain generate
     gen = torch.Generator()
     gen.manual_seed(0 if seed is None else seed)
