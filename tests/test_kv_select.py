@@ -283,3 +283,15 @@ def test_min_keys_reads_a_short_past_in_full_and_the_fraction_beyond(selection):
         assert kv_select.compress_index(selection, 0.25, k[:20], pos[:20], q[:20], pos[:20], 0.35, 1, 4, 3, floor=24) is None
         index = kv_select.compress_index(selection, 0.25, k, pos, q, pos, 0.35, 1, 4, 3, floor=24)
         assert index.shape == (2, 23)  # the next query (position 60) reads the 23 kept and itself
+
+
+def test_quest_continuation_longer_than_a_question_still_chooses_per_query():
+    # A continuation after its prefix picks each query's pages, as generating token by token would;
+    # only queries that start a sequence choose together in blocks (QUERY_BLOCK is 6 here).
+    g = torch.Generator().manual_seed(11)
+    n, c = 80, 40
+    q, k, v = torch.randn(c, 4, 8, generator=g), torch.randn(n + c, 2, 8, generator=g), torch.randn(n + c, 2, 8, generator=g)
+    assert c > attention.QUEST_PER_QUERY
+    mask = attention.attend_selected(q, k, v, torch.arange(n, n + c), torch.arange(n + c), 0.35, _kv("quest").kv, return_mask=True)[2]
+    older = mask[:, :6, 1 : n - 4]  # the first six queries' choices among the older keys of the prefix
+    assert any(not torch.equal(older[:, 0], older[:, i]) for i in range(1, 6))

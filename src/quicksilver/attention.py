@@ -22,7 +22,7 @@ from .kernels import causal_attention, decode_attention
 from .mechanisms import kv_select
 
 QUERY_BLOCK = 128
-QUEST_PER_QUERY = 32  # a run of 2 to this many queries appended to a cache (a question) picks fine pages per query
+QUEST_PER_QUERY = 32  # up to this many queries, quest chooses pages per query even when they start a sequence
 
 
 def _sdpa(q, k, v, scale, mask=None, is_causal=False):
@@ -164,8 +164,11 @@ def attend_selected(
     heads = torch.arange(hkv, device=dev)
     start = int(torch.searchsorted(k_pos, q_pos[0]))  # keys before this call's first query: a cache it extends
     prior = kv_select.budget(kv.keep_fraction, int(q_pos[0]) - 1, kv.min_keys) if start > n_sink else None  # kept of the positions before the call
-    # Quest on a short run of queries (a question, a decode step): each query picks its own pages.
-    step = 1 if sel == "quest" and tq <= QUEST_PER_QUERY else QUERY_BLOCK
+    # Quest on queries that extend a cache (a question, a continuation, a decode step) or on a short
+    # run of them: each query picks its own pages, as it would generating token by token. A block
+    # of queries choosing together from its first query's scores (a prefill's speed) cost a
+    # continuation +4.18% perplexity against +0.72% choosing per query (news calibration, 25%).
+    step = 1 if sel == "quest" and (tq <= QUEST_PER_QUERY or prior is not None) else QUERY_BLOCK
     if sel == "quest" and pages.coarse > 1 and (step > 1 or tq == 1):  # blocks of queries and decode steps: block pages
         kmin, kmax = pages.blocks()
         page = kv.block_pages

@@ -70,15 +70,15 @@ class KVCacheSkipping:
     page_size : int, default 16
         Keys per page of ``quest``.
     block_pages : int or None, default None
-        ``quest``: keys per page when a block of queries chooses (a prefill, a teacher-forced
-        pass, a continuation of more than ``attention.QUEST_PER_QUERY`` tokens) and when a
-        decode step does, a multiple of ``page_size``; a run of 2 to ``QUEST_PER_QUERY``
-        queries appended to a cache (a question after its context) chooses each of its
-        queries' pages of ``page_size`` keys. None: ``page_size`` everywhere. Small pages
-        choose more precisely (retrieval: the question finds the fact), large ones cost less
-        to score: a decode step scoring 2-key pages of a 7,680-token cache read more summary
-        bytes than the cache itself and ran at 0.93x ``off``; on 16-key blocks it runs at
-        1.38x (docs/results/long_context.md).
+        ``quest``: keys per page when a block of queries that starts a sequence chooses (a
+        prefill, a teacher-forced pass of more than ``attention.QUEST_PER_QUERY`` tokens) and
+        when a decode step chooses, a multiple of ``page_size``; queries appended to a cache
+        (a question after its context, a continuation after its prefix) choose each query's
+        pages of ``page_size`` keys. None: ``page_size`` everywhere. Small pages choose more
+        precisely, large ones cost less to score: a decode step scoring 2-key pages of a
+        7,680-token cache read more summary bytes than the cache itself and ran at 0.93x
+        ``off``; on 16-key blocks it runs at 1.31x, at a cost (a continuation scored per query
+        on 16-key pages +2.75% perplexity, on 2-key pages +0.72%; docs/RESULTS.md "Long context").
     observation : int, default 16
         Latest queries whose attention scores keys for ``h2o``, ``snapkv`` and ``quest``.
     """
