@@ -254,14 +254,15 @@ def render_with_ours(results: dict, ours_from: str | None) -> str:
 
 
 def stock_agreement(results: dict) -> dict:
-    """Per context: (trials where kvpress's and our stock model answered the same text, trials both ran, differing trial ids)."""
+    """Per context: (trials where kvpress's and our stock model answered the same text, trials where both were right or
+    both wrong, trials both ran, the ids of trials with different texts)."""
     out = {}
     for ctx, methods in results.get("needle", {}).items():
         a, b = methods.get(method_name("kvpress", STOCK, None), {}), methods.get(method_name("quicksilver", STOCK, None), {})
         both = sorted(set(a) & set(b), key=int)
         if both:
             differ = [i for i in both if a[i]["answer"] != b[i]["answer"]]
-            out[ctx] = (len(both) - len(differ), len(both), differ)
+            out[ctx] = (len(both) - len(differ), sum(a[i]["correct"] == b[i]["correct"] for i in both), len(both), differ)
     return out
 
 
@@ -327,7 +328,7 @@ def render_markdown(results: dict) -> str:
     v = results.get("versions", {})
     shared = {c: len(set.intersection(*(set(t) for t in results["needle"][c].values()))) for c in contexts if results["needle"][c]}
     commands = meta.get("commands", [])
-    ctx_cont = (meta.get("prefix_tokens") or 3584) + (meta.get("continuation_tokens") or 512)
+    ctx_cont = (meta.get("prefix_tokens") or 0) + (meta.get("continuation_tokens") or 0)
     lines = [
         (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
          f"Commands: {len(commands)} runs (listed below), merged with `--merge`") + f" — last run {meta.get('date', '?')} — "
@@ -339,10 +340,11 @@ def render_markdown(results: dict) -> str:
         + f". kvpress {v.get('kvpress', '?')} with transformers {v.get('transformers_kvpress', '?')} and torch {v.get('torch_kvpress', '?')} "
         f"in its own venv; ours: quicksilver with transformers {v.get('transformers', '?')}, torch {v.get('torch', '?')}.",
         "",
-        "The trials and chunks are `benchmarks/long_context.py`'s: trial i of a context is its trial i (the haystack is the "
-        "first 4 x context tokens of the test split, `needle.make_trials` with the same seed and depths), and chunk i is "
-        f"tokens [i x {ctx_cont:,}, (i + 1) x {ctx_cont:,}) of the test split, its first "
-        f"{meta.get('prefix_tokens', '?')} tokens compressed, the next {meta.get('continuation_tokens', '?')} scored (no BOS, as there).",
+        "The trials are `benchmarks/long_context.py`'s: trial i of a context is its trial i (the haystack is the "
+        "first 4 x context tokens of the test split, `needle.make_trials` with the same seed and depths)"
+        + (f"; so are the continuation chunks: chunk i is tokens [i x {ctx_cont:,}, (i + 1) x {ctx_cont:,}) of the test split, "
+           f"its first {meta['prefix_tokens']:,} tokens compressed, the next {meta['continuation_tokens']} scored (no BOS, as there)"
+           if meta.get("prefix_tokens") else "") + ".",
         "",
     ]
     if meta.get("ours_source"):
@@ -353,8 +355,11 @@ def render_markdown(results: dict) -> str:
     agree = stock_agreement(results)
     if agree:
         lines += ["The stock model's answers, kvpress's venv (its transformers' own forward) against ours on the same trials: "
-                  + "; ".join(f"{int(c):,} tokens: {same}/{n} identical" + (f" (differ: trial {', '.join(d)})" if d else "")
-                              for c, (same, n, d) in sorted(agree.items(), key=lambda x: int(x[0]))) + ".", ""]
+                  + "; ".join(f"{int(c):,} tokens: {same}/{n} identical texts" + (f" (differ: trial {', '.join(d)})" if d else "")
+                              + f", {right}/{n} equally right or wrong"
+                              for c, (same, right, n, d) in sorted(agree.items(), key=lambda x: int(x[0])))
+                  + ". In bfloat16 the two forwards round differently (see the logit check below), so a greedy answer may part "
+                  "after a near tie; each side's compressed columns are judged against its own stock model.", ""]
     if meta.get("note"):
         lines += [f"**{meta['note']}**", ""]
     check = results.get("logit_check")
