@@ -381,6 +381,10 @@ def render_markdown(results: dict) -> str:
     if any("delta_ppl" in r for r in rows):
         n = len(set.intersection(*(set(c) for c in results["continuation"].values())))
         cont_meta = f"{n} chunk(s) of {meta.get('prefix_tokens')} + {meta.get('continuation_tokens')} tokens"
+        stock = {r["side"]: r["ppl"] for r in rows if r["fraction"] is None and "ppl" in r}
+        if len(stock) == 2:
+            cont_meta += (f"; the stock model's perplexity on them: {stock['kvpress']:.3f} in kvpress's venv, "
+                          f"{stock['quicksilver']:.3f} in ours")
     head = ["kept", "method"] + [f"needle {int(c):,}" for c in contexts] + (["cont. ΔPPL", "kept (cont.)"] if cont_meta else [])
     lines += ["Pass keys retrieved (k/n) per context"
               + (f"; continuation ΔPPL: perplexity of the next {meta.get('continuation_tokens')} tokens after the compressed prefix "

@@ -117,5 +117,6 @@ def test_our_columns_come_from_long_context_json_on_the_same_trials():
     assert rows["quicksilver:window@0.25"]["delta_ppl"] == pytest.approx(2.718281828 ** (10 / 512) - 1)
     assert kvpress_side.stock_agreement(both) == {"2048": (1, 1, 2, ["1"])}
     text = kvpress_side.render_markdown(both)
+    assert f"stock model's perplexity on them: {2.718281828 ** (100 / 512):.3f} in kvpress's venv, {2.718281828 ** (100 / 512):.3f} in ours" in text
     assert "read from `lc.json`" in text and "1/2 identical texts (differ: trial 1), 1/2 equally right or wrong" in text
     assert "| 25% | needle 2,048 | 2 (snapkv) | 1 (window) | **worse** |" in text and "worse** than kvpress's best press at: needle 2,048 at 25%" in text
