@@ -331,7 +331,7 @@ def render_markdown(results: dict) -> str:
     ctx_cont = (meta.get("prefix_tokens") or 0) + (meta.get("continuation_tokens") or 0)
     lines = [
         (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
-         f"Commands: {len(commands)} runs (listed below), merged with `--merge`") + f" — last run {meta.get('date', '?')} — "
+         f"Commands: {len(commands)} runs (listed below), merged into one JSON by trial and chunk") + f" — last run {meta.get('date', '?')} — "
         f"{meta.get('machine', '?')}; shared machine (2 cores, other jobs running), one torch thread per run.",
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
