@@ -412,6 +412,11 @@ def render_markdown(results: dict) -> str:
         lines += ["", ("Ours is **worse** than kvpress's best press at: " + "; ".join(worse) + "." if worse else
                        "Ours is as good as or better than kvpress's best press at every point measured here.")
                   + " (A tie counts as good; on this few trials a difference of a pass key or two is within noise.)"]
+        if any(r["side"] == "quicksilver" and r["rule"].startswith("quest") for r in rows):
+            lines += ["", "Read `quest` with its caveat: it is query-aware and drops nothing from memory (each query, the question's "
+                      "and the answer's too, reads its best pages of the full cache: the kept fraction is what a query reads), while "
+                      "every press and our `window` evict before the question is seen, and KV memory falls with them. Among rules "
+                      "that really free memory, compare `window` with the presses."]
     kept = [r for r in rows if r["kept"] and r["fraction"] is not None]
     if kept:
         lines += ["", "<details><summary>Measured kept fraction of the context (needle)</summary>", "",
