@@ -32,7 +32,7 @@ def test_merge_keeps_both_runs_and_the_table_compares_shared_trials_only():
     assert rows["quicksilver:snapkv@0.25"]["needle"]["2048"] == (2, 2)
     text = kvpress_side.render_markdown(merged)
     assert "| 25% | kvpress snapkv | 1/2 |" in text and "| 25% | quicksilver snapkv | 2/2 |" in text
-    assert "| 25% | needle 2,048 | 1 (snapkv) | 2 (snapkv) | as good or better |" in text
+    assert "| 25% | needle 2,048 | 1 (snapkv) | 2 (snapkv) | as good or better | 2 (snapkv) | as good or better |" in text
 
 
 def test_merge_refuses_other_trials_or_settings():
@@ -119,4 +119,14 @@ def test_our_columns_come_from_long_context_json_on_the_same_trials():
     text = kvpress_side.render_markdown(both)
     assert f"stock model's perplexity on them: {2.718281828 ** (100 / 512):.3f} in kvpress's venv, {2.718281828 ** (100 / 512):.3f} in ours" in text
     assert "read from `lc.json`" in text and "1/2 identical texts (differ: trial 1), 1/2 equally right or wrong" in text
-    assert "| 25% | needle 2,048 | 2 (snapkv) | 1 (window) | **worse** |" in text and "worse** than kvpress's best press at: needle 2,048 at 25%" in text
+    assert "| 25% | needle 2,048 | 2 (snapkv) | 1 (window) | **worse** | 1 (window) | **worse** |" in text
+    assert "worse** than kvpress's best press at: needle 2,048 at 25%." in text and "evicting rules alone are **worse** at: needle 2,048" in text
+
+
+def test_the_verdict_also_counts_our_evicting_rules_alone():
+    def row(side, rule, got):
+        return {"side": side, "rule": rule, "fraction": 0.25, "needle": {"4096": (got, 10)}}
+    rows = [row("kvpress", "tova", 2), row("quicksilver", "window", 1), row("quicksilver", "quest+page_size=2", 4)]
+    (v,) = kvpress_side.best_against_kvpress(rows, ["4096"])
+    assert (v["ours"], v["verdict"]) == ("4 (quest+page_size=2)", "as good or better")
+    assert (v["evicting"], v["evicting_verdict"]) == ("1 (window)", "**worse**")
