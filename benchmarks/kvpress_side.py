@@ -705,9 +705,13 @@ def drive(args) -> None:
         args.render = True
     if args.note is not None and old:
         old.setdefault("meta", {})["note"] = args.note
+    if args.ours_from and not (ROOT / args.ours_from).is_file():
+        raise BenchError(f"--ours-from {args.ours_from}: no such file")
     if args.ours_from and old:
         old.setdefault("meta", {})["ours_from"] = args.ours_from
     ours_from = args.ours_from or old.get("meta", {}).get("ours_from")
+    if not args.ours_from and ours_from and not (ROOT / ours_from).is_file():  # remembered from another checkout: this one's
+        ours_from = "docs/results/long_context.json"
     if args.merge or args.note is not None or (args.ours_from and old):
         write_json_atomic(out_json, old)
     if args.render:
