@@ -344,7 +344,7 @@ def render_markdown(results: dict) -> str:
         f"{meta.get('machine', '?')}; shared machine (2 cores, other jobs running), one torch thread per run.",
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
-        f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context: "
+        f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context that every column ran: "
         + ", ".join(f"{c}: {n}" for c, n in shared.items())
         + f". kvpress {v.get('kvpress', '?')} with transformers {v.get('transformers_kvpress', '?')} and torch {v.get('torch_kvpress', '?')} "
         f"in its own venv; ours: quicksilver with transformers {v.get('transformers', '?')}, torch {v.get('torch', '?')}.",
@@ -367,7 +367,8 @@ def render_markdown(results: dict) -> str:
                   + "; ".join(f"{int(c):,} tokens: {same}/{n} identical texts" + (f" (differ: trial {', '.join(d)})" if d else "")
                               + f", {right}/{n} equally right or wrong"
                               for c, (same, right, n, d) in sorted(agree.items(), key=lambda x: int(x[0])))
-                  + ". In bfloat16 the two forwards round differently (see the logit check below), so a greedy answer may part "
+                  + ". In bfloat16 the two forwards round differently (" + ("see the logit check below" if results.get("logit_check") else
+                  "`--logit-check` measures it") + "), so a greedy answer may part "
                   "after a near tie; each side's compressed columns are judged against its own stock model.", ""]
     if meta.get("note"):
         lines += [f"**{meta['note']}**", ""]
