@@ -1,7 +1,9 @@
 """kvpress side by side: NVIDIA kvpress's presses and our KV selection rules on the same trials.
 
     python benchmarks/kvpress_side.py --context 2048 --trials 10          # one context; merged into the JSON
-    python benchmarks/kvpress_side.py --continuation-chunks 1 --no-needle  # continuation perplexity only
+    python benchmarks/kvpress_side.py --continuation-chunks 4 --no-needle  # continuation perplexity only
+    python benchmarks/kvpress_side.py --policies none --ours-from docs/results/long_context.json --context 4096
+                                       # kvpress only; our columns read from benchmarks/long_context.py's results
     python benchmarks/kvpress_side.py --render                             # the table from the JSON, nothing run
 
 kvpress 0.5.5 pins transformers < 5.3, so it runs in a virtual environment of its own, built
@@ -11,8 +13,11 @@ package imports kvpress: this file runs twice, as the driver here and as a worke
 (``--worker JOB OUT``) in that venv, and the two exchange only JSON of token ids and results
 (and, for the logit check, a .npy of our logits).
 
-The trials are ``quicksilver needle``'s own (``needle.make_trials``, the same haystack, seed
-and depths), so both sides read the very same prompts. kvpress's presses are applied over a
+The trials are ``benchmarks/long_context.py``'s (``needle.make_trials`` on a haystack of the
+first 4 x context tokens of the test split, the same seed and depths), and so are the
+continuation chunks (consecutive windows of prefix + continuation tokens, no BOS), so both
+sides read the very same prompts and ``--ours-from`` can set long_context.py's own results
+beside kvpress's, trial by trial, instead of running our rules again. kvpress's presses are applied over a
 raw-text prefill of the context only, as kvpress applies them; the question then runs on the
 compressed cache and the answer is decoded greedily (kvpress's ``generate_answer`` loop,
 without its pipeline's chat template). Every press compresses a cache after the layer's
@@ -172,6 +177,95 @@ def _methods(results: dict, fraction: float | None) -> list[str]:
     return sorted(keep, key=key)
 
 
+# Our columns as benchmarks/long_context.py measured them (--ours-from): the rules below at these kept fractions.
+OURS_RULES = ("window", "quest+page_size=2+block_pages=16")
+OURS_FRACTIONS = (0.25, 0.5)
+
+
+def ours_from_long_context(lc: dict, corpus: str, seed: int = 0, rules=OURS_RULES, fractions=OURS_FRACTIONS,
+                           continuation_context: int | None = None) -> dict:
+    """Our columns from long_context.py's JSON ``lc``, in this file's layout (``quicksilver:RULE@F`` and ``quicksilver:stock``).
+
+    Needle: ``lc["needle"]["CORPUS/CONTEXT/RULE/KEEP"]["trials_detail"][i]`` is trial ``i``; the stock
+    model's answers come from ``lc["needle_baseline"]["CORPUS/CONTEXT/SEED"][i]`` (keys and depths from
+    any rule's row ``i`` at that context, since the baseline rows hold only answers). Continuation (at
+    ``continuation_context`` tokens, prefix + scored, if given): ``lc["continuation"]`` entries' per-chunk
+    summed ``nll`` and ``kept``, and ``baseline/CORPUS/CONTEXT``'s ``nll`` as our stock model.
+    """
+    out = {"needle": {}, "continuation": {}}
+    keys: dict = {}  # context -> trial -> (key, depth), from every rule's rows (the trials are the same for all)
+    for e in lc.get("needle", {}).values():
+        if e.get("corpus") != corpus or e.get("seed", 0) != seed:
+            continue
+        for i, r in enumerate(e.get("trials_detail", [])):
+            keys.setdefault(str(e["context"]), {}).setdefault(str(i), (r["key"], r["depth"]))
+        if e["rule"] not in rules or not any(math.isclose(e["keep"], f) for f in fractions):
+            continue
+        rows = out["needle"].setdefault(str(e["context"]), {}).setdefault(method_name("quicksilver", e["rule"], e["keep"]), {})
+        for i, r in enumerate(e["trials_detail"]):
+            rows[str(i)] = {"key": r["key"], "depth": r["depth"], "answer": r["answer"], "correct": r["correct"], "kept": r["kept_fraction"]}
+    for bkey, trials in lc.get("needle_baseline", {}).items():
+        c, n, s = bkey.split("/")
+        if c != corpus or int(s) != seed:
+            continue
+        for i, r in trials.items():
+            if i in keys.get(n, {}):
+                key, depth = keys[n][i]
+                out["needle"].setdefault(n, {}).setdefault(method_name("quicksilver", STOCK, None), {})[i] = {
+                    "key": key, "depth": depth, "answer": r["answer"], "correct": r["correct"], "kept": 1.0}
+    if continuation_context:
+        base = lc.get("continuation", {}).get(f"baseline/{corpus}/{continuation_context}")
+        entries = [e for k, e in lc.get("continuation", {}).items() if not k.startswith("baseline/") and e.get("corpus") == corpus
+                   and e.get("context") == continuation_context and e["rule"] in rules and any(math.isclose(e["keep"], f) for f in fractions)]
+        if base and base.get("nll"):
+            out["continuation"][method_name("quicksilver", STOCK, None)] = {
+                str(i): {"nll": x, "tokens": 512, "kept": 1.0} for i, x in enumerate(base["nll"])}
+        for e in entries:
+            kept = e.get("kept", [e.get("kv_fraction", 0.0)] * len(e["nll"]))
+            out["continuation"][method_name("quicksilver", e["rule"], e["keep"])] = {
+                str(i): {"nll": x, "tokens": e.get("continuation_tokens", 512), "kept": k} for i, (x, k) in enumerate(zip(e["nll"], kept))}
+    return out
+
+
+def with_ours(results: dict, ours: dict, source: str) -> dict:
+    """``results`` with the columns ``ours`` (from :func:`ours_from_long_context`) in place of any of the same name."""
+    out = json.loads(json.dumps(results))
+    for ctx, methods in ours.get("needle", {}).items():
+        if ctx in out.get("needle", {}):  # only contexts kvpress ran: a column alone says nothing side by side
+            out["needle"][ctx].update(methods)
+    if out.get("continuation"):
+        out["continuation"].update(ours.get("continuation", {}))
+    out.setdefault("meta", {})["ours_source"] = source
+    return out
+
+
+def render_with_ours(results: dict, ours_from: str | None) -> str:
+    """The markdown of ``results``, our columns read from long_context.py's JSON ``ours_from`` if given (never written)."""
+    if ours_from:
+        path = Path(ours_from) if Path(ours_from).is_absolute() else ROOT / ours_from
+        if not path.is_file():
+            raise BenchError(f"--ours-from {ours_from}: no such file")
+        meta = results.get("meta", {})
+        cont = (meta["prefix_tokens"] + meta["continuation_tokens"]) if meta.get("prefix_tokens") else None
+        ours = ours_from_long_context(json.loads(path.read_text()), meta.get("corpus", "wiki"), meta.get("seed", 0), continuation_context=cont)
+        shown = f"`{ours_from}` as of {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        results = with_ours(results, ours, shown)
+    return render_markdown(results)
+
+
+def stock_agreement(results: dict) -> dict:
+    """Per context: (trials where kvpress's and our stock model answered the same text, trials where both were right or
+    both wrong, trials both ran, the ids of trials with different texts)."""
+    out = {}
+    for ctx, methods in results.get("needle", {}).items():
+        a, b = methods.get(method_name("kvpress", STOCK, None), {}), methods.get(method_name("quicksilver", STOCK, None), {})
+        both = sorted(set(a) & set(b), key=int)
+        if both:
+            differ = [i for i in both if a[i]["answer"] != b[i]["answer"]]
+            out[ctx] = (len(both) - len(differ), sum(a[i]["correct"] == b[i]["correct"] for i in both), len(both), differ)
+    return out
+
+
 def table_rows(results: dict) -> list[dict]:
     """One row per (kept fraction, method): needle accuracy per context and continuation ΔPPL.
 
@@ -204,7 +298,8 @@ def table_rows(results: dict) -> list[dict]:
 
 
 def best_against_kvpress(rows: list[dict], contexts: list[str]) -> list[dict]:
-    """Per kept fraction and test, kvpress's best press against our best rule (ties count as 'as good')."""
+    """Per kept fraction and test, kvpress's best press against our best rule (ties count as 'as good'), and against
+    our best rule that evicts (every rule but ``quest``, which keeps the whole cache in memory) where that differs."""
     out = []
     for f in sorted({r["fraction"] for r in rows if r["fraction"] is not None}):
         at = [r for r in rows if r["fraction"] == f]
@@ -212,18 +307,26 @@ def best_against_kvpress(rows: list[dict], contexts: list[str]) -> list[dict]:
         tests.append(("continuation", lambda r: r.get("delta_ppl"), min))
         for name, value, best in tests:
             sides = {}
-            for side in ("kvpress", "quicksilver"):
-                scored = [(value(r), r["rule"]) for r in at if r["side"] == side and value(r) is not None]
+            for side, keep in (("kvpress", lambda r: True), ("quicksilver", lambda r: True),
+                               ("evicting", lambda r: not r["rule"].startswith("quest"))):
+                scored = [(value(r), r["rule"]) for r in at if r["side"] == side.replace("evicting", "quicksilver") and keep(r)
+                          and value(r) is not None]
                 if scored:
                     top = best(v for v, _ in scored)
                     sides[side] = (top, [rule for v, rule in scored if v == top])
-            if len(sides) < 2:
+            if "kvpress" not in sides or "quicksilver" not in sides:
                 continue
-            (kv, kv_rules), (qs, qs_rules) = sides["kvpress"], sides["quicksilver"]
             fmt = (lambda v: f"{v * 100:+.2f}%") if name == "continuation" else str
-            good = qs <= kv if name == "continuation" else qs >= kv
-            out.append({"fraction": f, "test": name, "kvpress": f"{fmt(kv)} ({', '.join(kv_rules)})", "ours": f"{fmt(qs)} ({', '.join(qs_rules)})",
-                        "verdict": "as good or better" if good else "**worse**"})
+            kv = sides["kvpress"][0]
+            row = {"fraction": f, "test": name, "kvpress": f"{fmt(kv)} ({', '.join(sides['kvpress'][1])})"}
+            for side, field in (("quicksilver", "ours"), ("evicting", "evicting")):
+                if side in sides:
+                    qs, qs_rules = sides[side]
+                    good = qs <= kv if name == "continuation" else qs >= kv
+                    row[field] = f"{fmt(qs)} ({', '.join(qs_rules)})"
+                    row[field + "_verdict"] = "as good or better" if good else "**worse**"
+            row["verdict"] = row["ours_verdict"]
+            out.append(row)
     return out
 
 
@@ -234,24 +337,45 @@ def render_markdown(results: dict) -> str:
     v = results.get("versions", {})
     shared = {c: len(set.intersection(*(set(t) for t in results["needle"][c].values()))) for c in contexts if results["needle"][c]}
     commands = meta.get("commands", [])
+    ctx_cont = (meta.get("prefix_tokens") or 0) + (meta.get("continuation_tokens") or 0)
     lines = [
         (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
-         f"Commands: {len(commands)} runs (listed below), merged with `--merge`") + f" — last run {meta.get('date', '?')} — "
+         f"Commands: {len(commands)} runs (listed below), merged into one JSON by trial and chunk") + f" — last run {meta.get('date', '?')} — "
         f"{meta.get('machine', '?')}; shared machine (2 cores, other jobs running), one torch thread per run.",
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
-        f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context: "
+        f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context that every column ran: "
         + ", ".join(f"{c}: {n}" for c, n in shared.items())
         + f". kvpress {v.get('kvpress', '?')} with transformers {v.get('transformers_kvpress', '?')} and torch {v.get('torch_kvpress', '?')} "
         f"in its own venv; ours: quicksilver with transformers {v.get('transformers', '?')}, torch {v.get('torch', '?')}.",
         "",
+        "The trials are `benchmarks/long_context.py`'s: trial i of a context is its trial i (the haystack is the "
+        "first 4 x context tokens of the test split, `needle.make_trials` with the same seed and depths)"
+        + (f"; so are the continuation chunks: chunk i is tokens [i x {ctx_cont:,}, (i + 1) x {ctx_cont:,}) of the test split, "
+           f"its first {meta['prefix_tokens']:,} tokens compressed, the next {meta['continuation_tokens']} scored (no BOS, as there)"
+           if meta.get("prefix_tokens") else "") + ".",
+        "",
     ]
+    if meta.get("ours_source"):
+        lines += [f"Our columns (`quicksilver ...`) are not run here: they are read from {meta['ours_source']} (the rules "
+                  f"{', '.join(f'`{r}`' for r in OURS_RULES)} at {', '.join(f'{f:.0%}' for f in OURS_FRACTIONS)} and the stock model, "
+                  "as `long_context.py needle|continuation` measured them, through the quicksilver engine in the same dtype); "
+                  "every cell counts only the trials and chunks that every column of its context ran.", ""]
+    agree = stock_agreement(results)
+    if agree:
+        lines += ["The stock model's answers, kvpress's venv (its transformers' own forward) against ours on the same trials: "
+                  + "; ".join(f"{int(c):,} tokens: {same}/{n} identical texts" + (f" (differ: trial {', '.join(d)})" if d else "")
+                              + f", {right}/{n} equally right or wrong"
+                              for c, (same, right, n, d) in sorted(agree.items(), key=lambda x: int(x[0])))
+                  + ". In bfloat16 the two forwards round differently (" + ("see the logit check below" if results.get("logit_check") else
+                  "`--logit-check` measures it") + "), so a greedy answer may part "
+                  "after a near tie; each side's compressed columns are judged against its own stock model.", ""]
     if meta.get("note"):
         lines += [f"**{meta['note']}**", ""]
     check = results.get("logit_check")
     if check:
         lines += ["Stock logits, quicksilver engine (`off`) against kvpress's venv (its transformers' own Llama forward), "
-                  f"{check['tokens']} tokens of the first haystack: "
+                  f"the first {check['tokens']} tokens of the test text: "
                   + "; ".join(f"{dt}: max |Δlogit| {c['max_abs_diff']:.2e} (logits up to {c['max_abs_logit']:.1f}), "
                               f"top-1 agreement {c['top1_agreement']:.1%}" for dt, c in check["dtypes"].items())
                   + (f" (the same check between float32 and bfloat16 on kvpress's side: {check['float32_vs_bfloat16']:.2e})"
@@ -267,6 +391,10 @@ def render_markdown(results: dict) -> str:
     if any("delta_ppl" in r for r in rows):
         n = len(set.intersection(*(set(c) for c in results["continuation"].values())))
         cont_meta = f"{n} chunk(s) of {meta.get('prefix_tokens')} + {meta.get('continuation_tokens')} tokens"
+        stock = {r["side"]: r["ppl"] for r in rows if r["fraction"] is None and "ppl" in r}
+        if len(stock) == 2:
+            cont_meta += (f"; the stock model's perplexity on them: {stock['kvpress']:.3f} in kvpress's venv, "
+                          f"{stock['quicksilver']:.3f} in ours")
     head = ["kept", "method"] + [f"needle {int(c):,}" for c in contexts] + (["cont. ΔPPL", "kept (cont.)"] if cont_meta else [])
     lines += ["Pass keys retrieved (k/n) per context"
               + (f"; continuation ΔPPL: perplexity of the next {meta.get('continuation_tokens')} tokens after the compressed prefix "
@@ -286,10 +414,24 @@ def render_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     verdicts = best_against_kvpress(rows, contexts)
     if verdicts:
-        lines += ["", "Best of ours against kvpress's best press, per kept fraction (needle: pass keys; continuation: ΔPPL, lower is better):", "",
-                  "| kept | test | kvpress best | ours best | ours |", "|---|---|---|---|---|"]
+        lines += ["", "Best of ours against kvpress's best press, per kept fraction (needle: pass keys; continuation: ΔPPL, lower is "
+                  "better); the last two columns count only our rules that evict (all but `quest`, which keeps every key in memory):", "",
+                  "| kept | test | kvpress best | ours best | ours | ours best, evicting | ours, evicting |", "|---|---|---|---|---|---|---|"]
         for v_ in verdicts:
-            lines.append(f"| {v_['fraction']:.0%} | {v_['test']} | {v_['kvpress']} | {v_['ours']} | {v_['verdict']} |")
+            lines.append(f"| {v_['fraction']:.0%} | {v_['test']} | {v_['kvpress']} | {v_['ours']} | {v_['verdict']} | "
+                         f"{v_.get('evicting', '')} | {v_.get('evicting_verdict', '')} |")
+        worse = [f"{v_['test']} at {v_['fraction']:.0%}" for v_ in verdicts if v_["verdict"] != "as good or better"]
+        worse_ev = [f"{v_['test']} at {v_['fraction']:.0%}" for v_ in verdicts if v_.get("evicting_verdict", "as good or better") != "as good or better"]
+        lines += ["", ("Ours is **worse** than kvpress's best press at: " + "; ".join(worse) + "." if worse else
+                       "Ours is as good as or better than kvpress's best press at every point measured here.")
+                  + (" Our evicting rules alone are **worse** at: " + "; ".join(worse_ev) + "." if worse_ev else
+                     " So are our evicting rules alone." if any("evicting" in v_ for v_ in verdicts) else "")
+                  + " (A tie counts as good; on this few trials a difference of a pass key or two is within noise.)"]
+        if any(r["side"] == "quicksilver" and r["rule"].startswith("quest") for r in rows):
+            lines += ["", "Read `quest` with its caveat: it is query-aware and drops nothing from memory (each query, the question's "
+                      "and the answer's too, reads its best pages of the full cache: the kept fraction is what a query reads), while "
+                      "every press and our `window` evict before the question is seen, and KV memory falls with them. Among rules "
+                      "that really free memory, compare `window` with the presses."]
     kept = [r for r in rows if r["kept"] and r["fraction"] is not None]
     if kept:
         lines += ["", "<details><summary>Measured kept fraction of the context (needle)</summary>", "",
@@ -542,7 +684,7 @@ def drive(args) -> None:
     from quicksilver.engine import Engine
     from quicksilver.evaluate import make_engine, tokenize_documents
     from quicksilver.hardware import describe
-    from quicksilver.models import bos_per_window, load_model, offline_model_folder, parse_dtype
+    from quicksilver.models import load_model, offline_model_folder, parse_dtype
     from quicksilver.needle import DEFAULT_CONTEXTS, answer_key, make_trials, parse_depths, run_trial
     from quicksilver.results_io import write_atomic, write_json_atomic
 
@@ -564,12 +706,19 @@ def drive(args) -> None:
         args.render = True
     if args.note is not None and old:
         old.setdefault("meta", {})["note"] = args.note
-    if args.merge or args.note is not None:
+    if args.ours_from and not (ROOT / args.ours_from).is_file():
+        raise BenchError(f"--ours-from {args.ours_from}: no such file")
+    if args.ours_from and old:
+        old.setdefault("meta", {})["ours_from"] = args.ours_from
+    ours_from = args.ours_from or old.get("meta", {}).get("ours_from")
+    if not args.ours_from and ours_from and not (ROOT / ours_from).is_file():  # remembered from another checkout: this one's
+        ours_from = "docs/results/long_context.json"
+    if args.merge or args.note is not None or (args.ours_from and old):
         write_json_atomic(out_json, old)
     if args.render:
         if not old:
             raise BenchError(f"{out_json} does not exist: nothing to render")
-        write_atomic(out_md, render_markdown(old))
+        write_atomic(out_md, render_with_ours(old, ours_from))
         log(f"wrote {out_md}")
         return
     presses = parse_list(args.presses, PRESSES, "presses") if args.presses != "none" else []
@@ -589,28 +738,31 @@ def drive(args) -> None:
     dtype = str(parse_dtype(args.dtype, "cpu")).removeprefix("torch.")
     hf_model, tok = load_model(args.model, dtype=dtype)
     source = load_corpus(args.corpus, "test")
-    # The haystack length fixes the trials' offsets: take needle's default span so a context's
-    # trials are the same whichever contexts one invocation runs.
-    haystack = tokenize_documents(tok, source.documents, max([*DEFAULT_CONTEXTS, *contexts]) * 4)
+    # benchmarks/long_context.py's trials exactly: each context cuts its own haystack of
+    # 4 * context tokens (the haystack's length fixes the offsets), so trial i here is trial i there.
     last = args.first_trial + args.trials
-    trials = [t for n in contexts for i, t in enumerate(make_trials(tok, haystack, [n], depths, last, args.seed)) if i >= args.first_trial]
+    trials, haystacks = [], {}
+    for n in contexts:
+        haystacks[n] = tokenize_documents(tok, source.documents, n * 4)
+        trials += make_trials(tok, haystacks[n], [n], depths, last, args.seed)[args.first_trial :]
     index = {id(t): f"{i % args.trials + args.first_trial}" for i, t in enumerate(trials)}
     chunks = []
     if args.continuation_chunks:
-        size = args.prefix_tokens + args.continuation_tokens - (1 if bos_per_window(args.model, tok) else 0)
+        # long_context.py's chunks: consecutive windows of prefix + continuation tokens of the
+        # test text, no BOS added (smollm2-135m expects none: bos_per_window is False for it).
+        size = args.prefix_tokens + args.continuation_tokens
         ids = tokenize_documents(tok, source.documents, size * args.continuation_chunks)
         if ids.numel() < size * args.continuation_chunks:
             raise BenchError(f"{args.corpus} has {ids.numel()} tokens; {args.continuation_chunks} chunks need {size * args.continuation_chunks}")
         for i in range(args.continuation_chunks):
             chunk = ids[i * size : (i + 1) * size]
-            if size < args.prefix_tokens + args.continuation_tokens:
-                chunk = torch.cat([torch.tensor([tok.bos_token_id]), chunk])
             chunks.append((str(i), chunk[: args.prefix_tokens], chunk[args.prefix_tokens :]))
 
     command = "python benchmarks/kvpress_side.py " + " ".join(args.argv)
     new = {"meta": {"model": args.model, "dtype": dtype, "corpus": args.corpus, "seed": args.seed, "depths": list(depths),
                     "prefix_tokens": args.prefix_tokens if chunks else None, "continuation_tokens": args.continuation_tokens if chunks else None,
-                    "machine": describe(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commands": [command]},
+                    "machine": describe(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commands": [command],
+                    "ours_from": args.ours_from},
            "versions": {**old.get("versions", {}), "torch": torch.__version__, "transformers": __import__("transformers").__version__},
            "needle": {}, "continuation": {}}
 
@@ -622,7 +774,7 @@ def drive(args) -> None:
     def save():
         merged = merge(old, new)
         write_json_atomic(out_json, merged)
-        write_atomic(out_md, render_markdown(merged))
+        write_atomic(out_md, render_with_ours(merged, ours_from))
 
     if presses and (trials or chunks or args.logit_check):
         python = ensure_venv(log)
@@ -632,7 +784,7 @@ def drive(args) -> None:
                    "needle": [{"id": i, "ids": t.ids.tolist(), "question": t.question.tolist()} for i, t in enumerate(trials)],
                    "continuation": [{"id": i, "prefix": p.tolist(), "cont": c.tolist()} for i, (_, p, c) in enumerate(chunks)]}
             if args.logit_check:
-                ids = haystack[: args.logit_check]
+                ids = tokenize_documents(tok, source.documents, args.logit_check)
                 ours = {}
                 for dt in ("float32", "bfloat16"):
                     m32, _ = load_model(args.model, dtype=dt)
@@ -642,7 +794,7 @@ def drive(args) -> None:
                     np.save(ours[dt], logits)
                 job["logit_check"] = {"ids": ids.tolist(), "ours": ours}
             if args.verify_tokens:
-                job["verify_ids"] = (trials[0].ids if trials else haystack)[: args.verify_tokens].tolist()
+                job["verify_ids"] = (trials[0].ids if trials else tokenize_documents(tok, source.documents, args.verify_tokens))[: args.verify_tokens].tolist()
             log(f"kvpress worker: {len(trials)} trials, {len(chunks)} chunks, presses {presses} at {fractions}")
             res = run_worker(python, job, Path(tmp), log)
         new["versions"].update({"kvpress": res["versions"]["kvpress"], "transformers_kvpress": res["versions"]["transformers"],
@@ -712,6 +864,9 @@ def main(argv=None) -> int:
     p.add_argument("--logit-check", type=int, default=0, help="compare stock logits of both sides on this many tokens (0: skip)")
     p.add_argument("--verify-tokens", type=int, default=0, help="check one prefill = each press's context manager on this many tokens (0: skip)")
     p.add_argument("--render", action="store_true", help="only redraw the markdown from the JSON")
+    p.add_argument("--ours-from", metavar="JSON", help="take our columns (window and quest+page_size=2+block_pages=16 at 25%% and 50%%, "
+                   "and the stock model) from benchmarks/long_context.py's results (read at render time, never written), e.g. "
+                   "docs/results/long_context.json; remembered in --output")
     p.add_argument("--note", help="a sentence shown above the table (e.g. what a partial run lacks); with --merge or --render")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these results files (from runs with other --output) into --output, then redraw")
     p.add_argument("--output", default=str(ROOT / "docs" / "results" / "kvpress.json"), help="merged results JSON (the .md sits beside it)")
