@@ -295,3 +295,17 @@ def test_quest_continuation_longer_than_a_question_still_chooses_per_query():
     mask = attention.attend_selected(q, k, v, torch.arange(n, n + c), torch.arange(n + c), 0.35, _kv("quest").kv, return_mask=True)[2]
     older = mask[:, :6, 1 : n - 4]  # the first six queries' choices among the older keys of the prefix
     assert any(not torch.equal(older[:, 0], older[:, i]) for i in range(1, 6))
+
+
+def test_dense_prefill_reads_every_key_until_a_call_extends_the_cache():
+    from quicksilver.generate import decode_one_token, prefill
+
+    model = TINY["llama"](seed=2)
+    dense = Engine(model, _kv("quest", keep_fraction=0.25, dense_prefill=True))
+    ids = torch.randint(0, 99, (60,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(dense(ids).logits, Engine(model)(ids).logits)  # a pass that starts the sequence: every key
+    assert torch.equal(dense(ids, compact=False).logits, dense(ids).logits)
+    cache = SequenceCache(4)
+    logits, _ = prefill(dense, ids[:50], cache)
+    _, ledger = decode_one_token(dense, logits.argmax(-1), [cache])
+    assert ledger.as_dict()["kv_fraction"] < 0.6  # a decode step selects

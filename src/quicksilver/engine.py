@@ -478,7 +478,7 @@ class Engine:
                 if not fresh:
                     e = cache.get(l)
                     keys, values, k_pos = e.k, e.v, e.pos
-            if qb > qa and selecting and (cache is None or kv.selection == "quest"):
+            if qb > qa and selecting and (cache is None or kv.selection == "quest") and not (kv.dense_prefill and fresh):
                 pages = None
                 if cache is not None:  # quest's page summaries live beside the cache, computed once per page
                     pages, coarse = cache.pages[l], (kv.block_pages or kv.page_size) // kv.page_size
@@ -621,7 +621,7 @@ class Engine:
 
         is_q, has_kv, is_mlp = mask_of(attn_rows), mask_of(kv_rows), mask_of(mlp_rows)
         q, k, v = self._qkv(l, p.attn_norm(h), None, None, None, rope, bits)
-        if kv.selects(l):  # the importance rule's visibility per KV head, as its compact path chooses it
+        if kv.selects(l) and not kv.dense_prefill:  # the importance rule's visibility per KV head, as its compact path chooses it
             mask = torch.zeros(k.shape[1], T, T, dtype=torch.bool, device=h.device)
             kr = has_kv.nonzero().squeeze(1)
             qr = is_q.nonzero().squeeze(1)

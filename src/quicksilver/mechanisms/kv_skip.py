@@ -79,6 +79,13 @@ class KVCacheSkipping:
         7,680-token cache read more summary bytes than the cache itself and ran at 0.93x
         ``off``; on 16-key blocks it runs at 1.31x, at a cost (a continuation scored per query
         on 16-key pages +2.75% perplexity, on 2-key pages +0.72%; docs/RESULTS.md "Long context").
+    dense_prefill : bool, default False
+        For the importance rules: a call that starts a sequence (a prompt's prefill, a
+        teacher-forced pass) reads every key, and only text appended to a cache (a question,
+        a continuation) and decode steps select, as Quest itself does (a decode-time method;
+        kvpress's presses likewise compress after an exact prefill). The context's hidden
+        states are then exact and a teacher-forced pass equals the stock model; the prefill
+        saves no time.
     observation : int, default 16
         Latest queries whose attention scores keys for ``h2o``, ``snapkv`` and ``quest``.
     """
@@ -93,6 +100,7 @@ class KVCacheSkipping:
     min_keys: int = 0
     page_size: int = 16
     block_pages: int | None = None
+    dense_prefill: bool = False
     observation: int = 16
 
     def __post_init__(self):
