@@ -31,8 +31,8 @@ def test_mechanism_dataclasses_are_exported_from_the_package():
     "start,settings,name",
     [
         ("off", ["halting.threshold=0.13"], "custom"),
-        ("kvskip", ["kv.recent_window=512"], "kvskip+custom"),
-        ("kvskip", ["kv.recent_window=2048"], "kvskip"),  # the preset's own value: still the preset
+        ("kvskip", ["kv.keep_fraction=0.5"], "kvskip+custom"),
+        ("kvskip", ["kv.keep_fraction=0.25"], "kvskip"),  # the preset's own value: still the preset
         ("all", ["amq.enabled=false"], "all+custom"),
     ],
 )
@@ -71,18 +71,37 @@ def test_every_preset_states_a_promise_and_baselines_promise_nothing():
     assert PRESET_INFO["all"].idle_at(512) == ["kv", "halting"]
 
 
-def test_kvskip_reach_is_where_the_engine_first_drops_a_key():
-    """``acts_from`` for kv is sinks + window + 1: one token shorter, every pair is kept; at it, one is not.
+def test_all_kv_reach_is_where_the_engine_first_drops_a_key():
+    """``acts_from`` for ``all``'s window is sinks + window + 1: one token shorter, every pair is kept; at it, one is not.
 
     Checked with the preset's rule at a 16-key window (the same code path, far cheaper than 2,048).
     """
-    kv = Config.preset("kvskip").kv
-    assert PRESET_INFO["kvskip"].acts_from["kv"] == kv.sink_tokens + kv.recent_window + 1
-    engine = Engine(tiny_llama(), Config.preset("kvskip").with_settings(["kv.recent_window=16"]))
+    kv = Config.preset("all").kv
+    assert PRESET_INFO["all"].acts_from["kv"] == kv.sink_tokens + kv.recent_window + 1
+    engine = Engine(tiny_llama(), Config.preset("off").with_settings(["kv.enabled=true", "kv.recent_window=16"]))
     reach = kv.sink_tokens + 16 + 1
     ids = torch.randint(0, 99, (reach,))
     assert engine(ids[: reach - 1], torch.tensor([0])).ledger.as_dict()["kv_fraction"] == 1.0
     assert engine(ids, torch.tensor([0])).ledger.as_dict()["kv_fraction"] < 1.0
+
+
+def test_kvskip_acts_in_generation_from_its_reach_and_never_teacher_forced():
+    """``kvskip``: a teacher-forced pass is the stock model; a decode step reads fewer keys than its past from
+    ``acts_from`` on (checked at a 40-key floor, the same code path as 1,024)."""
+    from quicksilver.cache import SequenceCache
+    from quicksilver.generate import decode_one_token, prefill
+
+    kv = Config.preset("kvskip").kv
+    assert PRESET_INFO["kvskip"].acts_from["kv"] == kv.reach() == kv.min_keys + 2 and PRESET_INFO["kvskip"].generation_only == ("kv",)
+    model = tiny_llama()
+    engine = Engine(model, Config.preset("kvskip").with_settings(["kv.min_keys=40", "kv.recent_window=4"]))
+    ids = torch.randint(0, 99, (50,))
+    assert torch.equal(engine(ids).logits, Engine(model)(ids).logits)
+    for n, every_key in ((41, True), (42, False)):  # the decode query at position n - 1 after n - 1 prompt tokens
+        cache = SequenceCache(model.config.num_hidden_layers)
+        prefill(engine, ids[: n - 1], cache)
+        _, ledger = decode_one_token(engine, ids[n - 1 : n], [cache])
+        assert (ledger.as_dict()["kv_fraction"] == 1.0) == every_key
 
 
 def test_engine_and_evaluate_take_preset_names():
@@ -120,11 +139,13 @@ def test_cli_notes_when_the_context_is_too_short_for_the_preset(capsys):
     _reach_note(Config.preset("kvskip"), 512)
     _reach_note(Config.preset("all"), 2560)
     _reach_note(Config.preset("kvskip"), 4096)  # long enough: silent
+    _reach_note(Config.preset("kvskip"), 4096, teacher_forced=True)  # but a teacher-forced pass is the stock model
     _reach_note(Config.preset("off").with_settings(["kv.recent_window=8"]), 4)  # custom: no promise, no note
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2
-    assert "preset kvskip does nothing (kv acts from 2,053 tokens)" in lines[0] and "stock model" in lines[0]
+    assert len(lines) == 3
+    assert "preset kvskip does nothing (kv acts from 1,026 tokens)" in lines[0] and "stock model" in lines[0]
     assert "part of preset all does nothing (halting acts from 3,072 tokens)" in lines[1]
+    assert "preset kvskip does nothing (kv acts only in generation)" in lines[2]
 
 
 def run_cli(monkeypatch, capsys, *args):

@@ -271,7 +271,7 @@ def test_quest_continuation_after_a_cached_prefix_is_causal():
 def test_min_keys_reads_a_short_past_in_full_and_the_fraction_beyond(selection):
     assert kv_select.budget(0.25, 99, 40) == 40 and kv_select.budget(0.25, 29, 40) == 30 and kv_select.budget(0.25, 399, 40) == 100
     kv = _kv(selection, keep_fraction=0.25, min_keys=24).kv
-    assert kv.reach() == 25  # the first query with more than 24 keys in its past
+    assert kv.reach() == 26  # the first decode step with more than 24 keys before it
     g = torch.Generator().manual_seed(10)
     q, k, v = torch.randn(60, 4, 8, generator=g), torch.randn(60, 2, 8, generator=g), torch.randn(60, 2, 8, generator=g)
     pos = torch.arange(60)

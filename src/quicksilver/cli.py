@@ -81,7 +81,7 @@ def eval_cmd(
 
     check_writable_target(output)
     config = _config(preset, config_file, settings)
-    _reach_note(config, min(window, max_tokens or window))
+    _reach_note(config, min(window, max_tokens or window), teacher_forced=True)
     bar, update = _progress("evaluating")
     with bar:
         result = evaluate_model(
@@ -463,17 +463,18 @@ def _config(preset: str, config_file: Optional[Path], settings: list[str]):
 _FUSION_WHY = "fused tokens write no K/V entries, and the generation cache needs every token's"
 
 
-def _reach_note(config, context: int) -> None:
-    """One line on stderr when the preset's mechanisms (some or all) do nothing at this context."""
+def _reach_note(config, context: int, teacher_forced: bool = False) -> None:
+    """One line on stderr when the preset's mechanisms (some or all) do nothing at this context (or in a teacher-forced pass)."""
     info = config.promise
-    idle = info.idle_at(context) if info else []
+    idle = info.idle_at(context, teacher_forced) if info else []
     if not idle:
         return
-    reach = ", ".join(f"{section} acts from {info.acts_from[section]:,}" for section in idle)
+    reach = ", ".join(f"{section} acts only in generation" if teacher_forced and section in info.generation_only
+                      else f"{section} acts from {info.acts_from[section]:,} tokens" for section in idle)
     if len(idle) == len(info.acts_from):
-        what = f"preset {config.name} does nothing ({reach} tokens): this run measures the stock model"
+        what = f"preset {config.name} does nothing ({reach}): this run measures the stock model"
     else:
-        what = f"part of preset {config.name} does nothing ({reach} tokens)"
+        what = f"part of preset {config.name} does nothing ({reach})"
     err.print(f"note: at {context:,} tokens of context {what}; see Presets in README.md", highlight=False, soft_wrap=True)
 
 

@@ -25,11 +25,21 @@ SECTIONS = {**MECHANISMS, "speculative": SpeculativeDecoding}
 # increase <= 2% on wiki (benchmarks/sweep_engine.py, scouting on the calibration split).
 # On the default model they save little; RESULTS.md says how little and why.
 HALTING = {"enabled": True, "threshold": 0.13, "min_layer": 10, "patience": 3, "tail_layers": 5, "skip": "mlp"}
-# KV skipping's window was set on the calibration splits of every offline corpus at 512- and
-# 4,096-token windows, the worst one binding (benchmarks/preset_candidates.py): 2,048 recent keys
-# cost at most +1.06% there (code), within 2% x 0.75; 1,536 cost +2.72% on code, and the
-# 1,024 of earlier versions +3.05% on the code test split.
-KVSKIP = {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 2048}
+# KV skipping: Quest's query-aware pages at 25% of the context (issue #12; docs/RESULTS.md "Long
+# context"). In generation every decode step and every token appended to a cache (a question) reads
+# a quarter of its past, at least 1,024 keys: the sinks, 64 recent keys and the pages that Quest's
+# bound ranks best (2-key pages for appended text, 16-key blocks for decode steps, for speed). The
+# prompt's own prefill reads every key (``dense_prefill``): a sequence's first pass choosing in
+# blocks cost +5.66% perplexity on code at 4,096 tokens (calibration), so teacher-forced passes
+# are the stock model and the preset's cost shows where it acts, after the context: continuation
+# perplexity and pass keys on the test splits (benchmarks/long_context.py).
+KVSKIP = {"enabled": True, "policy": "propagate", "sink_tokens": 4, "selection": "quest", "keep_fraction": 0.25, "min_keys": 1024,
+          "page_size": 2, "block_pages": 16, "dense_prefill": True}
+# The position window that ``kvskip`` was until issue #12, set on the calibration splits of every
+# offline corpus at 512- and 4,096-token windows, the worst one binding (benchmarks/preset_candidates.py):
+# 2,048 recent keys cost at most +1.06% there (code), within 2% x 0.75. ``all`` keeps it: it acts in
+# teacher-forced passes too, where the stack's promise is measured.
+KV_WINDOW = {"enabled": True, "policy": "propagate", "sink_tokens": 4, "recent_window": 2048}
 # Fusion needs its two preceding rows to match too (``prefix``): with similarity alone it cost
 # +11-14% on Python source and +1.9% on Wikipedia, nearly all of it on fused repeats of a
 # token that predicted what followed the earlier copy (docs/results/fusion_why.md). With the
@@ -50,7 +60,7 @@ PRESETS: dict[str, dict] = {
     # with AMQ's int4 tier (as the ``amq`` preset) the stack cost +2.81% on news even with KV
     # off, over 3% x 0.75, and its int4 tokens save few bits; with int8 alone and the ``kvskip``
     # window it costs at most +1.49% (code) and saves 34.5% of bit-weighted FLOPs at 4,096 tokens.
-    "all": {"halting": HALTING, "kv": KVSKIP, "amq": ALL_AMQ},
+    "all": {"halting": HALTING, "kv": KV_WINDOW, "amq": ALL_AMQ},
     # The best wall clock within 1% on the calibration split (benchmarks/bench_fast.py, bench_decode.py):
     # weight-only int8 per output channel everywhere, the LM head included, through the fastest
     # kernel measured on this machine. Decode is bound by weight bytes; this halves them.
@@ -79,11 +89,15 @@ class PresetInfo:
     acts_from : dict of str to int, default {}
         Per mechanism section, the shortest context (tokens) at which it changes anything;
         below it that mechanism runs as the stock model.
+    generation_only : tuple of str, default ()
+        Sections that act only while generating (decode steps, text appended to a cache): a
+        teacher-forced pass runs them as the stock model at any length.
     """
 
     summary: str
     budget: float | None
     acts_from: dict = field(default_factory=dict)
+    generation_only: tuple = ()
 
     @property
     def baseline(self) -> bool:
@@ -103,9 +117,10 @@ class PresetInfo:
         """The shortest context at which the preset does anything at all (0: it never acts)."""
         return min(self.acts_from.values(), default=0)
 
-    def idle_at(self, context: int) -> list[str]:
-        """The mechanisms of this preset that do nothing at ``context`` tokens."""
-        return [section for section, n in self.acts_from.items() if context < n]
+    def idle_at(self, context: int, teacher_forced: bool = False) -> list[str]:
+        """The mechanisms of this preset that do nothing at ``context`` tokens (in a teacher-forced pass: also
+        those that act only in generation)."""
+        return [section for section, n in self.acts_from.items() if context < n or (teacher_forced and section in self.generation_only)]
 
 
 # The metadata of every preset: one entry per name in PRESETS (a test checks), so a new preset
@@ -113,16 +128,21 @@ class PresetInfo:
 # fusion's depend on the text: the shortest of the lengths 256, 512, 1,024, 2,048, 3,072 and
 # 4,096 tokens (the start of the wiki test split) at which they acted on the default model
 # (benchmarks/preset_reach.py; halting: none in 2,048 tokens, 4 in 3,072).
-_KV_REACH = KVSKIP["sink_tokens"] + KVSKIP["recent_window"] + 1  # the first query that drops a key
+_KV_REACH = KV_WINDOW["sink_tokens"] + KV_WINDOW["recent_window"] + 1  # the first query that drops a key
+_QUEST_REACH = KVSKIP["min_keys"] + 2  # the first decode step that reads fewer keys than its past (KVCacheSkipping.reach)
 PRESET_INFO: dict[str, PresetInfo] = {
     "off": PresetInfo("the stock model (the engine's logits equal HF's)", 0.0),
     "halting": PresetInfo("halting on relative drift < 0.13 for 3 layers from layer 10, MLP-only skipping, last 5 layers always run",
                           0.02, {"halting": 3072}),
-    "kvskip": PresetInfo("every query sees 4 sink keys and its 2,048 most recent keys", 0.02, {"kv": _KV_REACH}),
+    "kvskip": PresetInfo("in generation each decode step and each token appended to a cache reads 25% of its past (at least "
+                         "1,024 keys): 4 sinks, 64 recent keys and the pages Quest's bound ranks best; the prompt's own "
+                         "prefill and teacher-forced passes read every key (the stock model's logits)",
+                         0.02, {"kv": _QUEST_REACH}, generation_only=("kv",)),
     "amq": PresetInfo("int8 group-32 weights; tokens with drift < 0.15 at layer 8 run int4 afterwards", 0.02, {"amq": 1}),
     "fusion": PresetInfo("fusion after layer 12 at cosine >= 0.92 within 4 predecessors, only where the 2 rows before "
                          "both tokens match too (a repeated phrase), delta output; saves almost nothing", 0.02, {"fusion": 512}),
-    "all": PresetInfo("halting + kvskip + AMQ's int8 tier (group-32 int8 weights; its int4 tier left out: over budget on news); "
+    "all": PresetInfo("halting + a 2,048-key window (kvskip until issue #12) + AMQ's int8 tier (group-32 int8 weights; its int4 "
+                      "tier left out: over budget on news); "
                       "fusion left out (once safe it saves almost nothing and slows attention)",
                       0.03, {"amq": 1, "kv": _KV_REACH, "halting": 3072}),
     "lossless": PresetInfo("speculative decoding: drafts from prompt lookup or the int8 weights, verified by the full "

@@ -145,7 +145,8 @@ class KVCacheSkipping:
             return None if self.recent_window is None else self.sink_tokens + self.recent_window + 1
         if self.keep_fraction >= 1:
             return None
-        n = max(self.sink_tokens + self.recent_at(self.layers_from), self.min_keys) + 1
+        # A decode step reads itself and the floor's worth of the keys before it: it first skips one with min_keys + 1 before it.
+        n = max(self.sink_tokens + self.recent_at(self.layers_from) + 1, self.min_keys + 2 if self.min_keys else 0)
         while kv_select.budget(self.keep_fraction, n - 1, self.min_keys) >= n:
             n += 1
         return n
