@@ -1,7 +1,7 @@
 """The lm-evaluation-harness (0.4.x) model ``quicksilver``: every request runs through the engine.
 
     quicksilver-lm-eval --model quicksilver \\
-        --model_args pretrained=smollm2-135m,preset=kvskip,dtype=float32 --tasks ...
+        --model_args pretrained=smollm2-135m,preset=all,dtype=float32 --tasks ...
 
 Requests are scored exactly as lm-eval's own ``hf`` model scores them (the same
 tokenization, the same left truncation to ``max_length``, the same rolling windows), so
