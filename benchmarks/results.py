@@ -48,8 +48,11 @@ STEPS = {
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
     "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
     # long-context first: the kvpress tables read our columns from its long_context.json.
-    "long-context": ["benchmarks/long_context.py", "all", "--corpus", "wiki,news", "--rules", "window,quest+page_size=2+block_pages=16",
-                     "--prefill-rules", "quest+page_size=2+block_pages=16", "--best", "quest+page_size=2+block_pages=16",
+    # The rule, and the kvskip preset (the rule with min_keys and an exact prefill).
+    "long-context": ["benchmarks/long_context.py", "all", "--corpus", "wiki,news", "--rules",
+                     "window,quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
+                     "--prefill-rules", "quest+page_size=2+block_pages=16",
+                     "--best", "quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
                      "--out", OUT],
     "kvpress": ["benchmarks/kvpress_side.py", "--context", "2048", "--context", "4096", "--context", "7680", "--trials", "10",
                 "--continuation-chunks", "4", "--logit-check", "512", "--verify-tokens", "512", "--policies", "none",
