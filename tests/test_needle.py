@@ -51,7 +51,7 @@ def test_kept_fraction_is_measured_from_what_the_question_reads(default_model):
 def test_continuation_cli_writes_json(monkeypatch, capsys, tmp_path, default_model):
     out = tmp_path / "c.json"
     code, _, _ = run_cli(monkeypatch, capsys, "continuation", "--prefix-tokens", "96", "--continuation-tokens", "16", "--max-chunks", "1",
-                         "--set", "kv.selection=knorm", "--set", "kv.keep_fraction=0.5", "--set", "kv.recent_window=8", "-o", str(out))
+                         "--set", "kv.selection=knorm", "--set", "kv.keep_fraction=0.5", "--set", "kv.recent_window=8", "--set", "kv.min_keys=0", "-o", str(out))
     assert code == 0
     r = json.loads(out.read_text())
     assert r["chunks"] == 1 and r["tokens"] == 16 and 0.4 < r["kv_fraction"] < 0.6
