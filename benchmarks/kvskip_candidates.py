@@ -48,12 +48,15 @@ def configs_round2() -> dict[str, tuple[Config, int]]:
 
 
 def main() -> None:
+    import argparse
+
     from quicksilver import attention
 
-    args_ = [a for a in sys.argv[1:] if not a.startswith("--")]
-    round2 = "--round" in sys.argv and sys.argv[sys.argv.index("--round") + 1] == "2"
-    args_ = [a for a in args_ if a != "2"] if round2 else args_
-    corpora = (args_[0] if args_ else "wiki,news,code").split(",")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("corpora", nargs="?", default="wiki,news,code", help="comma-separated calibration splits")
+    ap.add_argument("--round", type=int, choices=(1, 2), default=1, help="1: quest 25-40%% and all with quest; 2: the #12 rule's variants")
+    a = ap.parse_args()
+    round2, corpora = a.round == 2, a.corpora.split(",")
     loaded = load_model("smollm2-135m", dtype="bfloat16")
     args = dict(split="calibration", window=4096, max_tokens=4096, loaded=loaded)
     block = attention.QUERY_BLOCK

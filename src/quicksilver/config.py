@@ -128,8 +128,8 @@ class PresetInfo:
 # fusion's depend on the text: the shortest of the lengths 256, 512, 1,024, 2,048, 3,072 and
 # 4,096 tokens (the start of the wiki test split) at which they acted on the default model
 # (benchmarks/preset_reach.py; halting: none in 2,048 tokens, 4 in 3,072).
-_KV_REACH = KV_WINDOW["sink_tokens"] + KV_WINDOW["recent_window"] + 1  # the first query that drops a key
-_QUEST_REACH = KVSKIP["min_keys"] + 2  # the first decode step that reads fewer keys than its past (KVCacheSkipping.reach)
+_KV_REACH = KVCacheSkipping(**KV_WINDOW).reach()  # the first query that drops a key
+_QUEST_REACH = KVCacheSkipping(**KVSKIP).reach()  # the first decode step that reads fewer keys than its past
 PRESET_INFO: dict[str, PresetInfo] = {
     "off": PresetInfo("the stock model (the engine's logits equal HF's)", 0.0),
     "halting": PresetInfo("halting on relative drift < 0.13 for 3 layers from layer 10, MLP-only skipping, last 5 layers always run",

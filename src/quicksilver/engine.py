@@ -19,6 +19,7 @@ from .adapters.base import apply_rotary_signed, signed_sin, to_device
 from .attention import _additive, _sdpa, attend, attend_selected, block_plan
 from .config import Config
 from .errors import QuicksilverError
+from .generate import token_ids
 from .kernels import decode_attention
 from .ledger import Ledger
 from .mechanisms import kv_select
@@ -170,20 +171,10 @@ class Engine:
 
     def _check_ids(self, ids) -> torch.Tensor:
         """``ids`` as a non-empty (T,) or (B, T) integer tensor of ids below the vocabulary size."""
-        if isinstance(ids, (list, tuple)):
-            try:
-                ids = torch.tensor(ids)
-            except (TypeError, ValueError, RuntimeError):
-                raise QuicksilverError("input_ids must be token ids: a list of ints or an integer tensor") from None
-        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise QuicksilverError(f"input_ids must be token ids: a list of ints or an integer tensor, got {got}")
+        ids = token_ids(ids, self.spec.vocab_size)
         if ids.dim() not in (1, 2) or ids.numel() == 0:
             raise QuicksilverError(f"input_ids must be a non-empty (T,) or (B, T) tensor, got shape {tuple(ids.shape)}")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.spec.vocab_size:
-            raise QuicksilverError(f"input_ids must lie in [0, {self.spec.vocab_size}) (the vocabulary), got {low if low < 0 else high}")
-        return ids.long()
+        return ids
 
     def _forward(self, ids: torch.Tensor, logit_rows: torch.Tensor | None, compact: bool):
         T = ids.numel()

@@ -81,7 +81,26 @@ def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: floa
     return sample
 
 
-def _check_request(prompts, max_new_tokens: int, max_positions: int, eos_token_id, stop_strings, tokenizer, vocab: int | None = None):
+def token_ids(x, vocab: int, what: str = "input_ids") -> torch.Tensor:
+    """``x`` (a tensor, or a list of ints or of such lists) as a long tensor of ids in [0, vocab).
+
+    Anything else raises ``QuicksilverError`` saying what was wrong; the shape is the caller's to check.
+    """
+    try:
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise QuicksilverError(f"{what} must be token ids: a list of ints or an integer tensor") from None
+    if t.numel() == 0:
+        return t.long()
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise QuicksilverError(f"{what} must be token ids (integers), got {t.dtype}")
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or high >= vocab:
+        raise QuicksilverError(f"{what} must lie in [0, {vocab}) (the vocabulary), got {low if low < 0 else high}")
+    return t.long()
+
+
+def _check_request(prompts, max_new_tokens: int, max_positions: int, eos_token_id, stop_strings, tokenizer, vocab: int):
     """The prompts as 1-D tensors and the EOS ids as a set, after the checks every generation path shares."""
     rows = _check_prompts(prompts, max_new_tokens, max_positions, vocab)
     if stop_strings and tokenizer is None:
@@ -89,26 +108,17 @@ def _check_request(prompts, max_new_tokens: int, max_positions: int, eos_token_i
     return rows, set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
 
 
-def _check_prompts(prompts, max_new_tokens: int, max_positions: int, vocab: int | None = None) -> list[torch.Tensor]:
+def _check_prompts(prompts, max_new_tokens: int, max_positions: int, vocab: int) -> list[torch.Tensor]:
     if max_new_tokens < 1:
         raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
     if isinstance(prompts, torch.Tensor):
         prompts = [prompts] if prompts.dim() == 1 else list(prompts)
-    try:
-        rows = [torch.as_tensor(p).flatten() for p in prompts]
-    except (TypeError, ValueError, RuntimeError):
-        raise QuicksilverError("prompts must be token ids: a list of ints, a list of such lists, or an integer tensor") from None
+    rows = [token_ids(p, vocab, "prompts").flatten() for p in prompts]
     if not rows:
         raise QuicksilverError("no prompt given")
     for r in rows:
         if r.numel() == 0:
             raise QuicksilverError("empty prompt: give at least one token")
-        if r.dtype.is_floating_point or r.dtype.is_complex or r.dtype == torch.bool:
-            raise QuicksilverError(f"prompts must be token ids (integers), got {r.dtype}")
-        if vocab is not None and (int(r.min()) < 0 or int(r.max()) >= vocab):
-            raise QuicksilverError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary)")
-    rows = [r.long() for r in rows]
-    for r in rows:
         if r.numel() + max_new_tokens > max_positions:
             raise QuicksilverError(
                 f"prompt of {r.numel()} tokens plus {max_new_tokens} new tokens exceeds the model's context of {max_positions}"

@@ -93,9 +93,7 @@ class PageSummaries:
 
         Each block is summarized once, from its pages' summaries, when its last page completes.
         """
-        f, full = self.coarse, self.n_pages // self.coarse
-        if self.n_blocks > full:
-            self.n_blocks = 0
+        f, full = self.coarse, self.n_pages // self.coarse  # update() resets n_blocks whenever it resets its pages
         shape = (self.kmin.shape[0], self.kmin.shape[2], self.kmin.device)
         self.cmin, self.cmax = _room(self.cmin, full, self.n_blocks, *shape), _room(self.cmax, full, self.n_blocks, *shape)
         if full > self.n_blocks:
