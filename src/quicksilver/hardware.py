@@ -47,6 +47,11 @@ def cpu_bf16_native() -> bool:
     return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
 
 
+def cpu_int8_dot() -> bool:
+    """True when the CPU has VNNI (u8 x s8 dot products into int32 without int16 saturation)."""
+    return any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """bfloat16 where the hardware runs it natively, float32 elsewhere."""
     device = torch.device(device)
@@ -58,7 +63,7 @@ def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
 def describe(device: torch.device | str = "cpu") -> str:
     """One line for benchmark headers: CPU model, the bf16-relevant features, threads, GPU."""
     device = torch.device(device)
-    feats = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in cpu_flags()]
+    feats = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in cpu_flags()]
     line = (f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"features: {' '.join(feats) or 'none of avx512/amx'})")
     if device.type == "cuda":

@@ -102,7 +102,10 @@ class Int8Kernel:
     two guard rows (all +1, all -1) are appended: the tensor's range is then always exactly
     [-1, 1], every row is quantized alone, and its output is scaled back. The product runs in
     integer arithmetic (``torch.ops.quantized.linear_dynamic``); the same codes, not a copy of
-    different ones, are packed.
+    different ones, are packed. On a CPU without VNNI, fbgemm's AVX2 path multiplies
+    u8 x s8 pairs into saturating int16 (``vpmaddubsw``), so activations are quantized to 7
+    bits there (``reduce_range``, as torch's own dynamic quantization does): 24 dB of SNR
+    against the float product became 37 dB on an AVX2-only EPYC.
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
@@ -117,11 +120,15 @@ class Int8Kernel:
         guard = torch.ones(2, qw.shape[1])
         guard[1] = -1.0
         self.guard = guard
+        from .hardware import cpu_int8_dot
+
+        self.reduce_range = not cpu_int8_dot()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         row_max = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (n, 1)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([xf / row_max, self.guard]), self.packed)[:-2] * row_max
+        y = torch.ops.quantized.linear_dynamic(torch.cat([xf / row_max, self.guard]), self.packed,
+                                              self.reduce_range)[:-2] * row_max
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
