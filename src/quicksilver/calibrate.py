@@ -165,7 +165,7 @@ class TrialRunner:
     def __init__(self, model, tokenizer, ids: torch.Tensor, window: int, bos_id: int | None, corpus: str,
                  objective: str, context: dict, journal: Path | None, ray: str | None = None, read_only: bool = False):
         from .evaluate import StockRunner, score_windows
-        from .parallel import ModelSource
+        from .models import ModelSource
 
         self.ray = ray  # a Ray address: prefetch() measures trials as Ray tasks
         self.source = ModelSource(context["model"], context["dtype"], context["device"]).keep((model, tokenizer))
@@ -525,7 +525,7 @@ def calibrate(
     """
     from .corpora import HUB_CORPORA, OFFLINE_CORPORA
     from .evaluate import evaluate_model, window_plan
-    from .models import bos_per_window, load_model, parse_device
+    from .models import LoadedModel, as_loaded, load_model, parse_device
 
     if objective not in OBJECTIVES:
         raise QuicksilverError(f"unknown objective {objective!r} (use {', '.join(OBJECTIVES)})")
@@ -548,12 +548,14 @@ def calibrate(
         raise QuicksilverError(f"max-tokens must be at least 2, got {max_tokens}")
     window_plan(window, window, window - 1, bos=False)  # rejects a window below 2 before loading
     dev = parse_device(device)
-    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev)
-    from .adapters import arch_spec
-
-    if window > arch_spec(hf_model.config).max_positions:
-        raise QuicksilverError(f"window {window} is longer than the model's context of {arch_spec(hf_model.config).max_positions} tokens")
-    bos = bos_per_window(model, tokenizer)
+    if loaded is not None:  # the older spelling: the loaded model names itself
+        model = as_loaded(loaded)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=dev)
+    hf_model, tokenizer = lm
+    model = lm.name  # results and journals name the model as it was loaded
+    if window > lm.spec.max_positions:
+        raise QuicksilverError(f"window {window} is longer than the model's context of {lm.spec.max_positions} tokens")
+    bos = lm.bos_per_window
     all_levels = mechanism_levels(window, objective)
     # AMQ changes how many bits a multiply-add uses, not how many there are: under the plain
     # FLOP objective it can only cost perplexity, so it is not searched there.
@@ -581,8 +583,8 @@ def calibrate(
         if acting_config(config, w).is_off:
             checks[key] = _check(None, budget)
         elif timed_checks or objective in TIMED:
-            checks[key] = _check(evaluate_model(model, name, "test", window=w, max_tokens=max_tokens, config=config,
-                                                loaded=(hf_model, tokenizer), progress=on_window), budget)
+            checks[key] = _check(evaluate_model(lm, name, "test", window=w, max_tokens=max_tokens, config=config,
+                                                progress=on_window), budget)
         else:
             test = split_runner(hf_model, tokenizer, model, name, "test", w, max_tokens, bos, dev, journal)
             checks[key] = _ledger_check(test, test.measure(config), budget)

@@ -421,20 +421,21 @@ def continuation_cmd(
     from .corpora import load_corpus
     from .engine import Engine
     from .evaluate import make_engine, tokenize_documents
-    from .models import bos_per_window, load_model
+    from .models import load_model
     from .results_io import check_writable_target, write_json_atomic
 
     check_writable_target(output)
     config = _config(preset, config_file, settings)
     if prefix_tokens < 2 or continuation_tokens < 1:
         raise QuicksilverError("prefix-tokens must be at least 2 and continuation-tokens at least 1")
-    hf_model, tok = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device)
+    hf_model, tok = lm
     if prefix_tokens + continuation_tokens > hf_model.config.max_position_embeddings:
         raise QuicksilverError(f"prefix and continuation exceed the model's {hf_model.config.max_position_embeddings} positions")
     source = load_corpus(corpus, split, str(text_file) if text_file else None)
     size = prefix_tokens + continuation_tokens
     ids = tokenize_documents(tok, source.documents, size * max_chunks if max_chunks else None)
-    bos_id = tok.bos_token_id if bos_per_window(hf_model, tok) else None
+    bos_id = lm.bos_id
     engine = make_engine(hf_model, tok, config, corpus)
     bar, update = _progress("chunks")
     with bar:

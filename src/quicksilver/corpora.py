@@ -75,7 +75,7 @@ def _wiki_documents() -> tuple[str, ...]:
     import json
     from importlib.metadata import version
 
-    from .models import cache_dir
+    from .paths import cache_dir
     from .results_io import write_json_atomic
 
     cached = cache_dir() / "corpora" / f"wiki-v{CLEANING_VERSION}-gensim{version('gensim')}.json"

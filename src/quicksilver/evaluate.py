@@ -229,6 +229,48 @@ def score_windows(
     return totals
 
 
+# Evaluation windows as tasks: one code path, serial or on Ray (quicksilver.parallel) -----------
+
+def score_part(source: ModelSource, config: dict, engine_corpus: str, ids, window: int, stride: int, bos_id: int | None,
+               part: tuple[int, int] | None, on_window: Callable[[int, int], None] | None = None):
+    """``score_windows`` over windows ``part`` of the plan (None: all), with the stock model and the engine."""
+    from .config import Config
+
+    loaded = source.load()
+    runners = make_runners(loaded.model, loaded.tokenizer, Config.from_dict(config), engine_corpus)
+    return score_windows(runners, ids, window, stride, bos_id, source.device, on_window=on_window, part=part)
+
+
+def merge_totals(parts: list[list]) -> list:
+    """Sum per-runner ``Totals`` of window ranges into one per runner (stats kept in window order)."""
+    merged = [Totals() for _ in parts[0]]
+    for part in parts:
+        for m, t in zip(merged, part):
+            m.nll += t.nll
+            m.count += t.count
+            m.flops += t.flops
+            m.seconds += t.seconds
+            m.kl += t.kl
+            m.top1_agree += t.top1_agree
+            m.stats.extend(t.stats)
+    return merged
+
+
+def score_windows_ray(address: str | None, source: ModelSource, config, engine_corpus: str, ids, window: int, stride: int,
+                      bos_id: int | None, progress: Callable[[int, int], None] | None = None) -> list:
+    """Every window of one evaluation: here (``address`` None), or split into ranges scored as Ray tasks, merged exactly."""
+    from .parallel import cluster_cpus, init_ray, map_calls
+
+    if address is None:
+        return score_part(source, config.to_dict(), engine_corpus, ids, window, stride, bos_id, None, progress)
+    n = len(window_plan(ids.numel(), window, stride, bos_id is not None))
+    ray = init_ray(address)
+    k = min(n, 2 * cluster_cpus(ray))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    calls = [(source, config.to_dict(), engine_corpus, ids, window, stride, bos_id, (a, b)) for a, b in zip(bounds, bounds[1:])]
+    return merge_totals(map_calls(score_part, calls, address, source.device.startswith("cuda"), progress))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set size."""
     if device.type == "cuda":
@@ -251,7 +293,7 @@ def metrics(t: Totals, n_bytes: int, n_words: int) -> dict:
 
 
 def evaluate_model(
-    model: str = "smollm2-135m",
+    model="smollm2-135m",
     corpus: str = "wiki",
     split: str = "test",
     text_file: str | None = None,
@@ -261,7 +303,7 @@ def evaluate_model(
     dtype: str = "auto",
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-    loaded: tuple | None = None,
+    loaded=None,
     config=None,
     ray: str | None = None,
     device_map: str | None = None,
@@ -270,7 +312,8 @@ def evaluate_model(
 
     Parameters
     ----------
-    model, corpus, split, text_file : see ``load_model`` and ``load_corpus``.
+    model : a name, folder or hub id to load (see ``load_model``), or a LoadedModel.
+    corpus, split, text_file : see ``load_corpus``.
     window : int
         Tokens per window, BOS included when the model expects one. Default 512.
     stride : int, optional
@@ -278,8 +321,8 @@ def evaluate_model(
         ``window - 1`` new tokens, with or without BOS).
     max_tokens : int, optional
         Evaluate only the first N tokens of the text.
-    loaded : (model, tokenizer), optional
-        An already loaded model to reuse (``model`` then only names it).
+    loaded : LoadedModel, optional
+        The older spelling of passing a LoadedModel as ``model``.
     config : Config or str, optional
         Mechanisms to run: a Config or a preset name (default ``off``). Unless all are off, the stock model (baseline) and the
         engine run on the same windows, interleaved, and the result adds the baseline's
@@ -291,31 +334,32 @@ def evaluate_model(
         ``auto``: spread the model over the GPUs available (see ``load_model``).
     """
     from .corpora import check_corpus_args, load_corpus
-    from .models import bos_per_window, load_model, parse_device
+    from .models import LoadedModel, as_loaded, load_model, parse_device
 
     from .config import Config
 
     config = Config.resolve(config)
-    if loaded is None and not isinstance(model, str):
-        raise QuicksilverError(f"model must be a name, folder or hub id (a loaded model goes in loaded=(model, tokenizer)), got {type(model).__name__}")
+    if loaded is not None:  # the older spelling: the loaded model names itself
+        model = as_loaded(loaded)
+    if not isinstance(model, (str, LoadedModel)):
+        raise QuicksilverError(f"model must be a name, folder or hub id, or a LoadedModel (quicksilver.load_model), got {type(model).__name__}")
     dev = parse_device(device)
     check_int("window", window)
     check_int("max-tokens", max_tokens, 1, allow_none=True)
     check_int("stride", stride, allow_none=True)
     window_plan(window, window, window - 1 if stride is None else stride, bos=False)  # fail before loading
     check_corpus_args(corpus, split, text_file)
-    hf_model, tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=dev, device_map=device_map)
-    if device_map is not None:  # windows start where the embedding lives
-        dev = hf_model.get_input_embeddings().weight.device
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=dev, device_map=device_map)
+    tokenizer = lm.tokenizer
+    if device_map is not None or lm.source.device_map is not None:  # windows start where the embedding lives
+        dev = lm.device
     text = load_corpus(corpus, split, text_file)
     engine_corpus = text.name if text_file is None else "wiki"
-    from .adapters import arch_spec
-
-    spec = arch_spec(hf_model.config)
+    spec = lm.spec
     if window > spec.max_positions:
         raise QuicksilverError(f"window {window} is longer than the model's context of {spec.max_positions} tokens")
-    bos = bos_per_window(model, tokenizer)
-    bos_id = tokenizer.bos_token_id if bos else None
+    bos = lm.bos_per_window
+    bos_id = lm.bos_id
     if stride is None:
         stride = window - 1  # no overlap beyond the one context token a window needs
     ids = tokenize_documents(tokenizer, text.documents, max_tokens)
@@ -323,20 +367,18 @@ def evaluate_model(
     n_bytes, n_words = len(evaluated_text.encode("utf-8")), word_count(evaluated_text)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # One code path, serial or on Ray: parallel.score_part builds the runners and scores windows.
-    from .parallel import ModelSource, score_windows_ray
-
-    source = ModelSource(model, str(hf_model.dtype).removeprefix("torch."), str(dev), device_map).keep((hf_model, tokenizer))
+    # One code path, serial or on Ray: score_part builds the runners and scores windows.
+    source = lm.source.keep(lm)
     totals = score_windows_ray(ray, source, config, engine_corpus, ids, window, stride, bos_id, progress)
     result = {
-        "model": model,
+        "model": lm.name,
         "corpus": text.name,
         "split": text.split,
         "tokens": totals[0].count,
         "window": window,
         "stride": stride,
         "bos_per_window": bos,
-        "dtype": str(hf_model.dtype).removeprefix("torch."),
+        "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(dev),
         "preset": config.name,
         **metrics(totals[-1], n_bytes, n_words),

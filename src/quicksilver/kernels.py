@@ -390,7 +390,7 @@ def kernel_table() -> KernelTable:
     """This machine's kernel table (loaded from the cache directory, measured as needed)."""
     global _TABLE
     if _TABLE is None:
-        from .models import cache_dir
+        from .paths import cache_dir
 
         _TABLE = KernelTable(cache_dir() / "kernels" / f"{machine_key()}.json")
     return _TABLE

@@ -15,12 +15,13 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .errors import QuicksilverError
+from .paths import cache_dir  # noqa: F401  (re-exported: quicksilver.models.cache_dir)
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ OFFLINE_MODELS = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    """``$QUICKSILVER_CACHE``, or the user's cache dir (``~/.cache/quicksilver`` on Linux)."""
-    env = os.environ.get("QUICKSILVER_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("quicksilver"))
 
 
 def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -205,14 +196,113 @@ def bos_per_window(name_or_path: str, tokenizer) -> bool:
     """Whether each evaluation window should start with BOS, as the model expects.
 
     Offline models say so in their registry entry; otherwise follow the tokenizer
-    (a tokenizer that adds BOS to every encoding expects it).
+    (a tokenizer that adds BOS to every encoding expects it). ``LoadedModel.bos_per_window``
+    holds the answer for a loaded model: use that rather than asking again.
     """
-    if name_or_path in OFFLINE_MODELS:
-        return OFFLINE_MODELS[name_or_path].bos_per_window
-    if tokenizer.bos_token_id is None:
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"bos_per_window takes the name the model was loaded as, got {type(name_or_path).__name__}")
+    if str(name_or_path) in OFFLINE_MODELS:
+        return OFFLINE_MODELS[str(name_or_path)].bos_per_window
+    if getattr(tokenizer, "bos_token_id", None) is None:
         return False
     probe = tokenizer("a").input_ids
     return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model loaded once, at the top, with everything below needs to know about it.
+
+    Functions below the CLI take this object, never a name to look up again. It unpacks as
+    ``model, tokenizer = loaded`` (what ``load_model`` returned before it existed).
+
+    Attributes
+    ----------
+    name : what it was loaded as (offline name, folder, hub id); results name the model by it
+    model, tokenizer : the HF causal LM (eval mode, no grad) and its tokenizer
+    spec : the architecture (``adapters.ArchSpec``)
+    bos_per_window : each evaluation window starts with BOS (the model expects it)
+    source : the picklable half (``ModelSource``): how a Ray worker loads the same model
+    """
+
+    name: str
+    model: object
+    tokenizer: object
+    spec: object
+    bos_per_window: bool
+    source: "ModelSource"
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embedding (the first GPU of a device map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def bos_id(self) -> int | None:
+        """The BOS id each window starts with, or None when the model expects none."""
+        return self.tokenizer.bos_token_id if self.bos_per_window else None
+
+    @classmethod
+    def of(cls, model, tokenizer, name: str | None = None) -> "LoadedModel":
+        """Wrap an HF model and tokenizer loaded elsewhere; ``name`` defaults to what ``load_model``
+        recorded on the model (``quicksilver_name``), else the model's own ``name_or_path``."""
+        from .adapters import arch_spec
+
+        name = name or getattr(model, "quicksilver_name", None) or getattr(model.config, "name_or_path", None) or "model"
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        device = str(model.get_input_embeddings().weight.device)
+        device_map = "auto" if getattr(model, "hf_device_map", None) else None
+        source = ModelSource(str(name), dtype, device, device_map)
+        return cls(str(name), model, tokenizer, arch_spec(model.config), bos_per_window(str(name), tokenizer), source)
+
+
+def as_loaded(model) -> "LoadedModel":
+    """``model`` as a LoadedModel: one already, or an HF ``(model, tokenizer)`` pair."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, tuple) and len(model) == 2:
+        return LoadedModel.of(*model)
+    raise QuicksilverError(f"expected a loaded model (quicksilver.load_model(...)), got {type(model).__name__}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to load a model again: the picklable half of a LoadedModel, sent to Ray workers.
+
+    ``load`` returns the caller's own LoadedModel when one is kept (the serial path), else
+    loads by name once per process and keeps it for later tasks.
+    """
+
+    name: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None
+    loaded: LoadedModel | None = field(default=None, compare=False, repr=False)  # never sent to Ray workers
+
+    def load(self) -> LoadedModel:
+        if self.loaded is not None:
+            return self.loaded
+        if self not in _LOADED:
+            _LOADED[self] = load_model(self.name, dtype=self.dtype, device=self.device, device_map=self.device_map)
+        return _LOADED[self]
+
+    def keep(self, loaded: LoadedModel) -> "ModelSource":
+        """This source with an already loaded model (the serial path uses it)."""
+        return replace(self, loaded=as_loaded(loaded))
+
+    def shipped(self) -> "ModelSource":
+        """What goes to a Ray worker: the name and settings, not the weights."""
+        return replace(self, loaded=None)
+
+
+_LOADED: dict = {}  # per process (a Ray worker): ModelSource -> LoadedModel
 
 
 def check_weights_readable(model) -> None:
@@ -228,8 +318,8 @@ def check_weights_readable(model) -> None:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               device_map: str | dict | None = None):
-    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)``.
+               device_map: str | dict | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer once; returns a ``LoadedModel`` (it unpacks as ``model, tokenizer``).
 
     Parameters
     ----------
@@ -296,5 +386,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
     check_weights_readable(model)
     model.eval()
     model.requires_grad_(False)
-    model.quicksilver_name = name_or_path
-    return model, tokenizer
+    model.quicksilver_name = str(name_or_path)
+    loaded = LoadedModel.of(model, tokenizer, str(name_or_path))
+    if isinstance(device_map, str):  # Ray workers spread the model the same way
+        loaded.source = replace(loaded.source, device_map=device_map, device=str(dev))
+    else:
+        loaded.source = replace(loaded.source, device_map=None)
+    return loaded

@@ -58,7 +58,7 @@ def plan(series: list[str], window: int, baselines: bool = True) -> list[tuple[s
 
 
 def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wiki", split: str = "test", window: int = 4096,
-              max_tokens: int | None = 8192, baselines: bool = True, loaded: tuple | None = None, dtype: str = "auto",
+              max_tokens: int | None = 8192, baselines: bool = True, loaded=None, dtype: str = "auto",
               device: str = "cpu", on_row: Callable[[int, int, str], None] | None = None, ray: str | None = None) -> list[dict]:
     """Evaluate every planned row; returns one flat dict per row (the CSV's columns).
 
@@ -66,20 +66,30 @@ def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wik
     """
     from .corpora import check_corpus_args
     from .evaluate import window_plan
-    from .models import load_model
+    from .models import as_loaded, load_model
+    from .parallel import map_calls
 
     check_corpus_args(corpus, split)
     window_plan(window, window, window - 1, bos=False)
     rows = plan(series, window, baselines)
-    from .parallel import ModelSource, map_calls, sweep_row
-
-    loaded = loaded or load_model(model, dtype=dtype, device=device)
-    source = ModelSource(model, str(loaded[0].dtype).removeprefix("torch."), str(device)).keep(loaded)
+    lm = as_loaded(loaded) if loaded is not None else model if not isinstance(model, str) else load_model(model, dtype=dtype, device=device)
+    source = lm.source.keep(lm)
     calls = [(source, corpus, split, window, max_tokens, s, kind, label, data) for s, kind, label, data in rows]
     if on_row:
         on_row(0, len(rows), "started")
     done = (lambda i, n: on_row(i, n, "rows")) if on_row else None
     return map_calls(sweep_row, calls, ray, str(device).startswith("cuda"), done)
+
+
+def sweep_row(source, corpus: str, split: str, window: int, max_tokens: int | None, series: str, kind: str,
+              label: str, data: dict) -> dict:
+    """One row of a sweep: the configuration against the stock model on the same windows."""
+    from .config import Config
+    from .evaluate import evaluate_model
+
+    r = evaluate_model(source.load(), corpus, split, window=window, max_tokens=max_tokens,
+                       device=source.device, config=Config.from_dict({**data, "name": label}))
+    return flat_row(series, kind, label, r)
 
 
 def flat_row(series: str, kind: str, label: str, r: dict) -> dict:

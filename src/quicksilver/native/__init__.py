@@ -46,7 +46,7 @@ def compiler() -> str | None:
 
 def _library_path(cc: str) -> Path:
     from ..hardware import cpu_flags, cpu_model
-    from ..models import cache_dir
+    from ..paths import cache_dir
 
     text = b"|".join([SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(), cpu_model().encode(),
                       " ".join(sorted(cpu_flags())).encode()])
