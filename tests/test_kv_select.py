@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from conftest import TINY
+from quicksilver.decoding import generate
 from quicksilver import attention
 from quicksilver.cache import SequenceCache
 from quicksilver.config import Config
+from quicksilver.mechanisms.kv_rules import RULES as KV_RULES
 from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
 from quicksilver.mechanisms import kv_select
@@ -155,7 +157,7 @@ def test_compress_index_keeps_sinks_recent_and_each_heads_lowest_norms():
     k[6, 1] *= 0.1  # and among head 1's
     pos = torch.arange(12)
     q = torch.randn(1, 2, 2)
-    index = kv_select.compress_index("knorm", 0.5, k, pos, q, pos[-1:], 1.0, sinks=2, recent=4, observation=1)
+    index = kv_select.compress_index(KV_RULES["knorm"], 0.5, k, pos, q, pos[-1:], 1.0, sinks=2, recent=4, observation=1)
     assert index.tolist() == [[0, 1, 3, 9, 10, 11], [0, 1, 6, 9, 10, 11]]  # 2 sinks + 1 older + 3 recent = ceil(0.5 * 12)
 
 
@@ -176,7 +178,7 @@ def test_generation_cache_shrinks_to_the_kept_fraction(selection):
     engine = Engine(model, _kv(selection, keep_fraction=0.25, recent_window=8))
     prompt = torch.randint(0, 99, (120,), generator=torch.Generator().manual_seed(0))
     cache = SequenceCache(4)
-    from quicksilver.generate import decode_one_token, prefill
+    from quicksilver.decoding import decode_one_token, prefill
 
     logits, _ = prefill(engine, prompt, cache)
     assert all(cache.count(l) == 30 for l in range(4))  # ceil(0.25 * 120)
@@ -193,7 +195,7 @@ def test_generation_cache_shrinks_to_the_kept_fraction(selection):
 def test_quest_decode_reads_fewer_keys_but_drops_none():
     model = TINY["llama"](seed=1)
     engine = Engine(model, _kv("quest", keep_fraction=0.25, recent_window=8))
-    result = engine.generate(torch.randint(0, 99, (100,)), 4)
+    result = generate(engine, torch.randint(0, 99, (100,)), 4)
     assert result.kv_bytes == result.kv_full_bytes  # every entry kept
     assert result.ledger["kv_fraction"] < 0.6
 
@@ -208,7 +210,7 @@ def test_bad_selection_settings_are_rejected(bad, message):
 
 @pytest.mark.parametrize("selection", ("quest", "snapkv", "window"))
 def test_reach_is_where_generation_first_skips_a_key(selection):
-    from quicksilver.generate import decode_one_token, prefill
+    from quicksilver.decoding import decode_one_token, prefill
 
     extra = {"recent_window": 8, "sink_tokens": 2, "keep_fraction": 0.25}
     cfg = _kv(selection, **extra)
@@ -227,7 +229,7 @@ def test_reach_is_where_generation_first_skips_a_key(selection):
 @pytest.mark.parametrize("selection", RULES)
 def test_short_prompts_whose_queries_sit_among_the_sinks_generate(selection):
     engine = Engine(TINY["llama"](seed=1), _kv(selection, sink_tokens=4, recent_window=2, keep_fraction=0.25))
-    assert len(engine.generate(torch.randint(0, 99, (3,)), 4).tokens[0]) == 4
+    assert len(generate(engine, torch.randint(0, 99, (3,)), 4).tokens[0]) == 4
 
 
 def test_quest_extension_reads_itself_in_full_and_the_kept_fraction_of_the_cache_before_it():
@@ -260,7 +262,7 @@ def test_quest_continuation_after_a_cached_prefix_is_causal():
     logits = []
     for cont in (a, b):
         cache = SequenceCache(4)
-        from quicksilver.generate import prefill
+        from quicksilver.decoding import prefill
 
         prefill(engine, prefix, cache)
         logits.append(extend(engine, cont, cache, logit_rows=rows)[0])
@@ -280,8 +282,8 @@ def test_min_keys_reads_a_short_past_in_full_and_the_fraction_beyond(selection):
         assert torch.equal(mask[:, :24], torch.ones(24, 60, dtype=torch.bool).tril().expand(2, -1, -1))  # blocks before 24: all
         assert (mask[:, 48:].sum(-1) < pos[48:] + 1).all()  # the last block, whose first query has 48 keys: fewer
     else:  # a generation cache keeps at least min_keys entries
-        assert kv_select.compress_index(selection, 0.25, k[:20], pos[:20], q[:20], pos[:20], 0.35, 1, 4, 3, floor=24) is None
-        index = kv_select.compress_index(selection, 0.25, k, pos, q, pos, 0.35, 1, 4, 3, floor=24)
+        assert kv_select.compress_index(KV_RULES[selection], 0.25, k[:20], pos[:20], q[:20], pos[:20], 0.35, 1, 4, 3, floor=24) is None
+        index = kv_select.compress_index(KV_RULES[selection], 0.25, k, pos, q, pos, 0.35, 1, 4, 3, floor=24)
         assert index.shape == (2, 23)  # the next query (position 60) reads the 23 kept and itself
 
 
@@ -298,7 +300,7 @@ def test_quest_continuation_longer_than_a_question_still_chooses_per_query():
 
 
 def test_dense_prefill_reads_every_key_until_a_call_extends_the_cache():
-    from quicksilver.generate import decode_one_token, prefill
+    from quicksilver.decoding import decode_one_token, prefill
 
     model = TINY["llama"](seed=2)
     dense = Engine(model, _kv("quest", keep_fraction=0.25, dense_prefill=True))

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import causal_attention, decode_attention
+from .attn_kernels import causal_attention, decode_attention
 from .mechanisms import kv_select
+from .mechanisms.kv_rules import Block
 
 QUERY_BLOCK = 128
 QUEST_PER_QUERY = 32  # up to this many queries, quest chooses pages per query even when they start a sequence
@@ -151,14 +152,14 @@ def attend_selected(
     (Hkv, Tq, Tk) visibility it used (for the masked reference path).
     """
     tq, tk, dev, hkv = q.shape[0], k.shape[0], k.device, k.shape[1]
-    sel, window, page, m = kv.selection, kv.recent_at(0), kv.page_size, kv.observation
+    rule, window, page, m = kv.rule, kv.recent_at(0), kv.page_size, kv.observation
     n_sink = int(torch.searchsorted(k_pos, kv.sink_tokens))
-    static = kv_select.knorm_scores(k) if sel == "knorm" else None
+    static = rule.static_scores(k)
     kmin = kmax = None
-    if sel == "quest":
+    if rule.reads_pages:
         pages = pages or kv_select.PageSummaries(page, (kv.block_pages or page) // page)
         kmin, kmax = pages.update(k, k_pos, n_sink)
-    acc = torch.zeros(tk, hkv, device=dev) if sel == "h2o" else None
+    acc = torch.zeros(tk, hkv, device=dev) if rule.accumulates else None
     outs, pairs = [], 0
     full = torch.zeros(hkv, tq, tk, dtype=torch.bool, device=dev) if return_mask else None
     heads = torch.arange(hkv, device=dev)
@@ -168,8 +169,8 @@ def attend_selected(
     # run of them: each query picks its own pages, as it would generating token by token. A block
     # of queries choosing together from its first query's scores (a prefill's speed) cost a
     # continuation +4.18% perplexity against +0.72% choosing per query (news calibration, 25%).
-    step = 1 if sel == "quest" and (tq <= QUEST_PER_QUERY or prior is not None) else QUERY_BLOCK
-    if sel == "quest" and pages.coarse > 1 and (step > 1 or tq == 1):  # blocks of queries and decode steps: block pages
+    step = 1 if rule.reads_pages and (tq <= QUEST_PER_QUERY or prior is not None) else QUERY_BLOCK
+    if rule.reads_pages and pages.coarse > 1 and (step > 1 or tq == 1):  # blocks of queries and decode steps: block pages
         kmin, kmax = pages.blocks()
         page = kv.block_pages
     for i0 in range(0, tq, step):
@@ -187,7 +188,7 @@ def attend_selected(
             lo = max(n_sink, min(lo, start))
             room = prior - n_sink - (start - lo)
         if lo > n_sink and room < lo - n_sink:  # older keys exist (not for a query among the sinks) and do not all fit
-            middle = _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m)
+            middle = rule.middle(Block(q, q_pos, i0, k, k_pos, n_sink, lo, before, room, scale, m, static, acc, kmin, kmax, page))
             ks = torch.cat([kv_select.per_head(torch.arange(n_sink, device=dev), hkv), middle,
                             kv_select.per_head(torch.arange(lo, hi, device=dev), hkv)], dim=1)  # (Hkv, n)
             kb, vb = _gather_heads(k, ks), _gather_heads(v, ks)  # (Hkv, n, hd)
@@ -224,33 +225,3 @@ def _gather_heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     for h in range(x.shape[1]):
         torch.index_select(x[:, h], 0, index[h], out=out[h])
     return out
-
-
-def _middle(sel, room, q, q_pos, i0, k, k_pos, n_sink, lo, before, scale, static, acc, kmin, kmax, page, m):
-    """Indices (Hkv, n) of the older keys (in [n_sink, lo)) that each KV head of the block starting at row i0 reads."""
-    dev, hkv = k.device, k.shape[1]
-    if room <= 0:
-        return torch.empty(hkv, 0, dtype=torch.long, device=dev)
-    if sel == "quest":
-        n_pages = (lo - n_sink) // page  # whole pages below the recent range; a partial rest is always read
-        rest = kv_select.per_head(torch.arange(n_sink + n_pages * page, lo, device=dev), hkv)
-        n_pick = (room - rest.shape[1]) // page
-        if n_pick <= 0 or n_pages == 0:
-            return rest
-        obs = slice(max(0, i0 + 1 - m), i0 + 1)  # the block's first query and the ones before it
-        scores = kv_select.quest_page_scores(q[obs], kmin[:, :n_pages], kmax[:, :n_pages], scale)  # (P, Hkv)
-        pages = kv_select.top_index(scores, n_pick, ordered=False)  # (Hkv, n_pick), in any order
-        picked = (pages[:, :, None] * page + torch.arange(page, device=dev)).flatten(1) + n_sink
-        return torch.cat([picked, rest], dim=1)
-    if sel == "knorm":
-        scores = static[n_sink:lo]
-    elif sel == "h2o":
-        scores = acc[n_sink:lo]
-    else:  # tova: the latest query; snapkv: the latest ``observation`` queries
-        n_obs = 1 if sel == "tova" else m
-        obs = slice(max(0, i0 - n_obs), i0)
-        if i0 == 0:  # no earlier query in this call: rank by key norm
-            scores = kv_select.knorm_scores(k[n_sink:lo])
-        else:
-            scores = kv_select.attention_scores(q[obs], q_pos[obs], k[:before], k_pos[:before], scale)[n_sink:lo]
-    return kv_select.top_index(scores, room) + n_sink

@@ -66,7 +66,7 @@ def _reading_in_full(engine):
     """Let the question and answer read every kept entry (KV selection off), except for quest."""
     kv = engine.config.kv
     saved = kv.enabled
-    if kv.selection != "quest":
+    if not kv.rule.reads_pages:  # an evicting rule chose what the cache holds; a page-reading one (quest) chooses per query
         kv.enabled = False
     try:
         yield
@@ -77,7 +77,7 @@ def _reading_in_full(engine):
 @torch.inference_mode()
 def run_trial(engine, trial: Trial, answer_tokens: int = ANSWER_TOKENS) -> tuple[str, float]:
     """Greedy answer ids decoded to text, and the kept fraction of the context its queries read."""
-    from .generate import decode_one_token, prefill
+    from .decoding import decode_one_token, prefill
 
     spec = engine.spec
     dev = next(engine.model.parameters()).device

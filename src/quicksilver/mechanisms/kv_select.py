@@ -163,7 +163,7 @@ def per_head(index: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def compress_index(
-    selection: str,
+    rule,
     keep_fraction: float,
     k: torch.Tensor,
     k_pos: torch.Tensor,
@@ -180,9 +180,9 @@ def compress_index(
 
     Keeps the sinks, the keys the next query's recent window covers and the best-ranked
     older keys, ``keep_fraction`` of the positions in all; each KV head ranks the older keys
-    by its own scores (the same count for every head). Scores: key norms (knorm), the
-    latest query's attention (tova), the latest ``observation`` queries' (snapkv), or the
-    attention summed over up to ``H2O_PREFILL_QUERIES`` latest queries (h2o). Nothing is
+    by its own scores (the same count for every head), as the evicting ``rule`` scores them
+    (``kv_rules``: key norms, the latest query's attention, the latest ``observation`` queries',
+    or the attention summed over up to ``H2O_PREFILL_QUERIES`` latest queries). Nothing is
     dropped until the cache exceeds its target by more than ``slack``; the target is never below
     ``floor`` entries.
     """
@@ -198,12 +198,26 @@ def compress_index(
         return None
     dev, hkv = k.device, k.shape[1]
     if room > 0:
-        if selection == "knorm":
-            scores = knorm_scores(k[n_sink:lo])
-        else:
-            m = {"tova": 1, "snapkv": observation, "h2o": H2O_PREFILL_QUERIES}[selection]
-            scores = attention_scores(q[-m:], q_pos[-m:], k, k_pos, scale)[n_sink:lo]
+        scores = rule.compress_scores(q, q_pos, k, k_pos, scale, n_sink, lo, observation)
         middle = top_index(scores, room) + n_sink  # (Hkv, room)
     else:
         middle = torch.empty(hkv, 0, dtype=torch.long, device=dev)
     return torch.cat([per_head(torch.arange(n_sink, device=dev), hkv), middle.to(dev), per_head(torch.arange(lo, n, device=dev), hkv)], dim=1)
+
+
+def compress_cache(cache, layer: int, kv, q: torch.Tensor, q_pos: torch.Tensor, scale: float, slack: int) -> None:
+    """Drop the entries of ``cache`` at ``layer`` that the evicting rule of ``kv`` ranks lowest (prefill: to its target at once)."""
+    e = cache.get(layer)
+    index = compress_index(kv.rule, kv.keep_fraction, e.k, e.pos, q, q_pos, scale, kv.sink_tokens, kv.recent_at(layer),
+                           kv.observation, slack, kv.min_keys)
+    if index is not None:
+        cache.keep(layer, index)
+
+
+def pages_of(cache, layer: int, kv) -> PageSummaries:
+    """The page summaries kept beside ``cache`` at ``layer`` for ``kv``'s pages (made anew for another engine's pages)."""
+    coarse = (kv.block_pages or kv.page_size) // kv.page_size
+    pages = cache.pages[layer]
+    if pages is None or (pages.page, pages.coarse) != (kv.page_size, coarse):
+        pages = cache.pages[layer] = PageSummaries(kv.page_size, coarse)
+    return pages

@@ -27,9 +27,10 @@ import torch
 from ..errors import QuicksilverError
 from . import kv_select
 from ._checks import check_choice, check_range
+from .kv_rules import RULES, KVRule
 
 POLICIES = ("propagate", "skip")
-SELECTIONS = ("window", "knorm", "h2o", "tova", "snapkv", "quest")
+SELECTIONS = tuple(RULES)  # window, knorm, h2o, tova, snapkv, quest
 # Importance rules without an explicit recent window still keep this many recent keys.
 DEFAULT_RECENT = 64
 
@@ -119,13 +120,18 @@ class KVCacheSkipping:
             raise QuicksilverError(f"kv.block_pages must be a multiple of kv.page_size ({self.page_size}), got {self.block_pages}")
         check_range("kv", "observation", self.observation, 1, integer=True)
 
+    @property
+    def rule(self) -> KVRule:
+        """The selection rule (``kv_rules``), whose attributes say what it does."""
+        return RULES[self.selection]
+
     def selects(self, layer: int) -> bool:
         """Whether an importance rule picks older keys at ``layer``."""
-        return self.enabled and self.selection != "window" and layer >= self.layers_from
+        return self.enabled and self.rule.selects and layer >= self.layers_from
 
     def evicts(self, layer: int) -> bool:
         """Whether a generation cache drops low-ranked entries at ``layer`` (quest only reads fewer)."""
-        return self.selects(layer) and self.selection != "quest"
+        return self.selects(layer) and self.rule.evicts
 
     def recent_at(self, layer: int) -> int:
         """The recent window of an importance rule at ``layer``."""
@@ -141,7 +147,7 @@ class KVCacheSkipping:
         """
         if not self.enabled:
             return None
-        if self.selection == "window":
+        if not self.rule.selects:
             return None if self.recent_window is None else self.sink_tokens + self.recent_window + 1
         if self.keep_fraction >= 1:
             return None
@@ -156,7 +162,7 @@ class KVCacheSkipping:
 
         Importance rules apply their window in ``attention.attend_selected`` instead.
         """
-        if not self.enabled or self.recent_window is None or layer < self.layers_from or self.selection != "window":
+        if not self.enabled or self.recent_window is None or layer < self.layers_from or self.rule.selects:
             return None
         return self.recent_window
 
