@@ -11,7 +11,8 @@ from quicksilver.config import Config
 from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
 from quicksilver.mechanisms import AdaptiveMatryoshkaQuantization
-from quicksilver.quant import Int8Kernel, QuantizedLinear, dequantize, quantize_int8, slice_codes, snr_db
+from quicksilver.linears import Int8Kernel, QuantizedLinear
+from quicksilver.quant import dequantize, quantize_int8, slice_codes, snr_db
 
 
 def reference_slice(q: np.ndarray, r: int) -> np.ndarray:

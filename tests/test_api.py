@@ -89,7 +89,7 @@ def test_kvskip_acts_in_generation_from_its_reach_and_never_teacher_forced():
     """``kvskip``: a teacher-forced pass is the stock model; a decode step reads fewer keys than its past from
     ``acts_from`` on (checked at a 40-key floor, the same code path as 1,024)."""
     from quicksilver.cache import SequenceCache
-    from quicksilver.generate import decode_one_token, prefill
+    from quicksilver.decoding import decode_one_token, prefill
 
     kv = Config.preset("kvskip").kv
     assert PRESET_INFO["kvskip"].acts_from["kv"] == kv.reach() == kv.min_keys + 2 and PRESET_INFO["kvskip"].generation_only == ("kv",)

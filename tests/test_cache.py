@@ -7,7 +7,7 @@ import torch
 from quicksilver import Config
 from quicksilver.cache import SequenceCache
 from quicksilver.engine import Engine
-from quicksilver.generate import decode_one_token, prefill, prefill_batch
+from quicksilver.decoding import decode_one_token, prefill, prefill_batch
 
 from conftest import tiny_llama
 

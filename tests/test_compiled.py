@@ -12,7 +12,7 @@ import torch
 from quicksilver import compiled
 from quicksilver.config import Config
 from quicksilver.engine import Engine
-from quicksilver.generate import decode_one_token, new_caches, prefill_batch
+from quicksilver.decoding import decode_one_token, new_caches, prefill_batch
 
 from conftest import tiny_gpt2, tiny_llama
 
@@ -42,7 +42,7 @@ def compiling(monkeypatch):
 
 def test_the_compiled_step_equals_the_eager_one_in_float32(compiling):
     engine = Engine(tiny_llama(num_hidden_layers=2), "off")  # two layers: a smaller graph to compile
-    assert engine._step_key is not None
+    assert compiled.structure(engine) is not None
     tokens, logits, counts, ledger = _decode(engine, 5, use=False)
     c_tokens, c_logits, c_counts, c_ledger = _decode(engine, 5, use=True)
     if HAS_CXX:
@@ -83,4 +83,4 @@ def test_where_the_compiled_step_does_not_apply(case, compiling):
             else {"kv": {"enabled": True, "recent_window": 4, "sink_tokens": 1}}))
     assert not compiled.wanted(engine, rows=1, steps=10_000)
     if case != "env-off":
-        assert engine._step_key is None
+        assert compiled.structure(engine) is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from quicksilver import engine as engine_module
+from quicksilver import rows as rows_module
 from quicksilver.adapters.base import FamilyAdapter, LayerParams
 from quicksilver.config import Config
 from quicksilver.engine import Engine
@@ -26,8 +26,8 @@ def test_rows_follow_every_layer_device(monkeypatch, settings):
     config = Config.from_dict(settings)
     ref = Engine(model, config)(ids)
     moves = []
-    real = engine_module.to_device
-    monkeypatch.setattr(engine_module, "to_device", lambda d, *v: moves.append(d) or real(d, *v))
+    real = rows_module.to_device
+    monkeypatch.setattr(rows_module, "to_device", lambda d, *v: moves.append(d) or real(d, *v))
     monkeypatch.setattr(LayerParams, "device", property(lambda self: torch.device("cpu", 0)))
     monkeypatch.setattr(FamilyAdapter, "output_device", property(lambda self: torch.device("cpu", 0)))
     out = Engine(model, config)(ids)

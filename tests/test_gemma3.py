@@ -7,6 +7,7 @@ which would hide a wrong (1 + weight) convention) with a 6-token sliding window.
 import pytest
 import torch
 
+from quicksilver.decoding import generate
 from quicksilver.adapters import arch_spec
 from quicksilver.config import Config
 from quicksilver.engine import Engine
@@ -68,7 +69,7 @@ def test_gemma3_compact_equals_masked_and_generation_equals_recompute(name):
     compact, masked = engine(ids), engine(ids, compact=False)
     assert torch.allclose(compact.logits, masked.logits, atol=1e-5)
     assert compact.ledger.as_dict() == masked.ledger.as_dict()
-    result = engine.generate(ids[:20], max_new_tokens=8)
+    result = generate(engine, ids[:20], max_new_tokens=8)
     seq = torch.cat([ids[:20], torch.tensor(result.tokens[0])])
     assert engine(seq).logits[19:-1].argmax(-1).tolist() == result.tokens[0]
 
@@ -76,6 +77,6 @@ def test_gemma3_compact_equals_masked_and_generation_equals_recompute(name):
 def test_off_generation_equals_hf_generate():
     model = tiny_gemma3(seed=3)
     ids = torch.randint(0, 99, (10,), generator=torch.Generator().manual_seed(3))
-    ours = Engine(model).generate(ids, max_new_tokens=12).tokens[0]
+    ours = generate(Engine(model), ids, max_new_tokens=12).tokens[0]
     theirs = model.generate(ids[None], max_new_tokens=12, do_sample=False)[0, 10:].tolist()
     assert ours == theirs

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import TINY
+from quicksilver.decoding import generate
 from quicksilver.config import PRESETS, Config
 from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
@@ -16,7 +17,7 @@ def test_off_greedy_equals_hf_generate(family, prompt_len):
     model = TINY[family]()
     prompt = torch.randint(0, 99, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     hf = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
-    assert Engine(model).generate(prompt[0], 16).tokens[0] == hf
+    assert generate(Engine(model), prompt[0], 16).tokens[0] == hf
 
 
 @pytest.mark.real_model
@@ -24,7 +25,7 @@ def test_off_greedy_equals_hf_generate_on_the_default_model(default_model):
     model, tok = default_model
     prompt = tok("The history of the Roman Empire", return_tensors="pt").input_ids
     hf = model.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=tok.eos_token_id)[0, prompt.shape[1]:].tolist()
-    assert Engine(model).generate(prompt[0], 32).tokens[0][: len(hf)] == hf
+    assert generate(Engine(model), prompt[0], 32).tokens[0][: len(hf)] == hf
 
 
 def _recompute_greedy(engine, prompt, steps):
@@ -42,7 +43,7 @@ def _recompute_greedy(engine, prompt, steps):
 def test_cached_decoding_equals_recomputing_the_prefix(family, name):
     engine = Engine(TINY[family](seed=1), Config.from_dict(AGGRESSIVE[name]))
     prompt = torch.randint(0, 99, (11,), generator=torch.Generator().manual_seed(2))
-    assert engine.generate(prompt, 10).tokens[0] == _recompute_greedy(engine, prompt, 10)
+    assert generate(engine, prompt, 10).tokens[0] == _recompute_greedy(engine, prompt, 10)
 
 
 @pytest.mark.real_model
@@ -59,7 +60,7 @@ def test_presets_decode_like_recomputation_on_the_default_model(default_model, p
     # Fusion is prefill-only and generate runs without it: recompute without it too.
     reference = make_engine(model, tok, config.with_settings(["fusion.enabled=false"])) if config.fusion.enabled else engine
     prompt = tok("Photosynthesis is the process by which", return_tensors="pt").input_ids[0]
-    generated = engine.generate(prompt, 12).tokens[0]
+    generated = generate(engine, prompt, 12).tokens[0]
     full = reference(torch.cat([prompt, torch.tensor(generated)])).logits[prompt.numel() - 1 : -1]
     top2 = full.topk(2, dim=-1).values
     for step, token in enumerate(generated):
@@ -72,37 +73,37 @@ def test_a_batch_equals_its_rows_alone(name):
     engine = Engine(TINY["llama"](seed=4), Config.from_dict(AGGRESSIVE[name]))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 99, (n,), generator=g) for n in (3, 12, 7)]
-    batch = engine.generate(prompts, 9).tokens
-    assert batch == [engine.generate(p, 9).tokens[0] for p in prompts]
+    batch = generate(engine, prompts, 9).tokens
+    assert batch == [generate(engine, p, 9).tokens[0] for p in prompts]
 
 
 def test_skipping_and_windows_shrink_the_cache():
     model = TINY["gpt2"]()
     prompt = torch.randint(0, 99, (30,))
-    full = Engine(model).generate(prompt, 10)
+    full = generate(Engine(model), prompt, 10)
     assert full.kv_bytes == full.kv_full_bytes
-    windowed = Engine(model, Config.from_dict({"kv": {"enabled": True, "recent_window": 8, "sink_tokens": 2}})).generate(prompt, 10)
+    windowed = generate(Engine(model, Config.from_dict({"kv": {"enabled": True, "recent_window": 8, "sink_tokens": 2}})), prompt, 10)
     # 2 sinks + 8 recent entries per layer at most, for 4 layers, K and V, 32 floats each
     assert windowed.kv_bytes <= 4 * (2 + 8) * 2 * 32 * 4 < full.kv_bytes
-    skipped = Engine(model, Config.from_dict(AGGRESSIVE["halt-cosine-skipkv"])).generate(prompt, 10)
+    skipped = generate(Engine(model, Config.from_dict(AGGRESSIVE["halt-cosine-skipkv"])), prompt, 10)
     assert skipped.kv_bytes < full.kv_bytes
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     engine = Engine(TINY["llama"]())
     prompt = torch.randint(0, 99, (5,))
-    a = engine.generate(prompt, 12, temperature=1.0, seed=7).tokens
-    assert a == engine.generate(prompt, 12, temperature=1.0, seed=7).tokens
-    assert a != engine.generate(prompt, 12, temperature=1.0, seed=8).tokens
-    assert engine.generate(prompt, 12, temperature=0.7, top_k=1).tokens == engine.generate(prompt, 12).tokens
-    assert len(engine.generate(prompt, 12, temperature=1.0, top_p=0.5, seed=1).tokens[0]) == 12
+    a = generate(engine, prompt, 12, temperature=1.0, seed=7).tokens
+    assert a == generate(engine, prompt, 12, temperature=1.0, seed=7).tokens
+    assert a != generate(engine, prompt, 12, temperature=1.0, seed=8).tokens
+    assert generate(engine, prompt, 12, temperature=0.7, top_k=1).tokens == generate(engine, prompt, 12).tokens
+    assert len(generate(engine, prompt, 12, temperature=1.0, top_p=0.5, seed=1).tokens[0]) == 12
 
 
 def test_eos_stops_a_row():
     engine = Engine(TINY["llama"]())
     prompt = torch.randint(0, 99, (5,))
-    free = engine.generate(prompt, 12).tokens[0]
-    stopped = engine.generate(prompt, 12, eos_token_id=free[3])
+    free = generate(engine, prompt, 12).tokens[0]
+    stopped = generate(engine, prompt, 12, eos_token_id=free[3])
     assert stopped.tokens[0] == free[: free.index(free[3]) + 1]
     assert stopped.stop_reasons == ["eos"]
 
@@ -125,4 +126,4 @@ def test_bad_generation_input(kwargs, message):
     engine = Engine(TINY["llama"]())
     args = {"prompts": torch.tensor([1, 2, 3]), "max_new_tokens": 4, **kwargs}
     with pytest.raises(QuicksilverError, match=message):
-        engine.generate(args.pop("prompts"), args.pop("max_new_tokens"), **args)
+        generate(engine, args.pop("prompts"), args.pop("max_new_tokens"), **args)

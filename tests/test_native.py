@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quicksilver.decoding import generate
+from quicksilver import attn_kernels as AK
 from quicksilver import kernels as K
 from quicksilver import native
 from quicksilver.quant import quantize_int8, snr_db
@@ -130,7 +132,7 @@ def test_decode_attention_matches_float32_eager_attention(B, T):
     q = torch.randn(B, H, hd, generator=g).bfloat16()
     mask = torch.zeros(B, T, dtype=torch.bfloat16)
     mask[0, : T // 3] = float("-inf")  # a padded row
-    ref = K.attend_matmul(q.float(), keys.float(), values.float(), mask.float(), hd**-0.5)
+    ref = AK.attend_matmul(q.float(), keys.float(), values.float(), mask.float(), hd**-0.5)
     out = native.decode_attention(q, keys, values, mask, hd**-0.5)
     assert out.shape == (B, H * hd) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=2**-7)
@@ -141,13 +143,13 @@ def test_decode_attention_matches_float32_eager_attention(B, T):
 
 @needs_native
 def test_decode_attention_falls_back_where_the_layout_does_not_fit(monkeypatch):
-    monkeypatch.setattr(K, "attention_kernel", lambda *a: "native")
+    monkeypatch.setattr(AK, "attention_kernel", lambda *a: "native")
     q = torch.randn(2, 4, 64).bfloat16()
     keys = torch.randn(2, 2, 64, 10).bfloat16().transpose(2, 3)  # positions not contiguous rows
     values = torch.randn(2, 2, 10, 64).bfloat16()
     assert not native.attention_applies(keys, values)
-    torch.testing.assert_close(K.decode_attention(q, keys, values, None, 0.125),
-                               K.attend_matmul(q, keys, values, None, 0.125))
+    torch.testing.assert_close(AK.decode_attention(q, keys, values, None, 0.125),
+                               AK.attend_matmul(q, keys, values, None, 0.125))
 
 
 @needs_native
@@ -157,7 +159,7 @@ def test_causal_attention_matches_float32_attention(T):
         pytest.skip("the flash kernel needs the AVX-512 BF16 build")
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(T, h, 64, generator=g).bfloat16() for h in (6, 2, 2))
-    ref = K.attend_causal_sdpa(q.float(), k.float(), v.float(), 0.125)
+    ref = AK.attend_causal_sdpa(q.float(), k.float(), v.float(), 0.125)
     out = native.causal_attention(q, k, v, 0.125)
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=2**-7)
     # causal: the first rows do not change when later tokens do
@@ -191,7 +193,7 @@ def test_the_engine_decodes_through_the_native_kernels_in_bfloat16(monkeypatch):
     monkeypatch.setattr(native, "decode_attention", count("attention", attention))
     for cfg in (Config(), Config.preset("fast")):
         K.set_kernel_table(None)  # fresh choices under the counting wrappers
-        out = Engine(model, cfg).generate(prompt, 6)
+        out = generate(Engine(model, cfg), prompt, 6)
         assert len(out.tokens[0]) == 6
     assert calls["linear"] > 0 and calls["attention"] > 0
     # the same step through torch's kernels only: the same function, up to bfloat16 rounding

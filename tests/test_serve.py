@@ -22,6 +22,8 @@ import torch
 
 from conftest import tiny_llama
 
+from quicksilver.decoding import generate
+
 LIMIT = 3000  # --max-tokens-limit: long enough that a stream is still running when the test drops it
 
 
@@ -109,7 +111,7 @@ def test_a_batched_request_equals_itself_served_alone(server_process, engine):
     settings = [dict(temperature=0.0), dict(temperature=0.9, seed=1), dict(temperature=0.0), dict(temperature=0.7, top_p=0.9, seed=5),
                 dict(temperature=0.0)]
     lengths = [5 + 2 * i for i in range(len(prompts))]
-    alones = [eng.generate(torch.tensor(p), n, eos_token_id=tok.eos_token_id, **s).tokens[0] for p, n, s in zip(prompts, lengths, settings)]
+    alones = [generate(eng, torch.tensor(p), n, eos_token_id=tok.eos_token_id, **s).tokens[0] for p, n, s in zip(prompts, lengths, settings)]
     for per_step in (1, 512):  # one newcomer per step boundary (rows join and leave at different steps), then several at once
         reqs = [GenerationRequest(prompt_ids=p, max_tokens=n, **s) for p, n, s in zip(prompts, lengths, settings)]
         sched = _run_scheduler(eng, tok, reqs, max_batch=3, prefill_tokens_per_step=per_step)
@@ -119,6 +121,27 @@ def test_a_batched_request_equals_itself_served_alone(server_process, engine):
         assert sched.generated_tokens == sum(r.max_tokens for r in reqs) and sched.batch_size == 0 and sched.free_rows == 3
         spec = eng.spec
         assert sched.pool_bytes > 3 * 256 * spec.n_layers * 2 * spec.kv_dim * 4  # 3 rows of more than 256 float32 entries
+
+
+def test_lossless_serving_equals_plain_decoding_under_concurrent_load(server_process, engine):
+    """float32: the lossless preset served to 4 concurrent requests (verify passes over pooled rows, rows
+    joining at different steps) gives each request exactly what ``generate`` with every mechanism off gives."""
+    from quicksilver import Config
+    from quicksilver.engine import Engine
+    from quicksilver.serve import GenerationRequest
+
+    eng, tok = engine
+    lossless = Engine(eng.model, Config.preset("lossless"))
+    base = "The cat sat on the mat. The dog sat on the log. "
+    prompts = [tok(base * k + tail).input_ids for k, tail in ((3, "The cat"), (2, "The dog"), (4, "The"), (1, "Once"))]
+    lengths = [24, 17, 30, 12]
+    alones = [generate(eng, torch.tensor(p), n, eos_token_id=tok.eos_token_id).tokens[0] for p, n in zip(prompts, lengths)]
+    reqs = [GenerationRequest(prompt_ids=p, max_tokens=n) for p, n in zip(prompts, lengths)]
+    sched = _run_scheduler(lossless, tok, reqs, max_batch=4, prefill_tokens_per_step=64)
+    assert [r.tokens for r in reqs] == alones
+    stats = sched.batch.drafter.summary()
+    assert stats["verify_passes"] > 0 and stats["accepted"] > 0  # drafts were verified and taken, not only plain steps
+    assert sched.batch_size == 0 and sched.free_rows == 4
 
 
 def test_a_cancelled_request_gives_its_row_to_the_next(server_process, engine):
@@ -140,7 +163,7 @@ def test_a_cancelled_request_gives_its_row_to_the_next(server_process, engine):
         time.sleep(0.01)
     sched.stop()
     assert held == 0 and second.finish_reason == "length" and first.finish_reason is None
-    assert second.tokens == eng.generate(torch.tensor(second.prompt_ids), 6, eos_token_id=tok.eos_token_id).tokens[0]
+    assert second.tokens == generate(eng, torch.tensor(second.prompt_ids), 6, eos_token_id=tok.eos_token_id).tokens[0]
     assert sched.free_rows == 1 and sched.pool_bytes == pool and sched.outcomes() == {"cancelled": 1, "length": 1}
 
 
@@ -156,7 +179,7 @@ def test_kv_skipping_rows_keep_caches_of_their_own(server_process, engine):
     reqs = [GenerationRequest(prompt_ids=p, max_tokens=8) for p in prompts]
     sched = _run_scheduler(kv, tok, reqs, max_batch=2)
     for r, p in zip(reqs, prompts):
-        assert r.tokens == kv.generate(torch.tensor(p), 8, eos_token_id=tok.eos_token_id).tokens[0]
+        assert r.tokens == generate(kv, torch.tensor(p), 8, eos_token_id=tok.eos_token_id).tokens[0]
     assert sched.pool_bytes == 0 and sched.free_rows == 2
 
 
@@ -179,7 +202,7 @@ def test_an_engine_fault_fails_that_request_alone(server_process, engine):
     sched = _run_scheduler(Faulty(), tok, reqs, max_batch=2)
     assert events[-1].kind == "error" and "injected fault" in events[-1].message
     assert reqs[0].finish_reason is None and len(reqs[0].tokens) == 2
-    assert reqs[1].tokens == eng.generate(torch.tensor(long), 8).tokens[0]  # its row was rolled back and rerun
+    assert reqs[1].tokens == generate(eng, torch.tensor(long), 8).tokens[0]  # its row was rolled back and rerun
     assert sched.failed == 1 and "injected fault" in sched.last_error
 
 
@@ -188,7 +211,7 @@ def test_stop_strings_end_the_text_before_the_stop(server_process, engine):
 
     eng, tok = engine
     prompt = tok("The history of Rome").input_ids
-    full = tok.decode(eng.generate(torch.tensor(prompt), 12).tokens[0], skip_special_tokens=True)
+    full = tok.decode(generate(eng, torch.tensor(prompt), 12).tokens[0], skip_special_tokens=True)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     deltas = []
     req = GenerationRequest(prompt_ids=prompt, max_tokens=12, stop=(stop, "never-seen"), on_event=lambda e: deltas.append(e.text))

@@ -6,14 +6,15 @@ import pytest
 import torch
 from conftest import TINY, tiny_llama
 
+from quicksilver.decoding import generate
 from quicksilver.cache import SequenceCache
 from quicksilver.config import Config
 from quicksilver.engine import Engine
 from quicksilver.errors import QuicksilverError
-from quicksilver.generate import decode_one_token, prefill
-from quicksilver.speculative import (
-    ModelDraft, PromptLookup, StepCosts, VerifyCost, accept_greedy, accept_sampled, best_length, choose_drafts, draft_engine,
-    expected_accepted, make_probs, usable_sources,
+from quicksilver.decoding import decode_one_token, make_probs, prefill
+from quicksilver.decoding.speculative import (
+    ModelDraft, PromptLookup, StepCosts, accept_greedy, accept_sampled, best_length, choose_drafts, draft_engine,
+    expected_accepted, usable_sources,
 )
 
 
@@ -49,10 +50,10 @@ def test_greedy_equals_plain_decoding(family):
     model = TINY[family]()
     prompts = _prompts()
     plain = Engine(model, Config())
-    eos = plain.generate(prompts, 20).tokens[0][8]  # row 0 stops at its 9th token (or earlier), mid-draft for some sources
-    ref = plain.generate(prompts, 20, eos_token_id=eos)
+    eos = generate(plain, prompts, 20).tokens[0][8]  # row 0 stops at its 9th token (or earlier), mid-draft for some sources
+    ref = generate(plain, prompts, 20, eos_token_id=eos)
     for sources in ("lookup", "int8", "int4", "skip", "lookup,skip"):
-        r = Engine(model, Config.from_dict({"speculative": _spec(sources)})).generate(prompts, 20, eos_token_id=eos)
+        r = generate(Engine(model, Config.from_dict({"speculative": _spec(sources)})), prompts, 20, eos_token_id=eos)
         assert r.tokens == ref.tokens and r.stop_reasons == ref.stop_reasons, sources
         s = r.speculative
         assert s["verify_steps"] < sum(len(t) for t in r.tokens)  # drafts were accepted
@@ -65,8 +66,8 @@ def test_greedy_with_kv_window_and_other_mechanisms_equals_same_config_without_s
     base = {"kv": {"enabled": True, "recent_window": 8, "sink_tokens": 2},
             "halting": {"enabled": True, "threshold": 0.3, "min_layer": 1, "patience": 1, "tail_layers": 1}}
     prompts = _prompts() + [torch.arange(40) % 17]
-    ref = Engine(model, Config.from_dict(base)).generate(prompts, 30)
-    r = Engine(model, Config.from_dict({**base, "speculative": _spec("lookup,skip", max_draft=6)})).generate(prompts, 30)
+    ref = generate(Engine(model, Config.from_dict(base)), prompts, 30)
+    r = generate(Engine(model, Config.from_dict({**base, "speculative": _spec("lookup,skip", max_draft=6)})), prompts, 30)
     assert r.tokens == ref.tokens
     assert r.speculative["accepted"] > 0
 
@@ -156,7 +157,7 @@ def test_sampled_generation_follows_the_full_model_distribution():
     for t in p1.nonzero().flatten().tolist():
         exact2 += p1[t] * probs(full(torch.cat([prompt, torch.tensor([t])])).logits[-1:])[0]
     engine = Engine(model, Config.from_dict({"speculative": _spec("skip", skip_layers=[1, 2], initial_draft=3)}))
-    r = engine.generate([prompt] * rows, 3, temperature=1.0, top_k=top_k, seed=5)
+    r = generate(engine, [prompt] * rows, 3, temperature=1.0, top_k=top_k, seed=5)
     first = torch.bincount(torch.tensor([t[0] for t in r.tokens]), minlength=99) / rows
     second = torch.bincount(torch.tensor([t[1] for t in r.tokens]), minlength=99) / rows
     assert r.speculative["sources"]["skip"]["drafted"] > 0
@@ -189,7 +190,7 @@ def test_config_section_set_and_errors():
         with pytest.raises(QuicksilverError):
             Config.from_dict({"speculative": bad})
     with pytest.raises(QuicksilverError):
-        Engine(tiny_llama(), Config.from_dict({"speculative": {"enabled": True, "sources": "skip", "skip_layers": [7]}})).generate(
+        generate(Engine(tiny_llama(), Config.from_dict({"speculative": {"enabled": True, "sources": "skip", "skip_layers": [7]}})), 
             [torch.tensor([1, 2])], 2)
 
 
@@ -199,7 +200,7 @@ def test_shared_model_draft_leaves_the_verifier_cache_as_it_found_it():
     cache = SequenceCache(4)
     prefill(engine, prompt[:-1], cache)  # the verifier's cache holds every position but the last token's
     before = [cache.get(layer).k.clone() for layer in range(4)]
-    src = ModelDraft("skip", draft_engine(engine, "skip"), 0.0, 4, None, None)
+    src = ModelDraft("skip", draft_engine(engine, "skip"), 0.0, 4)
     (d,) = src.propose([0], [prompt.tolist()], [3], [cache])
     assert len(d.tokens) == 3 and d.passes == 3
     assert cache.length == prompt.numel() - 1
@@ -212,11 +213,6 @@ def test_draft_length_follows_acceptance_and_costs():
     assert best_length(0.5, 0.03, 16)[0] < best_length(0.9, 0.03, 16)[0]
     assert best_length(0.9, 0.7, 16)[0] < best_length(0.9, 0.03, 16)[0]  # a costly draft pass: shorter
     assert best_length(0.3, 0.7, 16)[1] < 1.0  # does not pay: the policy switches it off
-    fit = VerifyCost()
-    assert fit.row_cost(1) == fit.prior
-    for rows in [1, 3, 9, 17, 5, 2] * 3:
-        fit.add(rows, 0.040 + 0.001 * rows)  # a pass costs 40 ms plus 1 ms per row
-    assert abs(fit.row_cost(1) - 0.001 / 0.041) < 1e-6 and abs(fit.plain_step(8) - 0.048) < 1e-9
 
 
 def test_model_drafts_left_out_of_cpu_batches_when_lookup_is_configured():
@@ -231,8 +227,8 @@ def test_batch_mixing_plain_steps_and_verify_passes_equals_plain_decoding():
     loop = torch.randint(0, 99, (6,), generator=g)
     prompts = [torch.cat([loop] * 4), torch.randint(0, 99, (11,), generator=g), torch.tensor([4, 4, 4, 4, 4, 4]),
                torch.randint(0, 99, (5,), generator=g)]
-    ref = Engine(model, Config()).generate(prompts, 24)
-    r = Engine(model, Config.from_dict({"speculative": _spec("lookup")})).generate(prompts, 24)
+    ref = generate(Engine(model, Config()), prompts, 24)
+    r = generate(Engine(model, Config.from_dict({"speculative": _spec("lookup")})), prompts, 24)
     assert r.tokens == ref.tokens
     s = r.speculative
     # The first step verifies every draft (a repeating prompt has one, a random one none), the
@@ -258,7 +254,7 @@ def test_drafts_are_verified_only_where_they_pay_for_leaving_the_pooled_step():
 def test_pooled_verify_pass_equals_the_per_sequence_path():
     """Engine level, float32: a ragged pass over rows of one pool (one write and one attention call
     per layer) gives the logits and cache entries of the per-sequence path."""
-    from quicksilver.generate import new_caches, prefill_batch
+    from quicksilver.decoding import new_caches, prefill_batch
 
     engine = Engine(tiny_llama(), Config())
     g = torch.Generator().manual_seed(5)

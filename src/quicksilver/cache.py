@@ -141,6 +141,18 @@ class SequenceCache:
         index = torch.cat([torch.arange(n_sink), torch.arange(first_recent, n)]).to(pos.device)
         self.keep(layer, index)
 
+    def written(self, layer: int, n: int) -> None:
+        """``n`` entries were written in place after the live ones at ``layer`` (by the pool, ``CachePool.write``)."""
+        self._n[layer] += n
+
+    def snapshot(self) -> tuple:
+        """What ``restore`` needs to undo every write since (entries past the counts are simply overwritten later)."""
+        return self.length, list(self._n), self.peak_bytes
+
+    def restore(self, snap: tuple) -> None:
+        self.length, n, self.peak_bytes = snap
+        self._n = list(n)
+
     def truncate(self, length: int) -> None:
         """Forget every entry at position >= ``length`` in every layer; the next token's position becomes ``length``."""
         if length > self.length:
@@ -196,3 +208,26 @@ class CachePool:
             cache._pos = [p[i] for p in self.pos]
             cache.pool, cache.slot = self, i
             self.rows.append(cache)
+
+    def write(self, layer: int, slots: torch.Tensor, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              pos: torch.Tensor) -> None:
+        """Entry i of k/v (N, Hkv, hd) and pos (N,) into row ``slots[i]`` at index ``at[i]`` (head-major).
+
+        The caller marks each row's new count (``SequenceCache.written``)."""
+        self.k[layer][slots, :, at] = k
+        self.v[layer][slots, :, at] = v
+        self.pos[layer][slots, at] = pos
+
+    def write_one(self, layer: int, slot: int, at: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """One entry (Hkv, hd) into row ``slot`` at index ``at``: a plain copy, no advanced indexing."""
+        self.k[layer][slot, :, at] = k
+        self.v[layer][slot, :, at] = v
+        self.pos[layer][slot, at] = pos
+
+    def view(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, length, hd) of rows ``slots``: a view when the rows are contiguous, else a gather."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            a, b = slots[0], slots[-1] + 1
+            return self.k[layer][a:b, :, :length], self.v[layer][a:b, :, :length]
+        idx = torch.tensor(slots, device=self.k[layer].device)
+        return self.k[layer][idx, :, :length], self.v[layer][idx, :, :length]

@@ -150,8 +150,10 @@ def generate_cmd(
 
     import torch
 
-    result = engine.generate(
-        torch.tensor(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+    from .decoding import generate
+
+    result = generate(
+        engine, torch.tensor(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         eos_token_id=tok.eos_token_id, stop_strings=stop, tokenizer=tok, on_token=stream,
     )
     sys.stdout.write("\n")

@@ -32,9 +32,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
+
+from . import pooled
+from .adapters.base import signed_sin
+from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +61,11 @@ def _define_ops() -> None:
     lib.define("attend(Tensor q, Tensor k, Tensor v, Tensor pos, int layer) -> Tensor")
 
     def call(x, fn, out):
-        return _state.engine._step_linear(fn, x)
+        return _linear(_state.engine, fn)(x)
 
     def attend(q, k, v, pos, layer):
-        return _state.engine._step_attend(layer, q, k, v, pos, _state.caches, _state.plans)
+        engine = _state.engine
+        return pooled.decode(layer, q, k, v, pos, _state.caches, engine.adapter.layers[layer].attn_scale, _state.plans)[0]
 
     for key in ("CPU", "CUDA"):
         lib.impl("call", call, key)
@@ -132,20 +138,125 @@ def compiled_step(key: tuple, make):
     return f
 
 
+_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # engine -> its step structure (or None)
+_LINEARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # engine -> {linear index: callable}
+
+
+def structure(engine) -> tuple | None:
+    """The shape of an engine's compiled decode step (``llama_step``'s arguments), or None where the
+    step cannot be compiled: a mechanism that changes the layer loop, per-row precisions, layers
+    spread over devices, or layers other than plain Llama ones. Worked out once per engine."""
+    if engine in _STRUCTURE:
+        return _STRUCTURE[engine]
+    if getattr(engine, "linears", None) is None:  # a runner other than the Engine: nothing to compile
+        return None
+    cfg, spec, layers = engine.config, engine.spec, engine.adapter.layers
+    key = None
+    if not (cfg.halting.enabled or cfg.kv.enabled or cfg.fusion.enabled) and engine.uniform_bits is not None:
+        plain = all(p.rms_eps is not None and p.rms_eps == layers[0].rms_eps and p.q_norm is None and p.k_norm is None
+                    and p.attn_out_norm is None and p.mlp_out_norm is None and p.window is None and p.rope_key is None
+                    and p.device == layers[0].device for p in layers)
+        if plain and spec.gated_mlp:
+            key = (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model, spec.d_ff, layers[0].rms_eps)
+    _STRUCTURE[engine] = key
+    return key
+
+
+def applies(engine, segments, caches, logit_rows=None) -> bool:
+    """A pooled decode step (one row per cache, caches rows of one pool) of an engine whose step compiles."""
+    return logit_rows is None and structure(engine) is not None and pooled.shared_pool(segments, caches)
+
+
+def _linear(engine, fn: int):
+    """Linear ``fn = 4 l + j`` of the step (j: qkv, o, gate_up, down), as the eager layer runs it; resolved once."""
+    table = _LINEARS.setdefault(engine, {})
+    f = table.get(fn)
+    if f is None:
+        l, j = divmod(fn, 4)
+        f = table[fn] = engine.linears[l].step_fn(j, engine.bits_of(None, None))
+    return f
+
+
+def step(engine, ids, pos, caches):
+    """A pooled decode step through the compiled layer loop: (logits (B, V), ledger), or None if the
+    compiler failed (the caches are then as before the call, and the caller runs the step eagerly)."""
+    key = structure(engine)
+    A, spec = engine.adapter, engine.spec
+    N = ids.numel()
+    seen = sum(c.count(0) for c in caches) + N  # every row reads its whole past and itself
+    saved = [c.snapshot() for c in caches]
+    h = A.embed(ids, pos)
+    cos, sin = A.rotary(pos)
+    norms = [w for p in A.layers for w in p.rms_weights]
+    fn = compiled_step(key, lambda: llama_step(*key))
+    h = run(engine, fn, (h, cos, signed_sin(sin), pos, norms), caches, {})
+    if h is None:  # nothing was kept of a failed call: the eager loop runs the step again
+        for c, snap in zip(caches, saved):
+            c.restore(snap)
+        return None
+    ledger = Ledger(n_layers=spec.n_layers, tokens=N)
+    full_pairs = int((pos + 1).sum())
+    for _ in range(spec.n_layers):
+        engine.count_layer(ledger, N, None, None, None, seen, full_pairs, None)
+    for c, p in zip(caches, pos.tolist()):
+        c.length = p + 1
+        c.note_peak()
+    ledger.exit_layer_sum = N * spec.n_layers
+    return engine.logits(h, ids, None, ledger)
+
+
+def pays(engine, rows: int) -> bool:
+    """Whether the compiled decode step measured faster than the eager one on this machine, for
+    this model's shape and dtype, at ``rows`` rows (bucketed 1 / 8 as the kernels; cached)."""
+    from .kernels import kernel_table
+
+    dtype = next(engine.model.parameters()).dtype
+    b = 1 if rows < 3 else 8
+    key = f"decode-step/{'x'.join(map(str, structure(engine)))}/{str(dtype).removeprefix('torch.')}"
+    return kernel_table().fastest(key, str(b), ["eager", "compiled"], lambda: measure(engine, b)) == "compiled"
+
+
+def measure(engine, rows: int, keys: int = 128) -> dict[str, float]:
+    """Microseconds of one pooled decode step, eager and compiled (compiling first), over a
+    scratch cache of ``keys`` entries per row; a compiler failure measures as infinitely slow."""
+    from .cache import CachePool
+    from .kernels import time_call
+
+    param = next(engine.model.parameters())
+    spec = engine.spec
+    caches = CachePool(spec.n_layers, rows, keys + 1, spec.n_kv_heads, spec.head_dim, param.dtype, param.device).rows
+    ids = torch.zeros(rows, dtype=torch.long, device=param.device)
+    pos = torch.full((rows,), keys, dtype=torch.long, device=param.device)
+    segments = [(i, i + 1) for i in range(rows)]
+    full = (keys, [keys] * spec.n_layers, 0)
+
+    def once(compiled: bool):
+        for c in caches:  # the same step again: entries past ``keys`` are overwritten
+            c.restore(full)
+        if not compiled or step(engine, ids, pos, caches) is None:
+            engine.run(ids, pos, segments, caches)
+
+    eager = time_call(lambda: once(False), reps=15, budget_s=1.0) * 1e6
+    once(True)  # compiles
+    if failed() is not None:
+        return {"eager": eager, "compiled": float("inf")}
+    return {"eager": eager, "compiled": time_call(lambda: once(True), reps=15, budget_s=1.0) * 1e6}
+
+
 def wanted(engine, rows: int, steps: int) -> bool:
     """Should a generation of ``rows`` sequences and ``steps`` decode steps compile its steps?"""
-    if getattr(engine, "_step_key", None) is None or _failed is not None:  # also an engine-like wrapper
-        return False
     m = mode()
+    if m == "off" or _failed is not None or structure(engine) is None:
+        return False
     if m != "auto":
         return m == "on"
     global _eager_steps
-    if engine._step_key in _steps:  # compiled in this process already: free from now on
-        return engine._compile_pays(rows)
+    if structure(engine) in _steps:  # compiled in this process already: free from now on
+        return pays(engine, rows)
     _eager_steps += steps
     if steps < MIN_STEPS and _eager_steps < MIN_STEPS:
         return False
-    return engine._compile_pays(rows)
+    return pays(engine, rows)
 
 
 def run(engine, fn, args, caches, plans):

@@ -21,7 +21,7 @@ from .needle import _reading_in_full, extend
 @torch.inference_mode()
 def score_chunk(engine, prefix: torch.Tensor, cont: torch.Tensor) -> tuple[float, float]:
     """Summed NLL of ``cont`` after ``prefix`` and the kept fraction of the prefix its queries read."""
-    from .generate import prefill
+    from .decoding import prefill
 
     spec, c, p = engine.spec, cont.numel(), prefix.numel()
     cache = SequenceCache(spec.n_layers, capacity=p + c)

@@ -231,7 +231,7 @@ def score_windows(
 
 # Evaluation windows as tasks: one code path, serial or on Ray (quicksilver.parallel) -----------
 
-def score_part(source: ModelSource, config: dict, engine_corpus: str, ids, window: int, stride: int, bos_id: int | None,
+def score_part(source, config: dict, engine_corpus: str, ids, window: int, stride: int, bos_id: int | None,
                part: tuple[int, int] | None, on_window: Callable[[int, int], None] | None = None):
     """``score_windows`` over windows ``part`` of the plan (None: all), with the stock model and the engine."""
     from .config import Config
@@ -256,7 +256,7 @@ def merge_totals(parts: list[list]) -> list:
     return merged
 
 
-def score_windows_ray(address: str | None, source: ModelSource, config, engine_corpus: str, ids, window: int, stride: int,
+def score_windows_ray(address: str | None, source, config, engine_corpus: str, ids, window: int, stride: int,
                       bos_id: int | None, progress: Callable[[int, int], None] | None = None) -> list:
     """Every window of one evaluation: here (``address`` None), or split into ranges scored as Ray tasks, merged exactly."""
     from .parallel import cluster_cpus, init_ray, map_calls

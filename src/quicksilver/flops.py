@@ -11,7 +11,7 @@ look-ups. Mechanism probes are counted by the mechanism that runs them.
 
 from __future__ import annotations
 
-from .adapters.base import ArchSpec
+from .spec import ArchSpec
 from .errors import QuicksilverError, check_int
 
 

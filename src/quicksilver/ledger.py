@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from . import flops as F
+from .spec import ArchSpec
+
 
 @dataclass
 class Ledger:
@@ -48,6 +53,46 @@ class Ledger:
             "bits_histogram": {str(k): v for k, v in self.bits_hist.items() if v},
             "fused_fraction": self.fused_tokens / max(self.tokens, 1),
         }
+
+    def count_layer(self, spec: ArchSpec, n_q: int, n_kv: int, n_mlp: int, pairs: int, full_pairs: int) -> None:
+        """One layer over the rows that ran it: ``n_q`` queries (q and o projections), ``n_kv`` K/V
+        entries written, ``n_mlp`` MLP rows, ``pairs`` (query, key) pairs attended of ``full_pairs``."""
+        self.flops["projections"] += F.q_proj_flops(spec, n_q) + F.kv_proj_flops(spec, n_kv) + F.o_proj_flops(spec, n_q)
+        self.flops["attention"] += F.attention_flops(spec, pairs)
+        self.flops["mlp"] += F.mlp_flops(spec, n_mlp)
+        self.attn_rows += n_q
+        self.mlp_rows += n_mlp
+        self.kv_written += n_kv
+        self.pairs_seen += pairs
+        self.pairs_full += full_pairs
+
+    def count_bits(self, spec: ArchSpec, rows: dict, group_bytes: dict, bits: int | None = None) -> None:
+        """The precision ledger of one layer: linear FLOPs weighted by bits/16, and the weight bytes
+        each call read (each precision present reads its group's weights once).
+
+        ``rows``: for each ledger group (``q``, ``k`` (K and V), ``o``, ``mlp``) its row count when
+        every row ran at ``bits``, else the bit-widths (n,) of its rows. ``group_bytes[(group, bits)]``:
+        bytes a call of the group reads (``linears.WeightBytes.groups``).
+        """
+        per_row = {"q": F.q_proj_flops(spec, 1), "k": F.kv_proj_flops(spec, 1), "o": F.o_proj_flops(spec, 1),
+                   "mlp": F.mlp_flops(spec, 1)}
+        if bits is not None:  # one precision: no per-row bookkeeping
+            for name in ("q", "k", "o", "mlp"):
+                n = rows[name]
+                self.bit_linear_flops += per_row[name] * n * bits / 16
+                if n:
+                    self.weight_bytes += group_bytes[name, bits]
+            self.bits_hist[bits] += rows["mlp"]
+            return
+        for name in ("q", "k", "o", "mlp"):
+            b = rows[name]
+            if b.numel() == 0:
+                continue
+            self.bit_linear_flops += per_row[name] * float(b.sum()) / 16
+            for present in torch.unique(b).tolist():
+                self.weight_bytes += group_bytes[name, present]
+        for b_val, count in zip(*torch.unique(rows["mlp"], return_counts=True)):
+            self.bits_hist[int(b_val)] += int(count)
 
     def merge(self, other: "Ledger") -> None:
         for k in self.flops:

@@ -8,68 +8,15 @@ modeling code or read its module attributes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..linears import Linear
+from ..spec import ArchSpec
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """Shape facts that the FLOP ledger and the engine need.
-
-    ``attn_windows[l]`` is the sliding-window size of layer l's attention, or None for
-    full causal attention (Gemma-3 alternates them; GPT-2 and Llama use None).
-    """
-
-    family: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_ff: int
-    gated_mlp: bool
-    vocab_size: int
-    max_positions: int
-    attn_windows: tuple[int | None, ...] = field(default=())
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-
-@dataclass
-class Linear:
-    """A linear map y = x @ weight.T + bias; ``weight`` is (out, in), often a view.
-
-    Calls run through ``quicksilver.kernels.dense``: torch's matmul, or a native kernel over the
-    same weights where one measured faster for the call's row count on this machine (bfloat16).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    _memo: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:
-            return F.linear(x, self.weight, self.bias)
-        from ..kernels import dense
-
-        return dense(self.weight, self.bias, x, self._memo)
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+__all__ = ["ArchSpec", "FamilyAdapter", "LayerParams", "Linear", "fused_linear", "to_device"]
 
 
 def _adjacent(parts: list[torch.Tensor]) -> bool:

@@ -7,7 +7,7 @@ Requests are scored exactly as lm-eval's own ``hf`` model scores them (the same
 tokenization, the same left truncation to ``max_length``, the same rolling windows), so
 with preset ``off`` the numbers equal ``hf``'s. Loglikelihood requests of a batch run as
 one engine call over several sequences (segments); with fusion on, each sequence runs
-alone, since fusion decides within one sequence. Generation uses ``Engine.generate``.
+alone, since fusion decides within one sequence. Generation uses ``quicksilver.generate``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from ..config import Config
-from ..engine import Ledger
+from ..decoding import generate
+from ..ledger import Ledger
 from ..errors import QuicksilverError
 from ..evaluate import make_engine
 
@@ -221,7 +222,7 @@ class QuickSilverLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy or sampled continuations through ``Engine.generate``, cut at the stop strings."""
+        """Greedy or sampled continuations through ``quicksilver.generate``, cut at the stop strings."""
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
@@ -238,8 +239,8 @@ class QuickSilverLM(TemplateLM):
             for b in range(0, len(members), self._batch_size):
                 chunk = members[b : b + self._batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-max_ctx:] for i in chunk]
-                result = self.engine.generate(
-                    prompts, max_new_tokens=max_new, temperature=temperature, top_p=kwargs.get("top_p"),
+                result = generate(
+                    self.engine, prompts, max_new_tokens=max_new, temperature=temperature, top_p=kwargs.get("top_p"),
                     top_k=kwargs.get("top_k"), seed=kwargs.get("seed"), eos_token_id=self.eot_token_id,
                     stop_strings=[s for s in until if s], tokenizer=self.tokenizer,
                 )

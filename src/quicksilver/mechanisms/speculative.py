@@ -1,4 +1,4 @@
-"""Settings of lossless speculative decoding (the algorithm lives in ``quicksilver.speculative``).
+"""Settings of lossless speculative decoding (the algorithm lives in ``quicksilver.decoding.speculative``).
 
 Speculation changes how fast tokens come, never which tokens come: drafts from cheap paths
 of the same frozen model are verified by the engine's own configuration, so greedy output

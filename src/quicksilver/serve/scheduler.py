@@ -3,9 +3,10 @@
 Requests wait in a bounded queue. At every step boundary the scheduler drops cancelled
 rows, admits waiting requests while the batch has room (the newcomers' prompts are
 prefilled together, in one pass, between two decode steps of the others, at most
-``prefill_tokens_per_step`` prompt tokens per boundary), then runs one batched decode
-step for every active row and samples each row with the request's own sampler, so a
-request's tokens never depend on its neighbours.
+``prefill_tokens_per_step`` prompt tokens per boundary), then runs one step of the decode
+core (``decoding.DecodeBatch``) for every active row: the same step ``generate`` runs, with
+speculative decoding's verify passes when the engine's preset turns it on. Each row samples
+with the request's own sampler, so a request's tokens never depend on its neighbours.
 
 The caches are rows of one preallocated ``CachePool`` of ``max_batch`` rows, so a decode
 step attends for every row in one call per layer: a request takes a free row when it
@@ -29,9 +30,8 @@ from typing import Callable, Optional
 import torch
 
 from ..cache import CachePool, SequenceCache
-from .. import compiled
-from ..generate import decode_one_token, make_sampler, prefill, prefill_batch
-from ..kernels import argmax
+from ..decoding import DecodeBatch, Sampler, Sequence, StopCheck
+from ..decoding.stop import first_stop, safe_prefix
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +94,13 @@ class GenerationRequest:
         return None if self.first_token_at is None else self.first_token_at - self.submitted_at
 
 
-class _Row:
-    """A running request: its cache (a pool row, or one of its own at ``slot`` -1), sampler and text state."""
-
-    __slots__ = ("request", "cache", "slot", "sample", "greedy", "next_token", "full_text", "prefix_offset", "read_offset")
-
-    def __init__(self, request: GenerationRequest, cache: SequenceCache, slot: int, sample: Callable):
-        self.request, self.cache, self.slot, self.sample = request, cache, slot, sample
-        self.greedy = request.temperature == 0  # argmax over the whole batch at once
-        self.next_token = -1  # sampled, not yet fed to the model
-        self.full_text = ""  # decoded so far, including what stop strings hold back
-        # Incremental detokenization: decode only a window of recent tokens per step
-        # (tokens[prefix_offset:read_offset] were decoded already; vLLM does the same).
-        self.prefix_offset = self.read_offset = 0
-
-
 class Scheduler:
     """Owns the engine and its batch; thread-safe ``submit``/``cancel``; ``stats`` for monitoring.
 
     Parameters
     ----------
-    engine : quicksilver Engine (its config's mechanisms apply; fusion is prefill-only in the engine)
+    engine : quicksilver Engine (its config's mechanisms apply, speculative decoding included; fusion is
+        prefill-only in the engine)
     tokenizer : decodes generated tokens (stop strings, streaming text)
     max_batch : int, default 8. Rows decoded together at most (the rows of the cache pool).
     max_queue : int, default 64. Requests waiting for a row at most; more raise QueueFull.
@@ -144,7 +130,9 @@ class Scheduler:
         self._max_pool_capacity = min(spec.max_positions, pool_bytes // (max_batch * self._entry_bytes))
         self._free = list(range(max_batch))  # a heap: the lowest free rows first, so a batch's rows stay contiguous
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._rows: list[_Row] = []
+        # The decode core, stepped by this thread; whether a step compiles is measured as steps come.
+        self.batch = DecodeBatch(engine, compile=None, speculative_batch=max_batch)
+        self._slot: dict[int, int] = {}  # sequence id -> its pool row (absent: a cache of its own)
         self._cv = threading.Condition()
         self._count_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -218,6 +206,10 @@ class Scheduler:
 
     # ---- the scheduler thread ------------------------------------------------------------
 
+    @property
+    def _rows(self) -> list[Sequence]:
+        return self.batch.active
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
@@ -234,12 +226,12 @@ class Scheduler:
                     if self._rows:
                         self._step()
                 except Exception as e:  # a bug outside any one request: fail the batch, keep serving
-                    for row in self._rows:
-                        self._fail(row, e)
-                    self._rows = []
+                    for seq in list(self._rows):
+                        self.batch.remove(seq)
+                        self._fail(seq, e)
                 self._note_state()
-        for row in self._rows:
-            row.request.on_event(Event("error", message="the server is shutting down"))
+        for seq in self._rows:
+            seq.tag.on_event(Event("error", message="the server is shutting down"))
 
     def _take_newcomers(self) -> list[GenerationRequest]:
         taken, budget = [], self.prefill_tokens_per_step
@@ -252,31 +244,27 @@ class Scheduler:
         return taken
 
     def _drop_cancelled(self) -> None:
-        kept = []
-        for row in self._rows:
-            if row.request.cancelled:
-                self._count("cancelled")
-                self._release(row)
-            else:
-                kept.append(row)
-        self._rows = kept
+        for seq in [s for s in self._rows if s.tag.cancelled]:
+            self.batch.remove(seq)
+            self._count("cancelled")
+            self._release(seq)
 
-    def _fail(self, row: _Row, error: BaseException) -> None:
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
         log.exception("request failed", exc_info=error)
-        self._release(row)
+        self._release(seq)
         self.failed += 1
         self._count("error")
         self.last_error = f"{type(error).__name__}: {error}"
-        row.request.finished_at = time.perf_counter()
-        row.request.on_event(Event("error", message=f"internal error ({type(error).__name__}: {error})"))
+        seq.tag.finished_at = time.perf_counter()
+        seq.tag.on_event(Event("error", message=f"internal error ({type(error).__name__}: {error})"))
 
     # ---- cache rows ----------------------------------------------------------------------
 
     def _acquire(self, request: GenerationRequest) -> tuple[SequenceCache, int]:
         """A cache for the request: a free pool row when pooling applies and one fits, else its own."""
-        need = len(request.prompt_ids) + request.max_tokens
+        need = len(request.prompt_ids) + request.max_tokens + self.batch.extra_entries
         if not self._pooling or need > self._max_pool_capacity:
-            return SequenceCache(self.engine.spec.n_layers, capacity=need), -1
+            return SequenceCache(self.engine.spec.n_layers, capacity=need, margin=self.batch.margin), -1
         if need > self._pool_capacity:
             self._grow_pool(need)
         slot = heapq.heappop(self._free)
@@ -285,132 +273,93 @@ class Scheduler:
         cache.peak_bytes = 0
         return cache, slot
 
-    def _release(self, row: _Row) -> None:
-        """Give the row's pool slot back (idempotent); a cache of its own is simply dropped."""
-        if row.slot >= 0:
-            heapq.heappush(self._free, row.slot)
-            row.slot = -1
+    def _release(self, seq: Sequence) -> None:
+        """Give the sequence's pool row back (idempotent); a cache of its own is simply dropped."""
+        slot = self._slot.pop(seq.id, -1)
+        if slot >= 0:
+            heapq.heappush(self._free, slot)
 
     def _grow_pool(self, need: int) -> None:
         """Replace the pool by one with rows of at least ``need`` entries; live rows move over."""
         spec = self.engine.spec
         capacity = min(self._max_pool_capacity, max(need, 2 * self._pool_capacity, 256))
-        pool = CachePool(spec.n_layers, self.max_batch, capacity, spec.n_kv_heads, spec.head_dim, self._dtype, self.device)
-        for row in self._rows:
-            if row.slot >= 0:
-                new = pool.rows[row.slot]
+        pool = CachePool(spec.n_layers, self.max_batch, capacity, spec.n_kv_heads, spec.head_dim, self._dtype, self.device,
+                         self.batch.margin)
+        for seq in self._rows:
+            slot = self._slot.get(seq.id, -1)
+            if slot >= 0:
+                new = pool.rows[slot]
                 for layer in range(spec.n_layers):
-                    e = row.cache.get(layer)
+                    e = seq.cache.get(layer)
                     if e is not None:
                         new.append(layer, e.k, e.v, e.pos)
-                new.length, new.peak_bytes = row.cache.length, row.cache.peak_bytes
-                row.cache = new
+                new.length, new.peak_bytes = seq.cache.length, seq.cache.peak_bytes
+                seq.cache = new
         self._pool, self._pool_capacity = pool, capacity
         self.pool_bytes = sum(k.nbytes + v.nbytes for k, v in zip(pool.k, pool.v))
 
     # ---- prefill and decode --------------------------------------------------------------
 
     def _admit(self, requests: list[GenerationRequest]) -> None:
-        """Prefill the newcomers together, each into its own row; sample their first tokens."""
-        rows = []
+        """Prefill the newcomers together, each into its own row; emit their first tokens."""
+        seqs = []
         for request in requests:
             if request.cancelled:
                 self._count("cancelled")
                 continue
             try:
                 seed = request.seed if request.seed is not None else secrets.randbits(63)
-                sample = make_sampler(request.temperature, request.top_k, request.top_p, seed)
+                sampler = Sampler(request.temperature, request.top_k, request.top_p, seed)
+                stop = StopCheck(self.eos, request.stop, request.max_tokens, self.tokenizer, text=True)
                 cache, slot = self._acquire(request)
             except Exception as e:  # this request alone fails
-                self._fail(_Row(request, None, -1, None), e)
+                request.finished_at = time.perf_counter()
+                self.failed += 1
+                self._count("error")
+                self.last_error = f"{type(e).__name__}: {e}"
+                request.on_event(Event("error", message=f"internal error ({type(e).__name__}: {e})"))
                 continue
-            rows.append(_Row(request, cache, slot, sample))
-        if not rows:
-            return
-        ids = [torch.tensor(r.request.prompt_ids, dtype=torch.long, device=self.device) for r in rows]
-        try:
-            logits, _ = prefill_batch(self.engine, ids, [r.cache for r in rows])  # (B, V)
-            outcome = [logits[j : j + 1] for j in range(len(rows))]
-        except Exception:
-            outcome = []  # find the culprit: each prompt alone, from an empty cache
-            for row, x in zip(rows, ids):
-                row.cache.truncate(0)
-                try:
-                    outcome.append(prefill(self.engine, x, row.cache)[0])
-                except Exception as e:
-                    outcome.append(e)
-        self._rows.extend(self._sample_and_advance(rows, outcome))
-        self._rows.sort(key=lambda r: r.slot)  # slots in order: the pool's rows are read as one view
+            seq = Sequence(torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device), cache, sampler, stop,
+                           self._on_token, tag=request)
+            if slot >= 0:
+                self._slot[seq.id] = slot
+            seqs.append(seq)
+        self._finish(self.batch.admit(seqs, isolate=True))
 
     def _step(self) -> None:
-        """One decode step for every active row; a row that fails (alone) leaves, the others go on."""
-        rows = self._rows
-        tokens = torch.tensor([r.next_token for r in rows], dtype=torch.long, device=self.device)
-        snapshots = [_snapshot(r.cache) for r in rows]
+        """One step of the decode core for every active row; a row that fails (alone) leaves, the others go on."""
+        before, rows = self.generated_tokens, len(self._rows)
         t0 = time.perf_counter()
-        try:
-            # The compiled step once the server has decoded enough steps for compiling to pay (measured).
-            use = compiled.wanted(self.engine, len(rows), 1)
-            outcome, _ = decode_one_token(self.engine, tokens, [r.cache for r in rows], use)  # (B, V)
-        except Exception:
-            # Find the culprit: restore every cache and run each row alone.
-            outcome = []
-            for row, snap, token in zip(rows, snapshots, tokens):
-                _restore(row.cache, snap)
-                try:
-                    outcome.append(decode_one_token(self.engine, token[None], [row.cache])[0])
-                except Exception as e:
-                    outcome.append(e)
+        done = self.batch.step(isolate=True)
         elapsed = time.perf_counter() - t0
         self.steps += 1
-        self.step_tokens_per_second = len(rows) / elapsed if elapsed > 0 else 0.0
-        self._rows = self._sample_and_advance(rows, outcome)
+        self.step_tokens_per_second = (self.generated_tokens - before) / elapsed if elapsed > 0 and rows else 0.0
+        self._finish(done)
 
-    def _sample_and_advance(self, rows: list[_Row], outcome) -> list[_Row]:
-        """Sample each row's next token from its logits (a (B, V) tensor, or per row (1, V) or an
-        exception); the rows that go on."""
-        greedy = None
-        if isinstance(outcome, torch.Tensor):
-            if any(r.greedy for r in rows):
-                greedy = argmax(outcome).tolist()  # one op for every greedy row; argmax is per row
-            outcome = [outcome[j : j + 1] for j in range(len(rows))]
-        kept = []
-        for j, (row, result) in enumerate(zip(rows, outcome)):
-            if isinstance(result, Exception):
-                self._fail(row, result)
-                continue
-            try:
-                token = greedy[j] if greedy is not None and row.greedy else int(row.sample(result)[0])
-                going_on = self._advance(row, token)
-            except Exception as e:  # sampling or detokenizing failed: this request alone, its row freed
-                self._fail(row, e)
-                continue
-            if going_on:
-                kept.append(row)
+    def _finish(self, done: list[Sequence]) -> None:
+        """Sequences the core finished: a failed one gets its error, every one its row back."""
+        for seq in done:
+            if seq.error is not None:
+                self._fail(seq, seq.error)
             else:
-                self._release(row)
-        return kept
+                self._release(seq)
 
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Record a sampled token, send the new text; False when the request is finished."""
-        req = row.request
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        """A token the core emitted: record it, send the new text, and the end when it ends."""
+        req = seq.tag
         if req.cancelled:
-            self._count("cancelled")
-            return False
+            return  # the row leaves at the next step boundary
         req.tokens.append(token)
         self.generated_tokens += 1
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
-        reason = "stop" if token in self.eos else None
-        if reason is None and len(req.tokens) >= req.max_tokens:
-            reason = "length"
-        row.full_text += self._new_text(row, final=reason is not None)
-        text = row.full_text
-        cut = _first_stop(text, req.stop)
+        reason = {"eos": "stop", "stop_string": "stop", "length": "length", None: None}[seq.finish_reason]
+        text = seq.text
+        cut = first_stop(text, req.stop)
         if cut is not None:
             text, reason = text[:cut], "stop"
         elif reason is None:
-            text = _safe_prefix(text, req.stop)
+            text = safe_prefix(text, req.stop)
         if len(text) > len(req.text):
             delta, req.text = text[len(req.text):], text
             req.on_event(Event("delta", text=delta))
@@ -418,23 +367,6 @@ class Scheduler:
             req.finish_reason, req.finished_at = reason, time.perf_counter()
             self._count(reason)
             req.on_event(Event("done", finish_reason=reason))
-            return False
-        row.next_token = token
-        return True
-
-    def _new_text(self, row: _Row, final: bool) -> str:
-        """The text the row's newest token completes: decodes a few recent tokens, not the whole output.
-
-        A token that ends inside a multi-byte character yields nothing until the character
-        is complete; ``final`` flushes whatever is left.
-        """
-        tokens, decode = row.request.tokens, self.tokenizer.decode
-        before = decode(tokens[row.prefix_offset : row.read_offset], skip_special_tokens=True)
-        now = decode(tokens[row.prefix_offset :], skip_special_tokens=True)
-        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
-            return ""
-        row.prefix_offset, row.read_offset = row.read_offset, len(tokens)
-        return now[len(before) :]
 
     def _note_state(self) -> None:
         rows = self._rows
@@ -446,33 +378,5 @@ class Scheduler:
         if rows and now - self._kv_noted_at < 0.2:
             return
         self._kv_noted_at = now
-        self.kv_bytes = sum(r.cache.nbytes() for r in rows)
-        self.kv_full_bytes = sum(r.cache.length for r in rows) * self._entry_bytes
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> Optional[int]:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """What can be sent now: no half-decoded character, no tail that may begin a stop string."""
-    text = text.rstrip("\ufffd")  # the rest of a multi-byte character comes with the next token
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return text[: len(text) - hold]
-
-
-def _snapshot(cache: SequenceCache):
-    # A decode step only appends at positions >= length (window eviction keeps what later queries
-    # can read), so rolling back to the length before the step restores what the rerun needs.
-    return cache.length, cache.peak_bytes
-
-
-def _restore(cache: SequenceCache, snap) -> None:
-    cache.truncate(snap[0])
-    cache.peak_bytes = snap[1]
+        self.kv_bytes = sum(s.cache.nbytes() for s in rows)
+        self.kv_full_bytes = sum(s.cache.length for s in rows) * self._entry_bytes
