@@ -115,6 +115,9 @@ class GuardedH11Protocol(H11Protocol):
         """
         self._cancel_head_timer()
         self._lingering = True
+        if self.cycle is not None and not self.cycle.response_complete:  # a body h11 refused mid-request:
+            self.cycle.disconnected = True  # the app's request ends as if its client had gone
+            self.cycle.message_event.set()
         self.transport.write(answer)
         if self.transport.can_write_eof():
             self.transport.write_eof()
