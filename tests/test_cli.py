@@ -94,3 +94,34 @@ def test_generate_streams_text_and_prints_a_one_line_summary(monkeypatch, capsys
     assert out.strip()  # the streamed continuation
     summary = [line for line in err.splitlines() if "tokens/s" in line]
     assert len(summary) == 1 and "6 tokens" in summary[0] and "KV" in summary[0]
+
+
+FAIL_EARLY = [
+    (["eval", "--output", "/proc/forbidden.json"], "cannot write in output folder /proc"),  # os.access says yes to root
+    (["calibrate", "--budget", "1%", "--output", "/proc/forbidden.json"], "cannot write in output folder /proc"),
+    (["sweep", "--output-dir", "/proc/forbidden"], "cannot create output folder /proc/forbidden"),
+    (["needle", "--output", "/proc/forbidden.json"], "cannot write in output folder /proc"),
+    (["generate", "hi", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "hi", "--temperature", "inf"], "temperature must be a finite number"),
+    (["generate", "hi", "--seed", str(2**70)], "seed must be in"),
+    (["generate", "hi", "--top-p", "nan"], "top-p"),
+    (["eval", "--text-file", "/dev/null"], "is not a regular file"),
+    (["needle", "--context", "0"], "--context must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("args,message", FAIL_EARLY)
+def test_bad_input_fails_before_any_work(monkeypatch, capsys, args, message):
+    """Checked before a model loads or a corpus is read: exit 2 in moments, one line naming the problem."""
+    import time
+
+    t0 = time.perf_counter()
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_tiny_temperature_is_greedy():
+    assert cli._check_sampling(1e-300, None, None, None) == cli._check_sampling(0.0, None, None, None) == 0.0
+    assert cli._check_sampling(0.7, 5, 0.9, 2**64 - 1) == 0.7

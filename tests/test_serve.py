@@ -69,7 +69,10 @@ def engine(tiny_folder):
     from quicksilver.models import load_model
 
     model, tok = load_model(str(tiny_folder), dtype="float32")  # the equality promise is for float32
-    return Engine(model, Config()), tok
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from two; on a busy machine spinning workers slow it 30x
+    yield Engine(model, Config()), tok
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

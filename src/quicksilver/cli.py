@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .decoding.sampling import GREEDY_BELOW, SEED_RANGE
 from .errors import QuicksilverError
 
 app = typer.Typer(
@@ -21,6 +23,8 @@ app = typer.Typer(
     help="QuickSilver: token-level runtime savings for frozen causal LMs, measured honestly.",
 )
 out = Console()
+# Sampling limits are the decode core's (decoding/sampling.py): a temperature below GREEDY_BELOW is
+# greedy (dividing logits by less overflows them), a seed fits a 64-bit generator.
 
 
 @app.callback()
@@ -105,7 +109,7 @@ def generate_cmd(
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
-    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    temperature: float = typer.Option(0.0, help=f"0 is greedy (and so is anything below {GREEDY_BELOW:g})."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
@@ -122,6 +126,7 @@ def generate_cmd(
         raise QuicksilverError("empty prompt")
     if max_new_tokens < 1:
         raise QuicksilverError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    temperature = _check_sampling(temperature, top_k, top_p, seed)
     if config.fusion.enabled and (preset == "fusion" and not config_file or any(s.strip().startswith("fusion.") for s in settings)):
         raise QuicksilverError(f"Contextual Token Fusion works in eval only: {_FUSION_WHY}")
     hf_model, tok = load_model(model, dtype=dtype, device=device)
@@ -180,6 +185,8 @@ def serve_cmd(
     max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together at most."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting for a batch row at most; more get 429."),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Largest max_tokens a request may ask for."),
+    max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", help="Largest request body in bytes; a larger one gets 413."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a client has to send a request's head, then its body."),
 ) -> None:
     """An OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching."""
     # The event loop shares the cores with torch's worker threads; spinning OpenMP workers starve
@@ -190,6 +197,7 @@ def serve_cmd(
 
     try:
         from .serve import ServeSettings, create_app
+        from .serve.limits import check_listen
         import uvicorn
     except ImportError as e:
         raise QuicksilverError(f"serve needs the serve extra ({e.name} is missing): pip install 'quicksilver[serve]'") from e
@@ -197,24 +205,34 @@ def serve_cmd(
     if not 0 <= port < 65536:
         raise QuicksilverError(f"port must be in 0..65535, got {port}")
     try:
-        serve_settings = ServeSettings(max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit)
+        serve_settings = ServeSettings(max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
+                                       max_body_bytes=max_body_bytes, read_timeout=read_timeout)
     except ValueError as e:
         raise QuicksilverError(str(e)) from e
-    import socket
-
-    with socket.socket() as probe:  # a taken port is a one-line error, not a uvicorn traceback after loading
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise QuicksilverError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    check_listen(host, port)
     hf_model, tok = load_model(model, dtype=dtype, device=device)
     engine = make_engine(hf_model, tok, config)
     if config.fusion.enabled:
         err.print("note: Contextual Token Fusion is prefill-only; decoding runs without it", highlight=False, soft_wrap=True)
     server_app = create_app(engine, tok, model, serve_settings)
-    err.print(f"serving {model} on http://{host}:{port}/v1 (max batch {max_batch}, max queue {max_queue})", highlight=False, soft_wrap=True)
-    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+    where = f"[{host}]" if ":" in host else host
+    err.print(f"serving {model} on http://{where}:{port}/v1 (max batch {max_batch}, max queue {max_queue})", highlight=False, soft_wrap=True)
+    uvicorn.run(server_app, host=host, port=port, log_level="warning", **serve_settings.uvicorn_options())
+
+
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], seed: Optional[int]) -> float:
+    """Refuse sampling settings that cannot work, before the model loads; the temperature to use."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise QuicksilverError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise QuicksilverError(f"top-k must be at least 1, got {top_k}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise QuicksilverError(f"top-p must be in (0, 1], got {top_p}")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise QuicksilverError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
+    return 0.0 if temperature < GREEDY_BELOW else temperature
+
+
 def _speculation(result) -> str:
     """The generate summary's speculative part: acceptance, tokens per verify step, and by which source."""
     s = getattr(result, "speculative", None)
@@ -322,7 +340,10 @@ def sweep_cmd(
         raise QuicksilverError(f"output folder {output_dir} is a file")
     if not output_dir.parent.is_dir():
         raise QuicksilverError(f"folder {output_dir.parent} does not exist")
-    output_dir.mkdir(exist_ok=True)
+    try:
+        output_dir.mkdir(exist_ok=True)
+    except OSError as e:
+        raise QuicksilverError(f"cannot create output folder {output_dir}: {e.strerror or e}") from e
     for name in ("sweep.csv", "sweep.json", "pareto.png"):
         check_writable_target(output_dir / name)
     bar, update = _progress("sweeping")
@@ -375,6 +396,8 @@ def needle_cmd(
     depth_list = parse_depths(depths)
     if trials < 1:
         raise QuicksilverError(f"trials must be at least 1, got {trials}")
+    if any(n < 1 for n in contexts):
+        raise QuicksilverError(f"--context must be a positive number of tokens, got {min(contexts)}")
     context_list = contexts or list(DEFAULT_CONTEXTS)
     hf_model, tok = load_model(model, dtype=dtype, device=device)
     if any(n + 32 > hf_model.config.max_position_embeddings for n in context_list):

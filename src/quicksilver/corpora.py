@@ -187,8 +187,10 @@ def read_text_file(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         raise QuicksilverError(f"text file {path} is a folder; give a file")
-    if not path.is_file():
+    if not path.exists():
         raise QuicksilverError(f"text file {path} does not exist")
+    if not path.is_file():
+        raise QuicksilverError(f"text file {path} is not a regular file (a device, pipe or socket); give a file")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:

@@ -48,8 +48,15 @@ def check_writable_target(path: str | os.PathLike | None) -> None:
     path = Path(path)
     if path.is_dir():
         raise QuicksilverError(f"output path {path} is a directory")
+    if path.exists() and not path.is_file():  # os.replace would put a file in place of a device or pipe
+        raise QuicksilverError(f"output path {path} is not a regular file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise QuicksilverError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise QuicksilverError(f"output folder {parent} is not writable")
+    # Create and remove a file where write_atomic will: os.access says yes to root everywhere, /proc included.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise QuicksilverError(f"cannot write in output folder {parent}: {e.strerror or e}") from e
+    os.close(fd)
+    os.unlink(probe)

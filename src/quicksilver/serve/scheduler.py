@@ -103,7 +103,8 @@ class Scheduler:
         prefill-only in the engine)
     tokenizer : decodes generated tokens (stop strings, streaming text)
     max_batch : int, default 8. Rows decoded together at most (the rows of the cache pool).
-    max_queue : int, default 64. Requests waiting for a row at most; more raise QueueFull.
+    max_queue : int, default 64. Requests waiting for a row at most once the batch is full:
+        ``max_batch + max_queue`` requests, running and waiting, are admitted; more raise QueueFull.
     prefill_tokens_per_step : int, default 512. Prompt tokens prefilled between two decode
         steps at most (one newcomer always fits), so newcomers delay running rows by a bounded amount.
     eos_token_ids : ids that end a request with finish_reason ``stop``.
@@ -133,6 +134,7 @@ class Scheduler:
         # The decode core, stepped by this thread; whether a step compiles is measured as steps come.
         self.batch = DecodeBatch(engine, compile=None, speculative_batch=max_batch)
         self._slot: dict[int, int] = {}  # sequence id -> its pool row (absent: a cache of its own)
+        self._running = 0  # requests taken from the queue and not yet finished (written under _cv, or whole)
         self._cv = threading.Condition()
         self._count_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -187,8 +189,9 @@ class Scheduler:
         with self._cv:
             if not self.alive or self._stopping:
                 raise SchedulerStopped("the scheduler is not running")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.max_queue})")
+            if len(self._waiting) + self._running >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self._running} requests run and {len(self._waiting)} wait already "
+                                f"(max_batch {self.max_batch} + max_queue {self.max_queue})")
             request.submitted_at = time.perf_counter()
             self._waiting.append(request)
             self._cv.notify()
@@ -219,6 +222,7 @@ class Scheduler:
                     if self._stopping:
                         break
                     newcomers = self._take_newcomers()
+                    self._running = len(self._rows) + len(newcomers)
                 try:
                     self._drop_cancelled()
                     if newcomers:
@@ -370,7 +374,7 @@ class Scheduler:
 
     def _note_state(self) -> None:
         rows = self._rows
-        self.batch_size = len(rows)
+        self.batch_size = self._running = len(rows)
         self.free_rows = len(self._free)
         now = time.perf_counter()
         # Counting KV bytes walks every layer of every row (about 1 ms a step at 8 rows, 1% of a
