@@ -51,3 +51,33 @@ def default_model():
     from quicksilver import load_model
 
     return load_model("smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def preset_engine(default_model):
+    """``preset_engine(name)``: the default model's engine for a preset, built once per session
+    (quantizing and calibrating a preset takes seconds; several tests use the same engines)."""
+    from quicksilver.config import Config
+    from quicksilver.evaluate import make_engine
+
+    built = {}
+    model, tok = default_model
+
+    def get(name: str):
+        if name not in built:
+            built[name] = make_engine(model, tok, Config.preset(name))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_folder_model(tmp_path_factory):
+    """A tiny random Llama with the default model's tokenizer, as a model folder (its path) and loaded
+    (a LoadedModel): what whole-pipeline tests (sweep, calibrate, the CLI) run in milliseconds per pass."""
+    from tiny_folder import save_tiny_llama
+
+    from quicksilver import load_model
+
+    folder = save_tiny_llama(tmp_path_factory.mktemp("tiny-model"), max_position_embeddings=512)
+    return folder, load_model(folder, dtype="float32")

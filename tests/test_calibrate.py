@@ -149,10 +149,9 @@ def test_kv_levels_follow_the_window_and_never_exceed_it():
         assert ws and all(w < window for w in ws) and ws == sorted(ws, reverse=True)
 
 
-@pytest.mark.real_model
-def test_calibrate_keeps_the_budget_writes_a_loadable_config_and_resumes(tmp_path, default_model):
+def test_calibrate_keeps_the_budget_writes_a_loadable_config_and_resumes(tmp_path, tiny_folder_model):
     journal = tmp_path / "trials.jsonl"
-    args = dict(window=128, max_tokens=256, mechanisms=["kv"], heldout=["news"], journal=journal, loaded=default_model)
+    args = dict(window=128, max_tokens=256, mechanisms=["kv"], heldout=["news"], journal=journal, model=tiny_folder_model[1])
     config, report = calibrate(0.02, **args)
     cal = config.calibration
     assert cal["calibration_split"]["relative_delta_perplexity"] <= cal["search_target"] + 1e-12
@@ -181,12 +180,11 @@ def test_a_kv_window_that_covers_the_context_acts_as_kv_off():
     assert acting_config(quest, 512) is quest  # only the position window is known to drop nothing
 
 
-@pytest.mark.real_model
-def test_calibrate_binds_further_windows_like_corpora_and_checks_them(tmp_path, default_model):
+def test_calibrate_binds_further_windows_like_corpora_and_checks_them(tmp_path, tiny_folder_model):
     journal = tmp_path / "trials.jsonl"
     # Levels at 32 tokens are windows 24 and 16; at 24 tokens the 24-key window drops nothing.
     config, report = calibrate(0.5, window=32, also_windows=[24], max_tokens=64, mechanisms=["kv"], journal=journal,
-                               loaded=default_model, timed_checks=False)
+                               model=tiny_folder_model[1], timed_checks=False)
     cal = config.calibration
     assert cal["also_windows"] == [24]
     assert set(cal["calibration_splits"]) == set(cal["test_splits"]) == {"wiki", "wiki@24"}
@@ -259,10 +257,10 @@ def test_sweep_plan_has_matched_baselines_and_rejects_unknown_series():
         plan(["warp"], 4096)
 
 
-@pytest.mark.real_model
-def test_sweep_cli_writes_csv_json_and_png(monkeypatch, capsys, tmp_path, default_model):
+def test_sweep_cli_writes_csv_json_and_png(monkeypatch, capsys, tmp_path, tiny_folder_model):
     out = tmp_path / "s"
-    code, stdout, _ = run_cli(monkeypatch, capsys, "sweep", "--series", "kv", "--window", "128", "--max-tokens", "256", "-o", str(out))
+    code, stdout, _ = run_cli(monkeypatch, capsys, "sweep", "--model", tiny_folder_model[0], "--series", "kv", "--window", "128",
+                              "--max-tokens", "256", "-o", str(out))
     assert code == 0 and "verdict" in stdout
     data = json.loads((out / "sweep.json").read_text())
     assert len(data["rows"]) == len(mechanism_levels(128)["kv"])

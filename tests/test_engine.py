@@ -90,11 +90,8 @@ def test_aggressive_settings_are_causal(family, name):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_is_causal_on_the_default_model(default_model, preset):
-    from quicksilver.evaluate import make_engine
-
-    model, tok = default_model
-    _causality(make_engine(model, tok, Config.preset(preset)), model.config.vocab_size, seq_len=96, t=60)
+def test_every_preset_is_causal_on_the_default_model(default_model, preset_engine, preset):
+    _causality(preset_engine(preset), default_model.model.config.vocab_size, seq_len=96, t=60)
 
 
 CALIBRATED = sorted((Path(__file__).resolve().parent.parent / "docs" / "results" / "calibrated").glob("*.json"))

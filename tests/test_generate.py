@@ -48,7 +48,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(family, name):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_presets_decode_like_recomputation_on_the_default_model(default_model, preset):
+def test_presets_decode_like_recomputation_on_the_default_model(default_model, preset_engine, preset):
     """Teacher-forced: every generated token is the full forward's argmax at that step, except
     at a numerical near-tie (a 1-row and a T-row matmul differ by ~1e-6 in float32, which
     quantized activations can round apart)."""
@@ -56,7 +56,7 @@ def test_presets_decode_like_recomputation_on_the_default_model(default_model, p
 
     model, tok = default_model
     config = Config.preset(preset)
-    engine = make_engine(model, tok, config)
+    engine = preset_engine(preset)
     # Fusion is prefill-only and generate runs without it: recompute without it too.
     reference = make_engine(model, tok, config.with_settings(["fusion.enabled=false"])) if config.fusion.enabled else engine
     prompt = tok("Photosynthesis is the process by which", return_tensors="pt").input_ids[0]

@@ -13,6 +13,6 @@ def save_tiny_llama(folder, **overrides) -> str:
     from quicksilver.models import offline_model_folder
 
     tok = AutoTokenizer.from_pretrained(offline_model_folder("smollm2-135m"))
-    tiny_llama(vocab_size=len(tok), max_position_embeddings=256, **overrides).save_pretrained(folder)
+    tiny_llama(vocab_size=len(tok), **{"max_position_embeddings": 256, **overrides}).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

@@ -223,11 +223,18 @@ def candidates(w: NestedWeight, bits: int, dtype: torch.dtype = torch.float32) -
     return [name for name, (_, applies) in KERNELS[bits].items() if applies(w, dtype)]
 
 
-def _unmeasured_choice(names: list[str], rows: int) -> str:
+UNMEASURED_PACKED_MAX = 1 << 20  # weights (elements) up to which unmeasured choices run the packed kernels
+
+
+def _unmeasured_choice(names: list[str], rows: int, weights: int = 0) -> str:
     # Tests: every kernel computes the same function, so correctness tests need no timing. Decode-
     # sized calls take the native kernel where it applies (so the suite runs it), else the first
-    # packed one; larger calls the dequantized matmul (the dispatch itself is tested in test_kernels).
+    # packed one on test-sized weights; larger calls, and a real model's weights (the packed CPU
+    # kernels take ms per call on float32 there), the dequantized matmul. Each kernel is also
+    # tested on its own (test_kernels), the dispatch too.
     if rows > 8:
+        return names[0]
+    if weights > UNMEASURED_PACKED_MAX and not any(n.startswith("native") for n in names):
         return names[0]
     native = [n for n in names if n.startswith("native")]
     return native[0] if native else names[min(1, len(names) - 1)]
@@ -332,7 +339,7 @@ class KernelTable:
         if len(names) == 1:
             return names[0]
         if os.environ.get("QUICKSILVER_KERNELS") == "unmeasured":
-            return _unmeasured_choice(names, rows)
+            return _unmeasured_choice(names, rows, w.codes.numel())
         b = bucket(rows)
         return self.fastest(self.key(w, bits, dtype), str(b), names, lambda: measure_shape(w, bits, dtype, rows=(b,))[b])
 
