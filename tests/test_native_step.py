@@ -98,6 +98,18 @@ def test_the_native_step_equals_the_torch_reference_in_float32(fmt, counts, slot
 
 
 @needs_step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_caches_attend_in_chunks_merged_exactly(dtype):
+    """Attention runs over chunks of 64 entries merged with their softmax weights: 1, 2 and 4 chunks."""
+    counts = [200, 63, 64, 0]  # entries 0..count: 4, 1, 2 and 1 chunks
+    logits, ref, caches, ref_caches = run_both(TINY, "f32", counts, [1, 0, 3, 2], dtype=dtype, capacity=256)
+    assert close(logits, ref, 1e-5)
+    rel = 1e-5 if dtype == torch.float32 else 2**-8
+    for ours, theirs in zip(caches[0] + caches[1], ref_caches[0] + ref_caches[1]):
+        assert close(ours, theirs, rel)
+
+
+@needs_step
 def test_only_the_new_entries_are_written():
     counts, slots = [5, 0, 19], [3, 0, 1]
     _, _, (k, v, pos), _ = run_both(TINY, "f32", counts, slots)
@@ -206,6 +218,8 @@ def test_shapes_and_weights_it_does_not_serve_are_refused():
     layers, _, _ = model(TINY, "f32")
     with pytest.raises(S.Unavailable, match="shape not served"):
         S.NativeStep(S.StepShape(2, 64, 4, 3, 16, 96, 1e-5, 0.25), layers, torch.float32)  # 4 heads over 3 KV heads
+    with pytest.raises(S.Unavailable, match="shape not served"):
+        S.NativeStep(S.StepShape(2, 64, 8, 4, 8, 96, 1e-5, 0.25), layers, torch.float32)  # head_dim % 16
     with pytest.raises(S.Unavailable, match="layer 0 gate_up"):
         odd = [S.LayerWeights(lw.qkv, lw.o, S.LinearWeight.dense(torch.zeros(190, 64)), lw.down, lw.attn_norm, lw.mlp_norm)
                for lw in layers]

@@ -48,6 +48,7 @@
 
 typedef float vf __attribute__((vector_size(4 * VW)));
 typedef uint32_t vu __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
 typedef uint16_t vh __attribute__((vector_size(2 * VW)));
 typedef uint8_t vb __attribute__((vector_size(VW)));
 
@@ -55,10 +56,10 @@ enum { QS_F32 = 0, QS_BF16 = 1, QS_I8 = 2, QS_Q4 = 3 };
 enum { QS_ERR_SHAPE = -1, QS_ERR_WEIGHT = -2, QS_ERR_CACHE = -3, QS_ERR_MEMORY = -4 };
 
 typedef struct {
-  int32_t fmt, out, in, group; /* group: inputs per (scale, min) of QS_Q4 */
-  const void* w;               /* (out, in) float32 | bfloat16 bits | int8; QS_Q4: (out, in / 2) nibbles */
+  int32_t fmt, out, in, group; /* group: inputs per (scale, min) of QS_Q4, 32 */
+  const void* w;               /* float32 | bfloat16 (out, in) row-major; int8 | 4-bit blocks: see row_at */
   const float* scale;          /* QS_I8: (out,) */
-  const uint16_t* sm;          /* QS_Q4: float16 bits (out, in / group, 2): scale, minimum */
+  const uint16_t* sm;          /* unused (0) */
   const float* bias;           /* (out,) or NULL */
 } qs_weight;
 
@@ -108,7 +109,6 @@ static inline vf w_hi(const uint8_t* p) {
 }
 #else
 #define QS_ISA "generic"
-typedef int32_t vi __attribute__((vector_size(4 * VW)));
 static inline vf w_bf16(const uint16_t* p) { vh h; memcpy(&h, p, sizeof h); return (vf)(__builtin_convertvector(h, vu) << 16); }
 static inline vf w_i8(const int8_t* p) { /* int8 -> int32 through uint8 (sign-extension is scalarized by some compilers) */
   vb b; memcpy(&b, p, sizeof b);
@@ -156,95 +156,149 @@ const char* qs_step_isa(void) { return QS_ISA; }
 
 /* ---- matmuls: y = x @ W^T for a few rows ------------------------------------------------- */
 
-#define OB 4 /* output channels per block: the unit the threads share out */
-#define RB 8 /* rows per tile, at most */
+#define OB 4  /* rows per interleaved block; output channels per tile for one or two rows */
+#define CH 32 /* weights per chunk, the unit of the layouts */
+#define RB 8  /* rows per tile, at most */
 
-/* Outputs o0..o0+ot-1 of w for rows 0..rt-1 of X (row stride ldx) -> res[r][o], the bias and the
+/* Where row o's chunks of CH weights lie: its first chunk, and *cs the bytes from one chunk to the
+   next. float32 and bfloat16 weights are row-major (the model's own tensors). int8 and 4-bit ones
+   are copies made for these kernels: full blocks of OB rows with their chunks interleaved (chunk c
+   of rows o..o+3, then chunk c + 1 of them, ...), then the last out % OB rows row-major, so that a
+   thread's share of a weight is one sequential stream. A 4-bit chunk is GGUF's block_q4_1: float16
+   scale d, float16 minimum m, 16 bytes of codes (byte j: weight j low nibble, weight j + 16 high). */
+static inline const uint8_t* row_at(const qs_weight* w, int o, size_t* cs) {
+  const int K = w->in;
+  if (w->fmt == QS_F32) { *cs = CH * 4; return (const uint8_t*)w->w + (size_t)o * K * 4; }
+  if (w->fmt == QS_BF16) { *cs = CH * 2; return (const uint8_t*)w->w + (size_t)o * K * 2; }
+  const size_t cb = w->fmt == QS_I8 ? CH : CH / 2 + 4, row = (size_t)(K / CH) * cb;
+  const int full = w->out / OB * OB;
+  if (o < full) { *cs = OB * cb; return (const uint8_t*)w->w + (size_t)(o / OB) * OB * row + (size_t)(o % OB) * cb; }
+  *cs = cb;
+  return (const uint8_t*)w->w + (size_t)o * row;
+}
+
+static inline float h2f_at(const uint8_t* p) { uint16_t h; memcpy(&h, p, 2); return h2f(h); }
+
+/* Outputs o0..o0+ot-1 of w for rows 0..rt-1 of X -> res[r][o], the bias and the
    int8 scale applied; ot * rt vector accumulators (ot, rt: constants after inlining). Each
    accumulator sees the inputs in ascending order, VW lanes at a time, whatever the tile's shape,
    so a row's result does not depend on how many rows the call has. */
 static inline __attribute__((always_inline)) void tile(const qs_weight* w, int o0, const int ot, const float* X,
-                                                       size_t ldx, const int rt, float res[RB][OB]) {
-  const int K = w->in;
+                                                       size_t ldx, size_t xcs, const int rt, float res[RB][OB]) {
+  /* x of row r, inputs c * CH + k: X[c * xcs + r * ldx + k] (row-major: xcs = CH, ldx = in;
+     packed by pack_rows: ldx = CH, xcs = rt * CH, constants, so no register holds a row's address) */
+  const int nc = w->in / CH;
+  const uint8_t* p[OB];
+  size_t cs[OB];
   vf acc[OB][RB];
-  for (int o = 0; o < ot; o++) for (int r = 0; r < rt; r++) acc[o][r] = (vf){0};
+  for (int o = 0; o < ot; o++) {
+    p[o] = row_at(w, o0 + o, &cs[o]);
+    for (int r = 0; r < rt; r++) acc[o][r] = (vf){0};
+  }
+  /* one loop per format (a branch inside the loop let the compiler hoist every row's loads above it) */
+#define ROWS_FMA(wv, k) for (int r = 0; r < rt; r++) acc[o][r] = fmadd(wv, ldf(xc + r * ldx + (k)), acc[o][r])
   if (w->fmt == QS_F32) {
-    const float* W = (const float*)w->w + (size_t)o0 * K;
-    for (int k = 0; k < K; k += VW)
-      for (int o = 0; o < ot; o++) {
-        vf wv = ldf(W + (size_t)o * K + k);
-        for (int r = 0; r < rt; r++) acc[o][r] = fmadd(wv, ldf(X + r * ldx + k), acc[o][r]);
-      }
+    for (int c = 0; c < nc; c++) {
+      const float* xc = X + c * xcs;
+      for (int k = 0; k < CH; k += VW)
+        for (int o = 0; o < ot; o++) { vf wv = ldf((const float*)(p[o] + c * cs[o]) + k); ROWS_FMA(wv, k); }
+    }
   } else if (w->fmt == QS_BF16) {
-    const uint16_t* W = (const uint16_t*)w->w + (size_t)o0 * K;
-    for (int k = 0; k < K; k += VW)
-      for (int o = 0; o < ot; o++) {
-        vf wv = w_bf16(W + (size_t)o * K + k);
-        for (int r = 0; r < rt; r++) acc[o][r] = fmadd(wv, ldf(X + r * ldx + k), acc[o][r]);
-      }
+    for (int c = 0; c < nc; c++) {
+      const float* xc = X + c * xcs;
+      for (int k = 0; k < CH; k += VW)
+        for (int o = 0; o < ot; o++) { vf wv = w_bf16((const uint16_t*)(p[o] + c * cs[o]) + k); ROWS_FMA(wv, k); }
+    }
   } else if (w->fmt == QS_I8) {
-    const int8_t* W = (const int8_t*)w->w + (size_t)o0 * K;
-    for (int k = 0; k < K; k += VW)
-      for (int o = 0; o < ot; o++) {
-        vf wv = w_i8(W + (size_t)o * K + k);
-        for (int r = 0; r < rt; r++) acc[o][r] = fmadd(wv, ldf(X + r * ldx + k), acc[o][r]);
-      }
-  } else { /* QS_Q4 */
-    const int G = w->group, ng = K / G;
-    const uint8_t* Q = (const uint8_t*)w->w + (size_t)o0 * (K / 2);
-    const uint16_t* SM = w->sm + (size_t)o0 * ng * 2;
-    for (int g = 0; g < ng; g++) {
+    for (int c = 0; c < nc; c++) {
+      const float* xc = X + c * xcs;
+      for (int k = 0; k < CH; k += VW)
+        for (int o = 0; o < ot; o++) { vf wv = w_i8((const int8_t*)(p[o] + c * cs[o]) + k); ROWS_FMA(wv, k); }
+    }
+  } else { /* QS_Q4: w = d * q + m */
+    for (int c = 0; c < nc; c++) {
+      const float* xc = X + c * xcs;
       vf dv[OB], mv[OB];
       for (int o = 0; o < ot; o++) {
-        dv[o] = (vf){0} + h2f(SM[((size_t)o * ng + g) * 2]);
-        mv[o] = (vf){0} + h2f(SM[((size_t)o * ng + g) * 2 + 1]);
+        const uint8_t* b = p[o] + c * cs[o];
+        dv[o] = (vf){0} + h2f_at(b);
+        mv[o] = (vf){0} + h2f_at(b + 2);
       }
-      for (int k0 = g * G; k0 < (g + 1) * G; k0 += 32)
-        for (int c = 0; c < 32; c += VW) /* weights k0+c..: low nibbles of bytes c.., then high nibbles of bytes c-16.. */
-          for (int o = 0; o < ot; o++) {
-            const uint8_t* qb = Q + (size_t)o * (K / 2) + k0 / 2 + (c & 15);
-            vf wv = fmadd(dv[o], c < 16 ? w_lo(qb) : w_hi(qb), mv[o]);
-            for (int r = 0; r < rt; r++) acc[o][r] = fmadd(wv, ldf(X + r * ldx + k0 + c), acc[o][r]);
-          }
+      for (int k = 0; k < CH; k += VW)
+        for (int o = 0; o < ot; o++) {
+          const uint8_t* q = p[o] + c * cs[o] + 4;
+          vf wv = fmadd(dv[o], k < 16 ? w_lo(q + k) : w_hi(q + k - 16), mv[o]);
+          ROWS_FMA(wv, k);
+        }
     }
   }
+#undef ROWS_FMA
   for (int o = 0; o < ot; o++) {
     float s = w->fmt == QS_I8 ? w->scale[o0 + o] : 1.f, b = w->bias ? w->bias[o0 + o] : 0.f;
-    for (int r = 0; r < rt; r++) res[r][o] = (w->fmt == QS_I8 ? hsum(acc[o][r]) * s : hsum(acc[o][r])) + b;
-  }
-}
-
-/* Outputs o0..o0+no-1 (no <= OB) for rt <= RB rows: one or two rows as 4 outputs x rows (four
-   or eight independent accumulators while the weights stream from memory); more rows one
-   output at a time over all of them, so each weight is converted once per tile of rows. */
-static void block(const qs_weight* w, int o0, int no, const float* X, size_t ldx, int rt, float res[RB][OB]) {
-  if (no == OB && rt == 1) { tile(w, o0, OB, X, ldx, 1, res); return; }
-  if (no == OB && rt == 2) { tile(w, o0, OB, X, ldx, 2, res); return; }
-  for (int o = 0; o < no; o++) {
-    float one[RB][OB];
-    switch (rt) {
-      case 1: tile(w, o0 + o, 1, X, ldx, 1, one); break;
-      case 2: tile(w, o0 + o, 1, X, ldx, 2, one); break;
-      case 3: tile(w, o0 + o, 1, X, ldx, 3, one); break;
-      case 4: tile(w, o0 + o, 1, X, ldx, 4, one); break;
-      case 5: tile(w, o0 + o, 1, X, ldx, 5, one); break;
-      case 6: tile(w, o0 + o, 1, X, ldx, 6, one); break;
-      case 7: tile(w, o0 + o, 1, X, ldx, 7, one); break;
-      default: tile(w, o0 + o, 1, X, ldx, 8, one); break;
+    for (int r = 0; r < rt; r++) {
+      float y = hsum(acc[o][r]);
+      res[r][o] = (w->fmt == QS_I8 ? y * s : y) + b;
     }
-    for (int r = 0; r < rt; r++) res[r][o] = one[r][0];
   }
 }
 
-/* Y[r][o] (=, or += with add) over every output channel; called inside a parallel region. */
-static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float* Y, size_t ldy, int add) {
+/* Rows r0.. (rt <= RB of them) of X (R, K) into xp chunk-interleaved: [chunk c][row r][CH]. */
+static void pack_rows(const float* X, size_t ldx, int rt, int K, float* xp) {
+  for (int c = 0; c < K / CH; c++)
+    for (int r = 0; r < rt; r++) memcpy(xp + ((size_t)c * rt + r) * CH, X + r * ldx + (size_t)c * CH, CH * sizeof(float));
+}
+
+/* Outputs o0..o0+no-1 (no <= OB) for rt <= RB rows (X row-major, xp the same rows packed when rt
+   > 2), with at least four independent accumulators where the rows allow: one or two rows as 4
+   outputs x rows (while the weights stream from memory), three or four rows as 2 outputs x rows,
+   more one output at a time over all of them (each weight converted once per tile of rows). */
+static void block(const qs_weight* w, int o0, int no, const float* X, size_t ldx, const float* xp, int rt,
+                  float res[RB][OB]) {
+  if (rt <= 2) {
+    if (no == OB && rt == 1) { tile(w, o0, OB, X, ldx, CH, 1, res); return; }
+    if (no == OB) { tile(w, o0, OB, X, ldx, CH, 2, res); return; }
+    for (int o = 0; o < no; o++) {
+      float part[RB][OB];
+      if (rt == 1) tile(w, o0 + o, 1, X, ldx, CH, 1, part);
+      else tile(w, o0 + o, 1, X, ldx, CH, 2, part);
+      for (int r = 0; r < rt; r++) res[r][o] = part[r][0];
+    }
+    return;
+  }
+  float part[RB][OB];
+  for (int o = 0; o < no;) {
+    int two = no - o >= 2 && rt <= 4;
+    switch (two ? 10 + rt : rt) {
+      case 13: tile(w, o0 + o, 2, xp, CH, 3 * CH, 3, part); break;
+      case 14: tile(w, o0 + o, 2, xp, CH, 4 * CH, 4, part); break;
+      case 3: tile(w, o0 + o, 1, xp, CH, 3 * CH, 3, part); break;
+      case 4: tile(w, o0 + o, 1, xp, CH, 4 * CH, 4, part); break;
+      case 5: tile(w, o0 + o, 1, xp, CH, 5 * CH, 5, part); break;
+      case 6: tile(w, o0 + o, 1, xp, CH, 6 * CH, 6, part); break;
+      case 7: tile(w, o0 + o, 1, xp, CH, 7 * CH, 7, part); break;
+      default: tile(w, o0 + o, 1, xp, CH, 8 * CH, 8, part); break;
+    }
+    for (int j = 0; j < 1 + two; j++, o++)
+      for (int r = 0; r < rt; r++) res[r][o] = part[r][j];
+  }
+}
+
+/* Every row tile of X (R, K) packed into xp (this thread's R * K floats) when it has over 2 rows. */
+static void pack_all(const float* X, size_t ldx, int R, int K, float* xp) {
+  for (int r0 = 0; r0 < R && R > 2; r0 += RB) pack_rows(X + (size_t)r0 * ldx, ldx, R - r0 < RB ? R - r0 : RB, K, xp + (size_t)r0 * K);
+}
+
+/* Y[r][o] (=, or += with add) over every output channel; called inside a parallel region, xp:
+   this thread's scratch of R * in floats. */
+static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float* Y, size_t ldy, int add, float* xp) {
+  pack_all(X, ldx, R, w->in, xp);
 #pragma omp for schedule(static)
   for (int b = 0; b < (w->out + OB - 1) / OB; b++) {
     int o0 = b * OB, no = w->out - o0 < OB ? w->out - o0 : OB;
     for (int r0 = 0; r0 < R; r0 += RB) {
       int rt = R - r0 < RB ? R - r0 : RB;
       float res[RB][OB];
-      block(w, o0, no, X + (size_t)r0 * ldx, ldx, rt, res);
+      block(w, o0, no, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, res);
       for (int r = 0; r < rt; r++)
         for (int o = 0; o < no; o++) {
           float* y = Y + (size_t)(r0 + r) * ldy + o0 + o;
@@ -254,93 +308,142 @@ static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float*
   }
 }
 
-static inline float silu(float g) { return g / (1.f + expf(-g)); }
+/* ---- pointwise --------------------------------------------------------------------------- */
 
-/* A[r][j] = SiLU(gate_j . x_r) * (up_j . x_r), j < F: gate rows 0..F-1, up rows F..2F-1 of w. */
-static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, int F) {
-#pragma omp for schedule(static)
+static inline vf vmax(vf a, vf b) { vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmin(vf a, vf b) { vi m = a < b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+
+/* exp(x) in float32 for VW lanes, within a few ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
+   a degree-7 polynomial in r, times 2^n); x is clamped to [-87, 88]. */
+static inline vf exp_v(vf x) {
+  x = vmin(vmax(x, (vf){0} - 87.f), (vf){0} + 88.f);
+  vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; /* round to nearest */
+  vf r = fmadd(n, (vf){0} - 0.693359375f, x);
+  r = fmadd(n, (vf){0} + 2.12194440e-4f, r);
+  vf p = (vf){0} + 1.9875691500e-4f;
+  p = fmadd(p, r, (vf){0} + 1.3981999507e-3f);
+  p = fmadd(p, r, (vf){0} + 8.3334519073e-3f);
+  p = fmadd(p, r, (vf){0} + 4.1665795894e-2f);
+  p = fmadd(p, r, (vf){0} + 1.6666665459e-1f);
+  p = fmadd(p, r, (vf){0} + 5.0000001201e-1f);
+  p = fmadd(p * r, r, r) + 1.f;
+  return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+}
+
+/* A[r][j] = SiLU(gate_j . x_r) * (up_j . x_r), j < F: gate rows 0..F-1, up rows F..2F-1 of w;
+   U: (R, F) scratch. Each thread applies SiLU to the outputs it computed, VW at a time. */
+static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, float* U, int F, float* xp) {
+  pack_all(X, ldx, R, w->in, xp);
+  int lo = F / OB, hi = -1;
+#pragma omp for schedule(static) nowait
   for (int b = 0; b < F / OB; b++) {
     int o0 = b * OB;
+    lo = b < lo ? b : lo;
+    hi = b;
     for (int r0 = 0; r0 < R; r0 += RB) {
       int rt = R - r0 < RB ? R - r0 : RB;
       float g[RB][OB], u[RB][OB];
-      block(w, o0, OB, X + (size_t)r0 * ldx, ldx, rt, g);
-      block(w, F + o0, OB, X + (size_t)r0 * ldx, ldx, rt, u);
+      block(w, o0, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, g);
+      block(w, F + o0, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, u);
       for (int r = 0; r < rt; r++)
-        for (int o = 0; o < OB; o++) A[(size_t)(r0 + r) * F + o0 + o] = silu(g[r][o]) * u[r][o];
+        for (int o = 0; o < OB; o++) {
+          A[(size_t)(r0 + r) * F + o0 + o] = g[r][o];
+          U[(size_t)(r0 + r) * F + o0 + o] = u[r][o];
+        }
     }
   }
+  /* static schedule: this thread's blocks are lo..hi, contiguous */
+  for (int r = 0; r < R && hi >= lo; r++) {
+    float *a = A + (size_t)r * F, *u = U + (size_t)r * F;
+    int j = lo * OB, end = (hi + 1) * OB;
+    for (; j + VW <= end; j += VW) {
+      vf g = ldf(a + j);
+      stf(a + j, g / (exp_v((vf){0} - g) + 1.f) * ldf(u + j));
+    }
+    for (; j < end; j++) { /* blocks of 4 with 8 or 16 lanes: a tail the vector form computes alike */
+      vf g = (vf){0} + a[j];
+      a[j] = (g / (exp_v((vf){0} - g) + 1.f))[0] * u[j];
+    }
+  }
+#pragma omp barrier
 }
-
-/* ---- pointwise --------------------------------------------------------------------------- */
 
 /* Llama's RMSNorm in float32: y = (x * rsqrt(mean(x^2) + eps)) * w, for R rows of d. */
 static void rmsnorm(const float* X, int R, int d, const float* w, float eps, float* Y) {
   for (int r = 0; r < R; r++) {
     const float* x = X + (size_t)r * d;
     vf acc = (vf){0};
-    int k = 0;
-    for (; k + VW <= d; k += VW) { vf v = ldf(x + k); acc = fmadd(v, v, acc); }
-    float ss = hsum(acc);
-    for (; k < d; k++) ss += x[k] * x[k];
-    float inv = 1.f / sqrtf(ss / (float)d + eps);
-    for (k = 0; k < d; k++) Y[(size_t)r * d + k] = (x[k] * inv) * w[k];
+    for (int k = 0; k < d; k += VW) { vf v = ldf(x + k); acc = fmadd(v, v, acc); }
+    float inv = 1.f / sqrtf(hsum(acc) / (float)d + eps);
+    for (int k = 0; k < d; k++) Y[(size_t)r * d + k] = (x[k] * inv) * w[k];
   }
 }
 
-/* RoPE in place on one head (HF's half-split layout): x * cos + rotate_half(x) * sin. */
-static void rope(float* x, const float* cos, const float* sin, int hd) {
+/* RoPE of one head (HF's half-split layout): y = x * cos + rotate_half(x) * sin. */
+static void rope(const float* x, const float* cos, const float* sin, int hd, float* y) {
   int half = hd / 2;
   for (int i = 0; i < half; i++) {
     float a = x[i], b = x[i + half];
-    x[i] = a * cos[i] - b * sin[i];
-    x[i + half] = b * cos[i + half] + a * sin[i + half];
+    y[i] = a * cos[i] - b * sin[i];
+    y[i + half] = b * cos[i + half] + a * sin[i + half];
   }
 }
 
 /* ---- attention over the cache ------------------------------------------------------------- */
 
+#define KC 64 /* cached entries per attention unit */
+
 static inline vf kv_vec(const void* base, size_t at, int bf16) {
   return bf16 ? w_bf16((const uint16_t*)base + at) : ldf((const float*)base + at);
 }
 
-/* One query head q (hd) over n cached entries of one KV head (rows of hd at K, V). */
-static void attend_head(const float* q, const void* K, const void* V, int n, int hd, int bf16, float scale,
-                        float* sc, float* out) {
-  float m = -INFINITY;
-  for (int t = 0; t < n; t++) {
-    vf acc = (vf){0};
-    int d = 0;
-    for (; d + VW <= hd; d += VW) acc = fmadd(ldf(q + d), kv_vec(K, (size_t)t * hd + d, bf16), acc);
-    float s = hsum(acc);
-    for (; d < hd; d++) s += q[d] * (bf16 ? bf2f(((const uint16_t*)K)[(size_t)t * hd + d]) : ((const float*)K)[(size_t)t * hd + d]);
-    sc[t] = s * scale;
-    m = sc[t] > m ? sc[t] : m;
-  }
-  float z = 0.f;
-  for (int t = 0; t < n; t++) { sc[t] = expf(sc[t] - m); z += sc[t]; }
-  float inv = 1.f / z;
-  for (int d = 0; d < hd; d++) out[d] = 0.f;
-  for (int t = 0; t < n; t++) {
-    float p = sc[t] * inv;
-    int d = 0;
-    for (; d + VW <= hd; d += VW) stf(out + d, fmadd((vf){0} + p, kv_vec(V, (size_t)t * hd + d, bf16), ldf(out + d)));
-    for (; d < hd; d++) out[d] += p * (bf16 ? bf2f(((const uint16_t*)V)[(size_t)t * hd + d]) : ((const float*)V)[(size_t)t * hd + d]);
+/* Entries t0..t1-1 (rows of hd at K, V) for the G query heads of one KV head, q (G, hd). Per head i,
+   part[i * (hd + 2)...]: the largest score m, the sum of exp(score - m), and the sum of
+   exp(score - m) * v (hd). sc: scratch of G * KC floats. */
+static void attend_chunk(const float* q, int G, const void* K, const void* V, int t0, int t1, int hd, int bf,
+                         float scale, float* sc, float* part) {
+  const int nt = t1 - t0;
+  for (int t = 0; t < nt; t++)
+    for (int i = 0; i < G; i++) {
+      vf acc = (vf){0};
+      for (int d = 0; d < hd; d += VW) acc = fmadd(ldf(q + i * hd + d), kv_vec(K, (size_t)(t0 + t) * hd + d, bf), acc);
+      sc[i * KC + t] = hsum(acc) * scale;
+    }
+  for (int i = 0; i < G; i++) {
+    float* si = sc + i * KC;
+    float m = -INFINITY;
+    for (int t = 0; t < nt; t++) m = si[t] > m ? si[t] : m;
+    for (int t = nt; t < KC; t++) si[t] = -INFINITY; /* whole vectors: exp(-inf - m) -> clamped, then zeroed */
+    vf z = (vf){0};
+    for (int t = 0; t < KC; t += VW) {
+      vf e = exp_v(ldf(si + t) - m);
+      for (int j = 0; j < VW; j++) e[j] = t + j < nt ? e[j] : 0.f;
+      stf(si + t, e);
+      z += e;
+    }
+    float* pi = part + (size_t)i * (hd + 2);
+    pi[0] = m;
+    pi[1] = hsum(z);
+    for (int d = 0; d < hd; d += VW) {
+      vf o = (vf){0};
+      for (int t = 0; t < nt; t++) o = fmadd((vf){0} + si[t], kv_vec(V, (size_t)(t0 + t) * hd + d, bf), o);
+      stf(pi + 2 + d, o);
+    }
   }
 }
 
 /* ---- checks --------------------------------------------------------------------------------- */
 
 static int weight_ok(const qs_weight* w, int out, int in) {
-  if (!w->w || w->out != out || w->in != in || out < 1 || in % 32) return 0;
+  if (!w->w || w->out != out || w->in != in || out < 1 || in % CH) return 0;
   if (w->fmt == QS_I8) return w->scale != NULL;
-  if (w->fmt == QS_Q4) return w->sm && w->group > 0 && w->group % 32 == 0 && in % w->group == 0;
+  if (w->fmt == QS_Q4) return w->group == CH;
   return w->fmt == QS_F32 || w->fmt == QS_BF16;
 }
 
 int qs_step_check(const qs_shape* s, const qs_layer* L) {
   int H = s->n_heads, Hkv = s->n_kv_heads, hd = s->head_dim, d = s->d;
-  if (s->n_layers < 1 || Hkv < 1 || H % Hkv || hd % 2 || hd > 1024 || d % 32 || s->d_ff % 32) return QS_ERR_SHAPE;
+  if (s->n_layers < 1 || Hkv < 1 || H % Hkv || hd % 16 || hd > 512 || d % 32 || s->d_ff % 32) return QS_ERR_SHAPE;
   for (int l = 0; l < s->n_layers; l++) {
     const qs_layer* y = L + l;
     if (!weight_ok(&y->qkv, (H + 2 * Hkv) * hd, d) || !weight_ok(&y->o, d, H * hd) ||
@@ -371,22 +474,37 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
   const int G = H / Hkv, qd = H * hd, kd = Hkv * hd, ldq = qd + 2 * kd, bf = s->act_bf16;
   if (head && (!weight_ok(head, head->out, d) || !final_norm || !logits)) return QS_ERR_WEIGHT;
   if (B < 1) return QS_ERR_SHAPE;
-  int nmax = 0;
+  int smax = 1; /* attention chunks of the longest row */
   for (int l = 0; l < nl; l++)
     for (int b = 0; b < B; b++) {
       int c = counts[l * counts_stride + b];
       if (c < 0 || c >= cap || slots[b] < 0) return QS_ERR_CACHE;
-      nmax = c + 1 > nmax ? c + 1 : nmax;
+      smax = c / KC + 1 > smax ? c / KC + 1 : smax;
     }
 #ifdef _OPENMP
   int nt = omp_get_max_threads();
 #else
   int nt = 1;
 #endif
-  size_t xlen = (size_t)B * d;
-  float* buf = (float*)malloc(sizeof(float) * ((size_t)B * (d + ldq + qd + F) + nt * (xlen + nmax)));
-  if (!buf) return QS_ERR_MEMORY;
-  float *h32 = buf, *qkv = h32 + xlen, *att = qkv + (size_t)B * ldq, *act = att + (size_t)B * qd, *priv = act + (size_t)B * F;
+  const size_t xlen = (size_t)B * d, kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
+  const size_t plen = (size_t)G * (hd + 2); /* one unit's partial results */
+  /* each thread's own: normalized rows, merged attention rows, packed matmul rows, roped q and k, scores */
+  const size_t per = xlen + (size_t)B * qd + (B > 2 ? B * kmax : 0) + (size_t)(G + 1) * hd + (size_t)G * KC;
+  const size_t shared = (size_t)B * (d + ldq + 2 * F) + (size_t)B * Hkv * smax * plen;
+  float* buf = (float*)malloc(sizeof(float) * (shared + nt * per));
+  /* attention units of every layer: (row, KV head, chunk of KC entries), layer l's from ustart[l] */
+  int* units = (int*)malloc(sizeof(int) * (3 * (size_t)nl * B * Hkv * smax + nl + 1));
+  if (!buf || !units) { free(buf); free(units); return QS_ERR_MEMORY; }
+  int* ustart = units + 3 * (size_t)nl * B * Hkv * smax;
+  ustart[0] = 0;
+  for (int l = 0, nu = 0; l < nl; ustart[++l] = nu)
+    for (int b = 0; b < B; b++)
+      for (int g = 0; g < Hkv; g++)
+        for (int c = 0; c <= counts[l * counts_stride + b] / KC; c++, nu++) {
+          units[3 * nu] = b; units[3 * nu + 1] = g; units[3 * nu + 2] = c;
+        }
+  float *h32 = buf, *qkv = h32 + xlen, *act = qkv + (size_t)B * ldq, *up = act + (size_t)B * F;
+  float *parts = up + (size_t)B * F, *priv = parts + (size_t)B * Hkv * smax * plen;
   for (size_t i = 0; i < xlen; i++) h32[i] = bf ? bf2f(((const uint16_t*)h)[i]) : ((const float*)h)[i];
   const size_t row_stride = (size_t)Hkv * cap * hd, head_stride = (size_t)cap * hd, esz = bf ? 2 : 4;
 
@@ -397,47 +515,65 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
 #else
     int tid = 0;
 #endif
-    float* x = priv + (size_t)tid * (xlen + nmax); /* this thread's copy of the normalized rows */
-    float* sc = x + xlen;                          /* its attention scores */
+    float* x = priv + (size_t)tid * per; /* normalized rows (B, d) */
+    float* att = x + xlen;               /* merged attention rows (B, qd) */
+    float* xp = att + (size_t)B * qd;    /* packed matmul rows */
+    float* qr = xp + (B > 2 ? B * kmax : 0); /* a unit's roped queries (G, hd), then its key (hd) */
+    float* sc = qr + (size_t)(G + 1) * hd;   /* its scores (G, KC) */
     for (int l = 0; l < nl; l++) {
       const qs_layer* y = L + l;
       const int32_t* cnt = counts + (size_t)l * counts_stride;
       rmsnorm(h32, B, d, y->attn_norm, s->eps, x);
-      matmul(&y->qkv, x, d, B, qkv, ldq, 0);
-      /* RoPE on every q and k head; k and v into the cache */
-#pragma omp for schedule(static)
-      for (int u = 0; u < B * (H + Hkv); u++) {
-        int b = u / (H + Hkv), j = u % (H + Hkv);
-        float* row = qkv + (size_t)b * ldq;
-        if (j < H) { rope(row + j * hd, cos + (size_t)b * hd, sin + (size_t)b * hd, hd); continue; }
-        int g = j - H, n = cnt[b];
-        float *k = row + qd + g * hd, *v = row + qd + kd + g * hd;
-        rope(k, cos + (size_t)b * hd, sin + (size_t)b * hd, hd);
-        size_t at = (size_t)slots[b] * row_stride + g * head_stride + (size_t)n * hd;
-        if (bf) {
-          uint16_t *kk = (uint16_t*)kc[l] + at, *vv = (uint16_t*)vc[l] + at;
-          for (int e = 0; e < hd; e++) { kk[e] = f2bf(k[e]); vv[e] = f2bf(v[e]); }
-        } else {
-          memcpy((float*)kc[l] + at, k, hd * sizeof(float));
-          memcpy((float*)vc[l] + at, v, hd * sizeof(float));
-        }
-        if (g == 0) pc[l][(size_t)slots[b] * cap + n] = positions[b];
-      }
+      matmul(&y->qkv, x, d, B, qkv, ldq, 0, xp);
+      /* the unit holding a row's last entry first writes the step's key (roped) and value there */
 #pragma omp for schedule(dynamic, 1)
-      for (int u = 0; u < B * H; u++) {
-        int b = u / H, j = u % H;
-        size_t at = ((size_t)slots[b] * row_stride + (size_t)(j / G) * head_stride) * esz;
-        attend_head(qkv + (size_t)b * ldq + j * hd, (const char*)kc[l] + at, (const char*)vc[l] + at, cnt[b] + 1, hd, bf,
-                    s->attn_scale, sc, att + (size_t)b * qd + j * hd);
+      for (int u = ustart[l]; u < ustart[l + 1]; u++) {
+        int b = units[3 * u], g = units[3 * u + 1], c = units[3 * u + 2], n = cnt[b];
+        const float *row = qkv + (size_t)b * ldq, *cb = cos + (size_t)b * hd, *sb = sin + (size_t)b * hd;
+        size_t at = (size_t)slots[b] * row_stride + g * head_stride;
+        if (c == n / KC) {
+          float* kr = qr + (size_t)G * hd;
+          rope(row + qd + g * hd, cb, sb, hd, kr);
+          const float* v = row + qd + kd + g * hd;
+          if (bf) {
+            uint16_t *kk = (uint16_t*)kc[l] + at + (size_t)n * hd, *vv = (uint16_t*)vc[l] + at + (size_t)n * hd;
+            for (int e = 0; e < hd; e++) { kk[e] = f2bf(kr[e]); vv[e] = f2bf(v[e]); }
+          } else {
+            memcpy((float*)kc[l] + at + (size_t)n * hd, kr, hd * sizeof(float));
+            memcpy((float*)vc[l] + at + (size_t)n * hd, v, hd * sizeof(float));
+          }
+          if (g == 0) pc[l][(size_t)slots[b] * cap + n] = positions[b];
+        }
+        for (int i = 0; i < G; i++) rope(row + (g * G + i) * hd, cb, sb, hd, qr + (size_t)i * hd);
+        int t0 = c * KC, t1 = (c + 1) * KC < n + 1 ? (c + 1) * KC : n + 1;
+        attend_chunk(qr, G, (const char*)kc[l] + at * esz, (const char*)vc[l] + at * esz, t0, t1, hd, bf, s->attn_scale, sc,
+                     parts + (((size_t)b * Hkv + g) * smax + c) * plen);
       }
-      matmul(&y->o, att, qd, B, h32, d, 1);
+      /* every thread merges the chunks of every head into its own attention rows (a few floats each) */
+      for (int b = 0; b < B; b++)
+        for (int j = 0; j < H; j++) {
+          int g = j / G, i = j % G, S = cnt[b] / KC + 1;
+          const float* p0 = parts + ((size_t)b * Hkv + g) * smax * plen + (size_t)i * (hd + 2);
+          float m = -INFINITY, z = 0.f, wgt[64];
+          for (int c = 0; c < S; c++) m = p0[c * plen] > m ? p0[c * plen] : m;
+          float* o = att + (size_t)b * qd + (size_t)j * hd;
+          for (int e = 0; e < hd; e++) o[e] = 0.f;
+          for (int c0 = 0; c0 < S; c0 += 64) {
+            int c1 = S < c0 + 64 ? S : c0 + 64;
+            for (int c = c0; c < c1; c++) { wgt[c - c0] = expf(p0[c * plen] - m); z += wgt[c - c0] * p0[c * plen + 1]; }
+            for (int c = c0; c < c1; c++)
+              for (int e = 0; e < hd; e += VW) stf(o + e, fmadd((vf){0} + wgt[c - c0], ldf(p0 + c * plen + 2 + e), ldf(o + e)));
+          }
+          for (int e = 0; e < hd; e++) o[e] /= z;
+        }
+      matmul(&y->o, att, qd, B, h32, d, 1, xp);
       rmsnorm(h32, B, d, y->mlp_norm, s->eps, x);
-      gate_up_silu(&y->gate_up, x, d, B, act, F);
-      matmul(&y->down, act, F, B, h32, d, 1);
+      gate_up_silu(&y->gate_up, x, d, B, act, up, F, xp);
+      matmul(&y->down, act, F, B, h32, d, 1, xp);
     }
     if (head) {
       rmsnorm(h32, B, d, final_norm, s->eps, x);
-      matmul(head, x, d, B, logits, head->out, 0);
+      matmul(head, x, d, B, logits, head->out, 0, xp);
     }
   }
   for (size_t i = 0; i < xlen; i++) {
@@ -445,14 +581,30 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
     else ((float*)h)[i] = h32[i];
   }
   free(buf);
+  free(units);
   return 0;
 }
 
 /* y (R, w->out) float32 = x (R, w->in) float32 @ W^T (+ bias): one linear, as the step runs it. */
 int qs_matmul(const qs_weight* w, const float* x, int R, float* y) {
   if (R < 1 || !weight_ok(w, w->out, w->in)) return QS_ERR_WEIGHT;
+#ifdef _OPENMP
+  int nt = omp_get_max_threads();
+#else
+  int nt = 1;
+#endif
+  float* xp = (float*)malloc(sizeof(float) * (size_t)nt * R * w->in);
+  if (!xp) return QS_ERR_MEMORY;
 #pragma omp parallel
-  matmul(w, x, w->in, R, y, w->out, 0);
+  {
+#ifdef _OPENMP
+    int tid = omp_get_thread_num();
+#else
+    int tid = 0;
+#endif
+    matmul(w, x, w->in, R, y, w->out, 0, xp + (size_t)tid * R * w->in);
+  }
+  free(xp);
   return 0;
 }
 
@@ -462,20 +614,31 @@ int qs_step_matmuls(const qs_shape* s, const qs_layer* L, int B, const qs_weight
   int rc = qs_step_check(s, L);
   if (rc || B < 1) return rc ? rc : QS_ERR_SHAPE;
   const int d = s->d, qd = s->n_heads * s->head_dim, ldq = qd + 2 * s->n_kv_heads * s->head_dim, F = s->d_ff;
-  size_t n = (size_t)B * (2 * d + ldq + qd + F + (head ? head->out : 0));
+#ifdef _OPENMP
+  int nt = omp_get_max_threads();
+#else
+  int nt = 1;
+#endif
+  size_t kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
+  size_t n = (size_t)B * (2 * d + ldq + qd + 2 * F + (head ? head->out : 0) + nt * kmax);
   float* buf = (float*)calloc(n, sizeof(float));
   if (!buf) return QS_ERR_MEMORY;
   float *h32 = buf, *x = h32 + (size_t)B * d, *qkv = x + (size_t)B * d, *att = qkv + (size_t)B * ldq;
-  float *act = att + (size_t)B * qd, *logits = act + (size_t)B * F;
+  float *act = att + (size_t)B * qd, *logits = act + (size_t)B * 2 * F, *xps = logits + (size_t)B * (head ? head->out : 0);
 #pragma omp parallel
   {
+#ifdef _OPENMP
+    float* xp = xps + (size_t)omp_get_thread_num() * B * kmax;
+#else
+    float* xp = xps;
+#endif
     for (int l = 0; l < s->n_layers; l++) {
-      matmul(&L[l].qkv, x, d, B, qkv, ldq, 0);
-      matmul(&L[l].o, att, qd, B, h32, d, 1);
-      gate_up_silu(&L[l].gate_up, x, d, B, act, F);
-      matmul(&L[l].down, act, F, B, h32, d, 1);
+      matmul(&L[l].qkv, x, d, B, qkv, ldq, 0, xp);
+      matmul(&L[l].o, att, qd, B, h32, d, 1, xp);
+      gate_up_silu(&L[l].gate_up, x, d, B, act, act + (size_t)B * F, F, xp);
+      matmul(&L[l].down, act, F, B, h32, d, 1, xp);
     }
-    if (head) matmul(head, x, d, B, logits, head->out, 0);
+    if (head) matmul(head, x, d, B, logits, head->out, 0, xp);
   }
   free(buf);
   return 0;

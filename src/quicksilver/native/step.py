@@ -130,20 +130,40 @@ class StepShape:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
 
+BLOCK_ROWS = 4  # rows whose chunks interleave in the int8 and 4-bit layouts (step.c's OB)
+CHUNK = 32  # weights per chunk (step.c's CH)
+
+
+def _interleave(rows: torch.Tensor) -> torch.Tensor:
+    """(out, n_chunks, chunk_bytes) -> the kernels' layout, flat: full blocks of 4 rows with their
+    chunks interleaved (chunk c of the 4 rows, then chunk c + 1...), then the last out % 4 rows."""
+    full = rows.shape[0] // BLOCK_ROWS * BLOCK_ROWS
+    head = rows[:full].reshape(full // BLOCK_ROWS, BLOCK_ROWS, *rows.shape[1:]).transpose(1, 2)
+    return torch.cat([head.reshape(-1), rows[full:].reshape(-1)]).contiguous()
+
+
+def _deinterleave(flat: torch.Tensor, out_f: int, n_chunks: int, chunk_bytes: int) -> torch.Tensor:
+    """``_interleave`` undone: (out, n_chunks, chunk_bytes)."""
+    full = out_f // BLOCK_ROWS * BLOCK_ROWS
+    n_head = full * n_chunks * chunk_bytes
+    head = flat[:n_head].reshape(full // BLOCK_ROWS, n_chunks, BLOCK_ROWS, chunk_bytes).transpose(1, 2)
+    return torch.cat([head.reshape(full, n_chunks, chunk_bytes), flat[n_head:].reshape(-1, n_chunks, chunk_bytes)])
+
+
 @dataclass(frozen=True)
 class LinearWeight:
-    """One linear's weight in a format the native kernels read (build with ``dense``, ``int8`` or ``q4``).
+    """One linear's weight as the native kernels read it (build with ``dense``, ``int8`` or ``q4``).
 
-    ``data``: (out, in) float32 or bfloat16 (``f32``/``bf16``), (out, in) int8 codes (``i8``, times
-    ``scale`` (out,) float32), or (out, in // 2) uint8 nibbles (``q4``, with ``scale_min`` (out,
-    groups, 2) float16: each group's scale and minimum). ``bias`` (out,) float32 or None.
+    ``data``: float32 or bfloat16 (out, in), the model's tensor (``f32``/``bf16``); or a flat copy in
+    the kernels' layout (``i8``: int8 codes, times ``scale`` (out,) float32 per output channel;
+    ``q4``: GGUF block_q4_1 chunks of 32 weights, float16 scale and minimum then 16 bytes of
+    codes), rows interleaved 4 at a time (``_interleave``). ``bias`` (out,) float32 or None.
     """
 
     fmt: str
+    shape: tuple[int, int]
     data: torch.Tensor
     scale: torch.Tensor | None = None
-    scale_min: torch.Tensor | None = None
-    group_size: int = 0
     bias: torch.Tensor | None = None
 
     @classmethod
@@ -152,46 +172,63 @@ class LinearWeight:
         fmt = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(weight.dtype)
         if fmt is None:
             raise Unavailable(f"no native kernel for {weight.dtype} weights")
-        return cls(fmt, weight.detach().contiguous(), bias=_bias(bias))
+        return cls(fmt, tuple(weight.shape), weight.detach().contiguous(), bias=_bias(bias))
 
     @classmethod
     def int8(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> LinearWeight:
         """int8 codes (out, in) with one scale per output channel ((out,) or (out, 1)): w = codes * scale."""
-        return cls("i8", codes.contiguous(), scale=scale.detach().float().reshape(-1).contiguous(), bias=_bias(bias))
+        out_f, in_f = codes.shape
+        if in_f % CHUNK:
+            raise Unavailable(f"int8 weight {out_f}x{in_f}: inputs must be a multiple of {CHUNK}")
+        data = _interleave(codes.to(torch.int8).reshape(out_f, in_f // CHUNK, CHUNK))
+        return cls("i8", (out_f, in_f), data, scale=scale.detach().float().reshape(-1).contiguous(), bias=_bias(bias))
 
     @classmethod
     def q4(cls, qw, bias: torch.Tensor | None = None) -> LinearWeight:
-        """A ``quant_q4.Q4Weight``."""
-        sm = torch.stack([qw.scales, qw.mins], dim=-1).to(torch.float16).contiguous()
-        return cls("q4", qw.codes.contiguous(), scale_min=sm, group_size=qw.group_size, bias=_bias(bias))
+        """A ``quant_q4.Q4Weight`` of group size 32 (Q4_1's block)."""
+        out_f, in_f = qw.shape
+        if qw.group_size != CHUNK:
+            raise Unavailable(f"the native 4-bit kernel reads groups of {CHUNK}, not {qw.group_size}")
+        sm = torch.stack([qw.scales, qw.mins], dim=-1).to(torch.float16).contiguous().view(torch.uint8)  # (out, n, 4)
+        rows = torch.cat([sm, qw.codes.reshape(out_f, in_f // CHUNK, CHUNK // 2)], dim=-1)  # (out, n, 20)
+        return cls("q4", (out_f, in_f), _interleave(rows), bias=_bias(bias))
 
     @property
     def out_features(self) -> int:
-        return self.data.shape[0]
+        return self.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.data.shape[1] * (2 if self.fmt == "q4" else 1)
+        return self.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return CHUNK if self.fmt == "q4" else 0
 
     @property
     def nbytes(self) -> int:
         """Bytes one pass over the weight reads."""
-        return sum(t.nbytes for t in (self.data, self.scale, self.scale_min, self.bias) if t is not None)
+        return sum(t.nbytes for t in (self.data, self.scale, self.bias) if t is not None)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) this format means."""
+        out_f, in_f = self.shape
         if self.fmt in ("f32", "bf16"):
             return self.data.float()
         if self.fmt == "i8":
-            return self.data.float() * self.scale[:, None]
+            codes = _deinterleave(self.data, out_f, in_f // CHUNK, CHUNK).reshape(out_f, in_f)
+            return codes.float() * self.scale[:, None]
         from ..quant_q4 import Q4Weight, dequantize_q4
 
-        return dequantize_q4(Q4Weight(self.data, self.scale_min[..., 0], self.scale_min[..., 1], self.group_size))
+        rows = _deinterleave(self.data, out_f, in_f // CHUNK, CHUNK // 2 + 4)
+        sm = rows[..., :4].contiguous().view(torch.float16)  # (out, n, 2)
+        codes = rows[..., 4:].reshape(out_f, in_f // 2)
+        return dequantize_q4(Q4Weight(codes, sm[..., 0], sm[..., 1], CHUNK))
 
     def _struct(self) -> _Weight:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return _Weight(FORMATS[self.fmt], self.out_features, self.in_features, self.group_size, self.data.data_ptr(),
-                       ptr(self.scale), ptr(self.scale_min), ptr(self.bias))
+                       ptr(self.scale), None, ptr(self.bias))
 
 
 def _bias(bias):
@@ -226,8 +263,8 @@ class CacheBinding:
 def _linear_check(name: str, w: LinearWeight, out_f: int, in_f: int) -> None:
     if (w.out_features, w.in_features) != (out_f, in_f):
         raise Unavailable(f"{name}: weight is {w.out_features}x{w.in_features}, the shape needs {out_f}x{in_f}")
-    if in_f % 32 or (w.fmt == "q4" and (w.group_size % 32 or in_f % w.group_size)):
-        raise Unavailable(f"{name}: {out_f}x{in_f} is not served (inputs % 32, q4 groups % 32)")
+    if in_f % CHUNK:
+        raise Unavailable(f"{name}: {out_f}x{in_f} is not served (inputs must be a multiple of {CHUNK})")
     if w.data.device.type != "cpu":
         raise Unavailable(f"{name}: weights on {w.data.device}, the native step runs on the CPU")
 
@@ -258,8 +295,9 @@ class NativeStep:
         if len(layers) != shape.n_layers:
             raise Unavailable(f"{len(layers)} layers given, the shape has {shape.n_layers}")
         s = shape
-        if s.n_kv_heads < 1 or s.n_heads % s.n_kv_heads or s.head_dim % 2 or s.d_model % 32 or s.d_ff % 32:
-            raise Unavailable(f"shape not served: {s} (heads % kv heads, even head_dim, d_model and d_ff % 32)")
+        if (s.n_kv_heads < 1 or s.n_heads % s.n_kv_heads or s.head_dim % 16 or s.head_dim > 512 or s.d_model % 32
+                or s.d_ff % 32):
+            raise Unavailable(f"shape not served: {s} (heads % kv heads, head_dim % 16 and <= 512, d_model and d_ff % 32)")
         for i, lw in enumerate(layers):
             _linear_check(f"layer {i} qkv", lw.qkv, s.qkv_out, s.d_model)
             _linear_check(f"layer {i} o", lw.o, s.d_model, s.n_heads * s.head_dim)
