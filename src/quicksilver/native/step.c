@@ -131,7 +131,14 @@ static inline vf fmadd(vf a, vf b, vf c) {
   return a * b + c;
 #endif
 }
-static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s += v[i]; return s; }
+/* The sum of the lanes, as a tree (halves added, then their halves...): a fixed order. */
+static inline float hsum(vf v) {
+  float a[VW];
+  memcpy(a, &v, sizeof v);
+  for (int w = VW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; i++) a[i] += a[i + w];
+  return a[0];
+}
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) { /* round to nearest even, NaN kept quiet */
@@ -159,6 +166,7 @@ const char* qs_step_isa(void) { return QS_ISA; }
 #define OB 4  /* rows per interleaved block; output channels per tile for one or two rows */
 #define CH 32 /* weights per chunk, the unit of the layouts */
 #define RB 8  /* rows per tile, at most */
+#define GB 8  /* blocks of OB outputs a thread takes at a time */
 
 /* Where row o's chunks of CH weights lie: its first chunk, and *cs the bytes from one chunk to the
    next. float32 and bfloat16 weights are row-major (the model's own tensors). int8 and 4-bit ones
@@ -292,7 +300,7 @@ static void pack_all(const float* X, size_t ldx, int R, int K, float* xp) {
    this thread's scratch of R * in floats. */
 static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float* Y, size_t ldy, int add, float* xp) {
   pack_all(X, ldx, R, w->in, xp);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, GB)
   for (int b = 0; b < (w->out + OB - 1) / OB; b++) {
     int o0 = b * OB, no = w->out - o0 < OB ? w->out - o0 : OB;
     for (int r0 = 0; r0 < R; r0 += RB) {
@@ -330,42 +338,38 @@ static inline vf exp_v(vf x) {
   return p * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
-/* A[r][j] = SiLU(gate_j . x_r) * (up_j . x_r), j < F: gate rows 0..F-1, up rows F..2F-1 of w;
-   U: (R, F) scratch. Each thread applies SiLU to the outputs it computed, VW at a time. */
-static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, float* U, int F, float* xp) {
+/* A[r][j] = SiLU(gate_j . x_r) * (up_j . x_r), j < F: gate rows 0..F-1, up rows F..2F-1 of w.
+   Chunks of GB blocks go to whichever thread is free; SiLU VW outputs at a time. */
+static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, int F, float* xp) {
   pack_all(X, ldx, R, w->in, xp);
-  int lo = F / OB, hi = -1;
-#pragma omp for schedule(static) nowait
-  for (int b = 0; b < F / OB; b++) {
-    int o0 = b * OB;
-    lo = b < lo ? b : lo;
-    hi = b;
+  const int nb = F / OB;
+#pragma omp for schedule(dynamic, 1)
+  for (int ch = 0; ch < (nb + GB - 1) / GB; ch++) {
+    int b0 = ch * GB, b1 = b0 + GB < nb ? b0 + GB : nb, n = (b1 - b0) * OB;
     for (int r0 = 0; r0 < R; r0 += RB) {
       int rt = R - r0 < RB ? R - r0 : RB;
-      float g[RB][OB], u[RB][OB];
-      block(w, o0, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, g);
-      block(w, F + o0, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, u);
-      for (int r = 0; r < rt; r++)
-        for (int o = 0; o < OB; o++) {
-          A[(size_t)(r0 + r) * F + o0 + o] = g[r][o];
-          U[(size_t)(r0 + r) * F + o0 + o] = u[r][o];
+      float g[RB][GB * OB], u[RB][GB * OB];
+      for (int b = b0; b < b1; b++) {
+        float gb[RB][OB], ub[RB][OB];
+        block(w, b * OB, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, gb);
+        block(w, F + b * OB, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, ub);
+        for (int r = 0; r < rt; r++)
+          for (int o = 0; o < OB; o++) { g[r][(b - b0) * OB + o] = gb[r][o]; u[r][(b - b0) * OB + o] = ub[r][o]; }
+      }
+      for (int r = 0; r < rt; r++) {
+        float* a = A + (size_t)(r0 + r) * F + b0 * OB;
+        int j = 0;
+        for (; j + VW <= n; j += VW) {
+          vf gv = ldf(g[r] + j);
+          stf(a + j, gv / (exp_v((vf){0} - gv) + 1.f) * ldf(u[r] + j));
         }
+        for (; j < n; j++) { /* lane by lane: the same arithmetic as a full vector's */
+          vf gv = (vf){0} + g[r][j];
+          a[j] = (gv / (exp_v((vf){0} - gv) + 1.f))[0] * u[r][j];
+        }
+      }
     }
   }
-  /* static schedule: this thread's blocks are lo..hi, contiguous */
-  for (int r = 0; r < R && hi >= lo; r++) {
-    float *a = A + (size_t)r * F, *u = U + (size_t)r * F;
-    int j = lo * OB, end = (hi + 1) * OB;
-    for (; j + VW <= end; j += VW) {
-      vf g = ldf(a + j);
-      stf(a + j, g / (exp_v((vf){0} - g) + 1.f) * ldf(u + j));
-    }
-    for (; j < end; j++) { /* blocks of 4 with 8 or 16 lanes: a tail the vector form computes alike */
-      vf g = (vf){0} + a[j];
-      a[j] = (g / (exp_v((vf){0} - g) + 1.f))[0] * u[j];
-    }
-  }
-#pragma omp barrier
 }
 
 /* Llama's RMSNorm in float32: y = (x * rsqrt(mean(x^2) + eps)) * w, for R rows of d. */
@@ -403,12 +407,15 @@ static inline vf kv_vec(const void* base, size_t at, int bf16) {
 static void attend_chunk(const float* q, int G, const void* K, const void* V, int t0, int t1, int hd, int bf,
                          float scale, float* sc, float* part) {
   const int nt = t1 - t0;
-  for (int t = 0; t < nt; t++)
-    for (int i = 0; i < G; i++) {
-      vf acc = (vf){0};
-      for (int d = 0; d < hd; d += VW) acc = fmadd(ldf(q + i * hd + d), kv_vec(K, (size_t)(t0 + t) * hd + d, bf), acc);
-      sc[i * KC + t] = hsum(acc) * scale;
+  const size_t vrow = (size_t)hd * (bf ? 2 : 4);
+  for (int t = 0; t < nt; t++) {
+    for (size_t j = 0; j < vrow; j += 64) __builtin_prefetch((const char*)V + (t0 + t) * vrow + j, 0, 3); /* for the sums below */
+    for (int i = 0; i < G; i++) { /* two chains of additions per dot product */
+      vf a[2] = {(vf){0}, (vf){0}};
+      for (int d = 0; d < hd; d += VW) a[(d / VW) & 1] = fmadd(ldf(q + i * hd + d), kv_vec(K, (size_t)(t0 + t) * hd + d, bf), a[(d / VW) & 1]);
+      sc[i * KC + t] = hsum(a[0] + a[1]) * scale;
     }
+  }
   for (int i = 0; i < G; i++) {
     float* si = sc + i * KC;
     float m = -INFINITY;
@@ -424,10 +431,14 @@ static void attend_chunk(const float* q, int G, const void* K, const void* V, in
     float* pi = part + (size_t)i * (hd + 2);
     pi[0] = m;
     pi[1] = hsum(z);
-    for (int d = 0; d < hd; d += VW) {
-      vf o = (vf){0};
-      for (int t = 0; t < nt; t++) o = fmadd((vf){0} + si[t], kv_vec(V, (size_t)(t0 + t) * hd + d, bf), o);
-      stf(pi + 2 + d, o);
+    for (int d0 = 0; d0 < hd; d0 += 4 * VW) { /* four independent sums of hd's chunks at a time */
+      int nv = hd - d0 < 4 * VW ? (hd - d0) / VW : 4;
+      vf o[4] = {(vf){0}, (vf){0}, (vf){0}, (vf){0}};
+      for (int t = 0; t < nt; t++) {
+        vf pt = (vf){0} + si[t];
+        for (int c = 0; c < nv; c++) o[c] = fmadd(pt, kv_vec(V, (size_t)(t0 + t) * hd + d0 + c * VW, bf), o[c]);
+      }
+      for (int c = 0; c < nv; c++) stf(pi + 2 + d0 + c * VW, o[c]);
     }
   }
 }
@@ -490,7 +501,7 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
   const size_t plen = (size_t)G * (hd + 2); /* one unit's partial results */
   /* each thread's own: normalized rows, merged attention rows, packed matmul rows, roped q and k, scores */
   const size_t per = xlen + (size_t)B * qd + (B > 2 ? B * kmax : 0) + (size_t)(G + 1) * hd + (size_t)G * KC;
-  const size_t shared = (size_t)B * (d + ldq + 2 * F) + (size_t)B * Hkv * smax * plen;
+  const size_t shared = (size_t)B * (d + ldq + F) + (size_t)B * Hkv * smax * plen;
   float* buf = (float*)malloc(sizeof(float) * (shared + nt * per));
   /* attention units of every layer: (row, KV head, chunk of KC entries), layer l's from ustart[l] */
   int* units = (int*)malloc(sizeof(int) * (3 * (size_t)nl * B * Hkv * smax + nl + 1));
@@ -503,8 +514,8 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
         for (int c = 0; c <= counts[l * counts_stride + b] / KC; c++, nu++) {
           units[3 * nu] = b; units[3 * nu + 1] = g; units[3 * nu + 2] = c;
         }
-  float *h32 = buf, *qkv = h32 + xlen, *act = qkv + (size_t)B * ldq, *up = act + (size_t)B * F;
-  float *parts = up + (size_t)B * F, *priv = parts + (size_t)B * Hkv * smax * plen;
+  float *h32 = buf, *qkv = h32 + xlen, *act = qkv + (size_t)B * ldq;
+  float *parts = act + (size_t)B * F, *priv = parts + (size_t)B * Hkv * smax * plen;
   for (size_t i = 0; i < xlen; i++) h32[i] = bf ? bf2f(((const uint16_t*)h)[i]) : ((const float*)h)[i];
   const size_t row_stride = (size_t)Hkv * cap * hd, head_stride = (size_t)cap * hd, esz = bf ? 2 : 4;
 
@@ -568,7 +579,7 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
         }
       matmul(&y->o, att, qd, B, h32, d, 1, xp);
       rmsnorm(h32, B, d, y->mlp_norm, s->eps, x);
-      gate_up_silu(&y->gate_up, x, d, B, act, up, F, xp);
+      gate_up_silu(&y->gate_up, x, d, B, act, F, xp);
       matmul(&y->down, act, F, B, h32, d, 1, xp);
     }
     if (head) {
@@ -620,11 +631,11 @@ int qs_step_matmuls(const qs_shape* s, const qs_layer* L, int B, const qs_weight
   int nt = 1;
 #endif
   size_t kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
-  size_t n = (size_t)B * (2 * d + ldq + qd + 2 * F + (head ? head->out : 0) + nt * kmax);
+  size_t n = (size_t)B * (2 * d + ldq + qd + F + (head ? head->out : 0) + nt * kmax);
   float* buf = (float*)calloc(n, sizeof(float));
   if (!buf) return QS_ERR_MEMORY;
   float *h32 = buf, *x = h32 + (size_t)B * d, *qkv = x + (size_t)B * d, *att = qkv + (size_t)B * ldq;
-  float *act = att + (size_t)B * qd, *logits = act + (size_t)B * 2 * F, *xps = logits + (size_t)B * (head ? head->out : 0);
+  float *act = att + (size_t)B * qd, *logits = act + (size_t)B * F, *xps = logits + (size_t)B * (head ? head->out : 0);
 #pragma omp parallel
   {
 #ifdef _OPENMP
@@ -635,7 +646,7 @@ int qs_step_matmuls(const qs_shape* s, const qs_layer* L, int B, const qs_weight
     for (int l = 0; l < s->n_layers; l++) {
       matmul(&L[l].qkv, x, d, B, qkv, ldq, 0, xp);
       matmul(&L[l].o, att, qd, B, h32, d, 1, xp);
-      gate_up_silu(&L[l].gate_up, x, d, B, act, act + (size_t)B * F, F, xp);
+      gate_up_silu(&L[l].gate_up, x, d, B, act, F, xp);
       matmul(&L[l].down, act, F, B, h32, d, 1, xp);
     }
     if (head) matmul(head, x, d, B, logits, head->out, 0, xp);

@@ -319,7 +319,10 @@ class NativeStep:
             _Layer(lw.qkv._struct(), lw.o._struct(), lw.gate_up._struct(), lw.down._struct(),
                    lw.attn_norm.data_ptr(), lw.mlp_norm.data_ptr()) for lw in self.layers])
         self._head = None if head is None else head._struct()
-        rc = lib.qs_step_check(ctypes.addressof(self._shape), ctypes.addressof(self._layers))
+        self._shape_ptr, self._layers_ptr = ctypes.addressof(self._shape), ctypes.addressof(self._layers)
+        self._head_ptr = None if self._head is None else ctypes.addressof(self._head)
+        self._final_norm_ptr = None if self.final_norm is None else self.final_norm.data_ptr()
+        rc = lib.qs_step_check(self._shape_ptr, self._layers_ptr)
         if rc:
             raise Unavailable(f"the native step refused the model: {ERRORS.get(rc, rc)}")
 
@@ -362,22 +365,22 @@ class NativeStep:
         cos, sin (B, head_dim): the model's rotary tables at the rows' positions (as
         transformers' rotary module returns them; any float dtype). positions (B,) int64.
         slots (B,): each row's pool row; counts (B,) or (n_layers, B): the row's live entries
-        per layer, where its new entry goes (must be < the pool's capacity).
+        per layer, where its new entry goes (must be < the pool's capacity). Lists or tensors.
         Returns the logits (B, vocab) float32 when the step has a head, else ``h``.
         """
         B = h.shape[0]
         s = self.shape
         if h.dtype != self.dtype or h.shape != (B, s.d_model) or not h.is_contiguous():
             raise ValueError(f"h must be a contiguous ({B}, {s.d_model}) {self.dtype} tensor")
-        cos = cos.reshape(B, s.head_dim).float().contiguous()
-        sin = sin.reshape(B, s.head_dim).float().contiguous()
-        positions = positions.reshape(B).to(torch.long).contiguous()
-        slots = torch.as_tensor(slots, dtype=torch.int32).reshape(B).contiguous()
-        counts = torch.as_tensor(counts, dtype=torch.int32).contiguous()
-        if counts.shape not in ((B,), (s.n_layers, B)):
-            raise ValueError(f"counts must be ({B},) or ({s.n_layers}, {B}), got {tuple(counts.shape)}")
-        if B and (int(counts.max()) >= cache.capacity or int(counts.min()) < 0 or int(slots.max()) >= cache.rows
-                  or int(slots.min()) < 0):
+        cos, sin, positions = _f32_rows(cos, B, s.head_dim), _f32_rows(sin, B, s.head_dim), positions
+        if positions.dtype != torch.long or positions.shape != (B,) or not positions.is_contiguous():
+            positions = positions.reshape(B).to(torch.long).contiguous()
+        slot_list, count_list = _ints(slots), _ints(counts)
+        per_layer = len(count_list) == s.n_layers * B and len(count_list) != B
+        if len(slot_list) != B or len(count_list) not in (B, s.n_layers * B):
+            raise ValueError(f"slots must be ({B},) and counts ({B},) or ({s.n_layers}, {B})")
+        if B and (max(count_list) >= cache.capacity or min(count_list) < 0 or max(slot_list) >= cache.rows
+                  or min(slot_list) < 0):
             raise ValueError(f"a row's cache is full or out of the pool (capacity {cache.capacity}, {cache.rows} rows)")
         logits = None
         if self.head is not None:
@@ -385,15 +388,27 @@ class NativeStep:
         if B == 0:
             return h if logits is None else logits
         k, v, p = cache._ptrs
-        rc = self.lib.qs_step(ctypes.addressof(self._shape), ctypes.addressof(self._layers), k, v, p, cache.capacity,
-                              B, slots.data_ptr(), counts.data_ptr(), 0 if counts.dim() == 1 else B,
-                              positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), h.data_ptr(),
-                              None if self.final_norm is None else self.final_norm.data_ptr(),
-                              None if self._head is None else ctypes.addressof(self._head),
-                              None if logits is None else logits.data_ptr())
+        rc = self.lib.qs_step(self._shape_ptr, self._layers_ptr, k, v, p, cache.capacity, B,
+                              (ctypes.c_int32 * B)(*slot_list), (ctypes.c_int32 * len(count_list))(*count_list),
+                              B if per_layer else 0, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), h.data_ptr(),
+                              self._final_norm_ptr, self._head_ptr, None if logits is None else logits.data_ptr())
         if rc:
             raise RuntimeError(f"native step failed: {ERRORS.get(rc, rc)}")
         return h if logits is None else logits
+
+
+def _f32_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``t`` as contiguous float32 (rows, cols), without a copy when it is one already."""
+    if t.dtype == torch.float32 and t.shape == (rows, cols) and t.is_contiguous():
+        return t
+    return t.reshape(rows, cols).float().contiguous()
+
+
+def _ints(x) -> list[int]:
+    """A list, tuple, range or integer tensor as a flat list of ints."""
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1).tolist()
+    return [int(v) for row in x for v in (row if isinstance(row, (list, tuple, range)) else (row,))]
 
 
 def matmul(weight: LinearWeight, x: torch.Tensor, defines: tuple[str, ...] = ()) -> torch.Tensor:
