@@ -110,11 +110,14 @@ def measure(model, tok, dtype, fmt: str, batch: int, keys: int, reps: int, copy_
         reset(eager_caches)
         engine.run(ids, pos, segments, eager_caches)
 
+    out = torch.empty(batch, spec.vocab_size)  # the logits buffer a decode loop keeps
+
     def native():  # what a decode core's native step implementation runs
         reset(native_caches)
         h = A.embed(ids, pos).contiguous()
         cos, sin = A.rotary(pos)
-        logits = step(h, cos, sin, pos, [c.slot for c in native_caches], [c.count(0) for c in native_caches], binding)
+        logits = step(h, cos, sin, pos, [c.slot for c in native_caches], [c.count(0) for c in native_caches], binding,
+                      out=out)
         for c in native_caches:
             c._n = [n + 1 for n in c._n]
             c.length = int(pos[0]) + 1
@@ -123,7 +126,7 @@ def measure(model, tok, dtype, fmt: str, batch: int, keys: int, reps: int, copy_
     h0 = A.embed(ids, pos).contiguous()
     cos, sin = A.rotary(pos)
     slots, counts = list(range(batch)), [keys] * batch
-    call = lambda s: s(h0.clone(), cos, sin, pos, slots, counts, binding)  # noqa: E731
+    call = lambda s: s(h0.clone(), cos, sin, pos, slots, counts, binding, out=out if s is step else None)  # noqa: E731
     timed = {"eager": eager, "native": native, "call": lambda: call(step), "layers": lambda: call(body),
              "matmuls": lambda: step.matmuls_only(batch)}
     times = {k: [] for k in timed}

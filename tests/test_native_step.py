@@ -168,12 +168,13 @@ def test_each_weight_format_computes_its_dequantized_weight(fmt, rows):
 
 
 @needs_step
-@pytest.mark.parametrize("lanes", [4, 16])
-def test_every_vector_width_computes_the_same_step(lanes):
-    """The 128-bit build (SSE2 / NEON class machines) and the 512-bit one (AVX-512), built here too."""
-    defines = (f"QS_VW={lanes}",)
+@pytest.mark.parametrize("defines", [("QS_VW=4",), ("QS_VW=16",), ("QS_VW=4", "QS_PORTABLE=1")],
+                         ids=["128-bit", "512-bit", "portable"])
+def test_every_build_computes_the_same_step(defines):
+    """The 128-bit build (SSE2 / NEON class machines), the 512-bit one (AVX-512), and the portable C of a
+    CPU the compiler knows nothing of (no FMA, no F16C), all built here too."""
     if S.library(defines) is None:
-        pytest.skip(f"the {lanes}-lane build: {S.why_not(defines)}")
+        pytest.skip(f"the {defines} build: {S.why_not(defines)}")
     for fmt in FORMATS:
         layers, final_norm, head = model(TINY, fmt)
         h, cos, sin, positions = inputs(TINY, [5, 0, 19], torch.float32)
@@ -230,6 +231,19 @@ def test_shapes_and_weights_it_does_not_serve_are_refused():
         S.LinearWeight.dense(torch.zeros(4, 32, dtype=torch.float16))
     with pytest.raises(S.Unavailable, match="float32 or bfloat16"):
         S.NativeStep(TINY, layers, torch.float16)
+
+
+@needs_step
+def test_logits_into_a_given_buffer_and_a_reused_scratch():
+    layers, final_norm, head = model(TINY, "q4")
+    step = S.NativeStep(TINY, layers, torch.float32, final_norm=final_norm, head=head)
+    h, cos, sin, positions = inputs(TINY, [5, 30], torch.float32)
+    first = step(h.clone(), cos, sin, positions, [0, 1], [5, 30], step.bind(*pool(TINY, 2, 64, torch.float32)))
+    out = torch.full((2, 50), float("nan"))
+    again = step(h.clone(), cos, sin, positions, [0, 1], [5, 30], step.bind(*pool(TINY, 2, 64, torch.float32)), out=out)
+    assert again is out and torch.equal(out, first)
+    with pytest.raises(ValueError, match="out must be"):
+        step(h.clone(), cos, sin, positions, [0, 1], [5, 30], step.bind(*pool(TINY, 2, 64, torch.float32)), out=out[:1])
 
 
 @needs_step

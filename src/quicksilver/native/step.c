@@ -475,37 +475,79 @@ int qs_step_check(const qs_shape* s, const qs_layer* L) {
    bfloat16), replaced by the last layer's output. With final_norm and head: logits (B, head->out)
    float32 of the final norm and the head. Returns 0, or a negative QS_ERR_* code (nothing written
    for QS_ERR_SHAPE / QS_ERR_WEIGHT / QS_ERR_CACHE). */
+#ifdef QS_TIMING
+double qs_phase_seconds[8]; /* norm+qkv, attention, merge, o, norm+gate_up, down, head, total */
+#define PHASE(i) do { if (tid == 0) { double t_ = omp_get_wtime(); qs_phase_seconds[i] += t_ - t_last; t_last = t_; } } while (0)
+#else
+#define PHASE(i) do { } while (0)
+#endif
+
+/* Bytes of scratch qs_step needs for B rows whose longest cache holds max_count entries before the
+   step, with nt threads: its float buffers, then the attention units of every layer (int). */
+static size_t scratch_floats(const qs_shape* s, int B, int smax, int nt, size_t* per_thread) {
+  const int d = s->d, qd = s->n_heads * s->head_dim, kd = s->n_kv_heads * s->head_dim, F = s->d_ff;
+  const int G = s->n_heads / s->n_kv_heads, hd = s->head_dim;
+  const size_t kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
+  /* each thread's own: normalized rows, merged attention rows, packed matmul rows, roped q and k, scores */
+  *per_thread = (size_t)B * d + (size_t)B * qd + (B > 2 ? B * kmax : 0) + (size_t)(G + 1) * hd + (size_t)G * KC;
+  return (size_t)B * (d + qd + 2 * kd + F) + (size_t)B * s->n_kv_heads * smax * G * (hd + 2) + nt * *per_thread;
+}
+
+static int threads(void) {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+size_t qs_step_scratch_bytes(const qs_shape* s, int B, int max_count) {
+  size_t per, smax = (size_t)(max_count < 0 ? 0 : max_count) / KC + 1;
+  return sizeof(float) * scratch_floats(s, B, (int)smax, threads(), &per) +
+         sizeof(int) * (3 * (size_t)s->n_layers * B * s->n_kv_heads * smax + s->n_layers + 1);
+}
+
+/* One decode step of B rows through every layer.
+   kc/vc[l]: layer l's pooled key/value buffers (P, Hkv, cap, hd), float32 or (act_bf16) bfloat16;
+   pc[l]: its positions (P, cap) int64. Row b lives in pool row slots[b]; at layer l its new entry
+   goes to index counts[l * counts_stride + b] (< cap), and it attends over entries 0..that index.
+   positions (B,): the rows' true positions, written beside their entries. cos/sin (B, hd) float32:
+   the model's rotary tables at those positions. h (B, d): the rows' hidden states (float32 or
+   bfloat16), replaced by the last layer's output. With final_norm and head: logits (B, head->out)
+   float32 of the final norm and the head. scratch: qs_step_scratch_bytes(...) bytes, or NULL (then
+   allocated here). Returns 0, or a negative QS_ERR_* code (nothing written for QS_ERR_SHAPE /
+   QS_ERR_WEIGHT / QS_ERR_CACHE). */
 int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* vc, int64_t* const* pc, int cap,
             int B, const int32_t* slots, const int32_t* counts, int counts_stride, const int64_t* positions,
             const float* cos, const float* sin, void* h, const float* final_norm, const qs_weight* head,
-            float* logits) {
+            float* logits, void* scratch, size_t scratch_bytes) {
   int rc = qs_step_check(s, L);
   if (rc) return rc;
   const int nl = s->n_layers, d = s->d, H = s->n_heads, Hkv = s->n_kv_heads, hd = s->head_dim, F = s->d_ff;
   const int G = H / Hkv, qd = H * hd, kd = Hkv * hd, ldq = qd + 2 * kd, bf = s->act_bf16;
   if (head && (!weight_ok(head, head->out, d) || !final_norm || !logits)) return QS_ERR_WEIGHT;
   if (B < 1) return QS_ERR_SHAPE;
-  int smax = 1; /* attention chunks of the longest row */
+  int maxc = 0;
   for (int l = 0; l < nl; l++)
     for (int b = 0; b < B; b++) {
       int c = counts[l * counts_stride + b];
       if (c < 0 || c >= cap || slots[b] < 0) return QS_ERR_CACHE;
-      smax = c / KC + 1 > smax ? c / KC + 1 : smax;
+      maxc = c > maxc ? c : maxc;
     }
-#ifdef _OPENMP
-  int nt = omp_get_max_threads();
-#else
-  int nt = 1;
-#endif
-  const size_t xlen = (size_t)B * d, kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
-  const size_t plen = (size_t)G * (hd + 2); /* one unit's partial results */
-  /* each thread's own: normalized rows, merged attention rows, packed matmul rows, roped q and k, scores */
-  const size_t per = xlen + (size_t)B * qd + (B > 2 ? B * kmax : 0) + (size_t)(G + 1) * hd + (size_t)G * KC;
-  const size_t shared = (size_t)B * (d + ldq + F) + (size_t)B * Hkv * smax * plen;
-  float* buf = (float*)malloc(sizeof(float) * (shared + nt * per));
+  const int smax = maxc / KC + 1; /* attention chunks of the longest row */
+  const int nt = threads();
+  const size_t xlen = (size_t)B * d, plen = (size_t)G * (hd + 2); /* plen: one unit's partial results */
+  const size_t kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
+  size_t per, need = qs_step_scratch_bytes(s, B, maxc);
+  const size_t nfloat = scratch_floats(s, B, smax, nt, &per);
+  void* own = NULL;
+  if (!scratch || scratch_bytes < need) {
+    own = scratch = malloc(need);
+    if (!own) return QS_ERR_MEMORY;
+  }
+  float* buf = (float*)scratch;
   /* attention units of every layer: (row, KV head, chunk of KC entries), layer l's from ustart[l] */
-  int* units = (int*)malloc(sizeof(int) * (3 * (size_t)nl * B * Hkv * smax + nl + 1));
-  if (!buf || !units) { free(buf); free(units); return QS_ERR_MEMORY; }
+  int* units = (int*)(buf + nfloat);
   int* ustart = units + 3 * (size_t)nl * B * Hkv * smax;
   ustart[0] = 0;
   for (int l = 0, nu = 0; l < nl; ustart[++l] = nu)
@@ -531,11 +573,15 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
     float* xp = att + (size_t)B * qd;    /* packed matmul rows */
     float* qr = xp + (B > 2 ? B * kmax : 0); /* a unit's roped queries (G, hd), then its key (hd) */
     float* sc = qr + (size_t)(G + 1) * hd;   /* its scores (G, KC) */
+#ifdef QS_TIMING
+    double t_last = omp_get_wtime(), t_first = t_last;
+#endif
     for (int l = 0; l < nl; l++) {
       const qs_layer* y = L + l;
       const int32_t* cnt = counts + (size_t)l * counts_stride;
       rmsnorm(h32, B, d, y->attn_norm, s->eps, x);
       matmul(&y->qkv, x, d, B, qkv, ldq, 0, xp);
+      PHASE(0);
       /* the unit holding a row's last entry first writes the step's key (roped) and value there */
 #pragma omp for schedule(dynamic, 1)
       for (int u = ustart[l]; u < ustart[l + 1]; u++) {
@@ -560,6 +606,7 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
         attend_chunk(qr, G, (const char*)kc[l] + at * esz, (const char*)vc[l] + at * esz, t0, t1, hd, bf, s->attn_scale, sc,
                      parts + (((size_t)b * Hkv + g) * smax + c) * plen);
       }
+      PHASE(1);
       /* every thread merges the chunks of every head into its own attention rows (a few floats each) */
       for (int b = 0; b < B; b++)
         for (int j = 0; j < H; j++) {
@@ -577,22 +624,29 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
           }
           for (int e = 0; e < hd; e++) o[e] /= z;
         }
+      PHASE(2);
       matmul(&y->o, att, qd, B, h32, d, 1, xp);
+      PHASE(3);
       rmsnorm(h32, B, d, y->mlp_norm, s->eps, x);
       gate_up_silu(&y->gate_up, x, d, B, act, F, xp);
+      PHASE(4);
       matmul(&y->down, act, F, B, h32, d, 1, xp);
+      PHASE(5);
     }
     if (head) {
       rmsnorm(h32, B, d, final_norm, s->eps, x);
       matmul(head, x, d, B, logits, head->out, 0, xp);
     }
+    PHASE(6);
+#ifdef QS_TIMING
+    if (tid == 0) qs_phase_seconds[7] += omp_get_wtime() - t_first;
+#endif
   }
   for (size_t i = 0; i < xlen; i++) {
     if (bf) ((uint16_t*)h)[i] = f2bf(h32[i]);
     else ((float*)h)[i] = h32[i];
   }
-  free(buf);
-  free(units);
+  free(own);
   return 0;
 }
 

@@ -65,7 +65,9 @@ class _Shape(ctypes.Structure):
 
 def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qs_step.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, _P, _P, _P, _P,
-                            _P, _P, _P]
+                            _P, _P, _P, _P, ctypes.c_size_t]
+    lib.qs_step_scratch_bytes.argtypes = [_P, ctypes.c_int, ctypes.c_int]
+    lib.qs_step_scratch_bytes.restype = ctypes.c_size_t
     lib.qs_step.restype = ctypes.c_int
     lib.qs_step_check.argtypes = [_P, _P]
     lib.qs_step_check.restype = ctypes.c_int
@@ -80,13 +82,18 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=None)
 def _library(defines: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
-    lib, why = load(SOURCE, FLAGS + ("-ffp-contract=off",) + tuple(f"-D{d}" for d in defines))
+    flags = FLAGS + ("-ffp-contract=off",)
+    if "QS_PORTABLE=1" in defines:  # the build of a CPU the compiler knows nothing of: baseline x86-64
+        flags = tuple("-march=x86-64" if f == "-march=native" else f for f in flags)
+    lib, why = load(SOURCE, flags + tuple(f"-D{d}" for d in defines))
     return (None if lib is None else _setup(lib)), why
 
 
 def library(defines: tuple[str, ...] = ()):
     """The step library for this CPU (None when it cannot be built; ``why_not`` says why).
-    ``defines`` (tests): extra ``NAME=VALUE`` macros, e.g. ``("QS_VW=4",)`` for another vector width."""
+    ``defines`` (tests, benchmarks): extra ``NAME=VALUE`` macros: ``QS_VW=4`` or ``16`` (another
+    vector width), ``QS_PORTABLE=1`` (built for baseline x86-64: no FMA, no F16C), ``QS_TIMING=1``
+    (``phase_seconds``)."""
     return _library(tuple(defines))[0]
 
 
@@ -322,6 +329,7 @@ class NativeStep:
         self._shape_ptr, self._layers_ptr = ctypes.addressof(self._shape), ctypes.addressof(self._layers)
         self._head_ptr = None if self._head is None else ctypes.addressof(self._head)
         self._final_norm_ptr = None if self.final_norm is None else self.final_norm.data_ptr()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         rc = lib.qs_step_check(self._shape_ptr, self._layers_ptr)
         if rc:
             raise Unavailable(f"the native step refused the model: {ERRORS.get(rc, rc)}")
@@ -358,7 +366,7 @@ class NativeStep:
         return CacheBinding(list(k), list(v), list(pos), cap, P, (arr(k), arr(v), arr(pos)))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                 slots, counts, cache: CacheBinding) -> torch.Tensor:
+                 slots, counts, cache: CacheBinding, out: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of B rows.
 
         h (B, d) in the step's dtype, contiguous: overwritten with the last layer's output.
@@ -366,7 +374,9 @@ class NativeStep:
         transformers' rotary module returns them; any float dtype). positions (B,) int64.
         slots (B,): each row's pool row; counts (B,) or (n_layers, B): the row's live entries
         per layer, where its new entry goes (must be < the pool's capacity). Lists or tensors.
-        Returns the logits (B, vocab) float32 when the step has a head, else ``h``.
+        out: where to write the logits (B, vocab) float32 (default: a new tensor).
+        Returns the logits when the step has a head, else ``h``. Not thread-safe: one step at a time
+        per ``NativeStep`` (its scratch buffer is reused from call to call).
         """
         B = h.shape[0]
         s = self.shape
@@ -384,14 +394,20 @@ class NativeStep:
             raise ValueError(f"a row's cache is full or out of the pool (capacity {cache.capacity}, {cache.rows} rows)")
         logits = None
         if self.head is not None:
-            logits = torch.empty(B, self.head.out_features, dtype=torch.float32)
+            logits = out if out is not None else torch.empty(B, self.head.out_features, dtype=torch.float32)
+            if logits.shape != (B, self.head.out_features) or logits.dtype != torch.float32 or not logits.is_contiguous():
+                raise ValueError(f"out must be a contiguous ({B}, {self.head.out_features}) float32 tensor")
         if B == 0:
             return h if logits is None else logits
+        need = self.lib.qs_step_scratch_bytes(self._shape_ptr, B, max(count_list))
+        if self._scratch.numel() < need:  # grown, never shrunk: a decode loop allocates nothing per step
+            self._scratch = torch.empty(max(need, 2 * self._scratch.numel()), dtype=torch.uint8)
         k, v, p = cache._ptrs
         rc = self.lib.qs_step(self._shape_ptr, self._layers_ptr, k, v, p, cache.capacity, B,
                               (ctypes.c_int32 * B)(*slot_list), (ctypes.c_int32 * len(count_list))(*count_list),
                               B if per_layer else 0, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), h.data_ptr(),
-                              self._final_norm_ptr, self._head_ptr, None if logits is None else logits.data_ptr())
+                              self._final_norm_ptr, self._head_ptr, None if logits is None else logits.data_ptr(),
+                              self._scratch.data_ptr(), self._scratch.numel())
         if rc:
             raise RuntimeError(f"native step failed: {ERRORS.get(rc, rc)}")
         return h if logits is None else logits
@@ -409,6 +425,23 @@ def _ints(x) -> list[int]:
     if isinstance(x, torch.Tensor):
         return x.reshape(-1).tolist()
     return [int(v) for row in x for v in (row if isinstance(row, (list, tuple, range)) else (row,))]
+
+
+PHASES = ("norm + qkv", "attention", "merge", "o + residual", "norm + gate_up + SiLU", "down + residual", "head", "total")
+
+
+def phase_seconds(step: NativeStep, reset: bool = False) -> dict[str, float] | None:
+    """Seconds spent in each phase of the steps run so far (thread 0's clock, waits included), for a
+    step built with ``defines=("QS_TIMING=1",)``; None for any other build."""
+    try:
+        arr = (ctypes.c_double * len(PHASES)).in_dll(step.lib, "qs_phase_seconds")
+    except ValueError:
+        return None
+    out = dict(zip(PHASES, arr))
+    if reset:
+        for i in range(len(PHASES)):
+            arr[i] = 0.0
+    return out
 
 
 def matmul(weight: LinearWeight, x: torch.Tensor, defines: tuple[str, ...] = ()) -> torch.Tensor:
