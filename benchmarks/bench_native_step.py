@@ -11,8 +11,10 @@ engine's own step measurement does):
   then one C call for every layer, the final norm and the head (logits in float32);
 - native C call alone, its matmuls alone (same threads and order), and the glue (step minus
   matmuls); per layer: the C call without the head over the layers;
-- weight bytes a step reads, and the fraction of the machine's copy bandwidth (2 threads,
-  read + write, measured in this run) the native step reaches.
+- bytes a step reads (weights, and the K/V entries its attention reads), and the fraction of the
+  machine's copy bandwidth (2 threads, read + write, measured in this run) the native C call reaches;
+- a second table: where the native step's milliseconds go, per phase (a ``QS_TIMING`` build of
+  the same step: thread 0's clock, the wait for the other threads included).
 
 Weights: ``dense`` (the model's own, in the run's dtype), ``i8`` (per output channel, the head
 too: the ``fast`` preset's), ``q4`` (group-32 asymmetric 4-bit, ``quicksilver.quant_q4``; the head
@@ -25,6 +27,7 @@ int8, since the tied embedding is not on a 4-bit grid). Eager and native alterna
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +42,7 @@ from quicksilver.config import Config
 from quicksilver.evaluate import make_engine
 from quicksilver.hardware import describe
 from quicksilver.native import step as native_step
-from quicksilver.native.step import LayerWeights, LinearWeight, NativeStep, StepShape
+from quicksilver.native.step import PHASES, LayerWeights, LinearWeight, NativeStep, StepShape, phase_seconds
 from quicksilver.quant import quantize_int8
 from quicksilver.quant_q4 import quantize_q4
 
@@ -91,6 +94,7 @@ def measure(model, tok, dtype, fmt: str, batch: int, keys: int, reps: int, copy_
     head = linear_weight(A._head.weight, "dense" if fmt == "dense" else "i8")
     step = NativeStep(shape, layers, dtype, final_norm=A._norm.weight, head=head)
     body = NativeStep(shape, layers, dtype)  # the layers alone (per-layer time)
+    profiled = NativeStep(shape, layers, dtype, final_norm=A._norm.weight, head=head, defines=("QS_TIMING=1",))
     L = spec.n_layers
     pools = [CachePool(L, batch, keys + 1, spec.n_kv_heads, spec.head_dim, dtype) for _ in range(2)]
     for pool in pools:
@@ -126,7 +130,7 @@ def measure(model, tok, dtype, fmt: str, batch: int, keys: int, reps: int, copy_
     h0 = A.embed(ids, pos).contiguous()
     cos, sin = A.rotary(pos)
     slots, counts = list(range(batch)), [keys] * batch
-    call = lambda s: s(h0.clone(), cos, sin, pos, slots, counts, binding, out=out if s is step else None)  # noqa: E731
+    call = lambda s: s(h0.clone(), cos, sin, pos, slots, counts, binding, out=out if s.head is not None else None)  # noqa: E731
     timed = {"eager": eager, "native": native, "call": lambda: call(step), "layers": lambda: call(body),
              "matmuls": lambda: step.matmuls_only(batch)}
     times = {k: [] for k in timed}
@@ -140,13 +144,21 @@ def measure(model, tok, dtype, fmt: str, batch: int, keys: int, reps: int, copy_
                 t0 = time.perf_counter()
                 timed[k]()
                 times[k].append(time.perf_counter() - t0)
+        for _ in range(2):
+            call(profiled)
+        phase_seconds(profiled, reset=True)
+        for _ in range(reps):
+            call(profiled)
+    phases = {k: 1e3 * v / reps for k, v in phase_seconds(profiled).items()}
     ms = {k: median_ms(v) for k, v in times.items()}
+    kv_gb = 2 * L * batch * spec.n_kv_heads * (keys + 1) * spec.head_dim * torch.empty(0, dtype=dtype).element_size() / 1e9
     gb = step.weight_bytes / 1e9
     return {"dtype": str(dtype).removeprefix("torch."), "weights": fmt, "batch": batch,
             "eager_preset": EAGER_PRESET[fmt], "eager_ms": ms["eager"], "native_ms": ms["native"],
             "speedup": ms["eager"] / ms["native"], "call_ms": ms["call"], "matmuls_ms": ms["matmuls"],
             "glue_ms": ms["native"] - ms["matmuls"], "per_layer_us": 1e3 * ms["layers"] / L,
-            "weight_mb": 1e3 * gb, "bandwidth_fraction": gb / (ms["call"] / 1e3) / copy_gbs}
+            "weight_mb": 1e3 * gb, "kv_mb": 1e3 * kv_gb, "bandwidth_fraction": (gb + kv_gb) / (ms["call"] / 1e3) / copy_gbs,
+            "phases": phases}
 
 
 def main() -> None:
@@ -166,19 +178,27 @@ def main() -> None:
     print(f"# command: python {' '.join(sys.argv)}")
     print(f"# machine: {describe()}; {native_step.describe()}; commit {commit or 'unknown'}")
     copy_gbs = copy_bandwidth()
-    print(f"# copy bandwidth ({args.threads} threads, read + write): {copy_gbs:.1f} GB/s")
+    print(f"# copy bandwidth ({args.threads} threads, read + write): {copy_gbs:.1f} GB/s; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
     cols = ("dtype", "weights", "batch", "eager_preset", "eager_ms", "native_ms", "speedup", "call_ms", "matmuls_ms",
-            "glue_ms", "per_layer_us", "weight_mb", "bandwidth_fraction")
+            "glue_ms", "per_layer_us", "weight_mb", "kv_mb", "bandwidth_fraction")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+    rows = []
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
         model, tok = load_model("smollm2-135m", dtype=dtype)
         for fmt in args.formats.split(","):
             for b in (int(x) for x in args.batches.split(",")):
                 row = measure(model, tok, dtype, fmt, b, args.keys, args.reps, copy_gbs)
+                rows.append(row)
                 print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |",
                       flush=True)
+    print("\n# where a native step's milliseconds go (QS_TIMING build, mean of the reps)")
+    print("| dtype | weights | batch | " + " | ".join(PHASES) + " |")
+    print("|" + "---|" * (3 + len(PHASES)))
+    for row in rows:
+        print(f"| {row['dtype']} | {row['weights']} | {row['batch']} | " + " | ".join(f"{row['phases'][p]:.2f}" for p in PHASES) + " |")
 
 
 if __name__ == "__main__":
