@@ -9,16 +9,20 @@
    then, optionally, the final RMSNorm and the LM head (logits in float32).
 
    Arithmetic is float32 throughout (the residual stream too); with bfloat16 activations only
-   the cache entries and the step's input/output rows are bfloat16. Weights: float32,
-   bfloat16, int8 with one scale per output channel, or group-wise asymmetric 4-bit (GGUF
-   Q4_1's layout: per group a float16 scale d and minimum m, w = d * q + m, q in 0..15; per
-   32 weights 16 bytes, byte j holding weight j in its low nibble and weight j + 16 in its
-   high nibble).
+   the cache entries and the step's input/output rows are bfloat16. Weights: float32 or
+   bfloat16 (the model's row-major tensors), int8 with one scale per output channel, or
+   group-wise asymmetric 4-bit in groups of 32 (GGUF's block_q4_1: float16 scale d and minimum
+   m, w = d * q + m, q in 0..15, 16 bytes of codes, byte j holding weight j in its low nibble
+   and weight j + 16 in its high one); int8 and 4-bit copies interleave 4 rows (see row_at).
 
-   One OpenMP parallel region per step; the matmuls split output channels over the threads,
-   attention splits (row, head) pairs. Each output element is one dot product in a fixed order
-   (vector lanes over the input channels, then the lanes summed), so a row's result does not
-   depend on the other rows of the call or on the thread count.
+   One OpenMP parallel region per step, five barriers per layer; the matmuls share out blocks
+   of 4 output channels, attention (row, KV head, chunk of 64 entries) units, merged per head
+   afterwards. Each output element is one dot product in a fixed order (vector lanes over the
+   input channels, then the lanes summed as a tree), so a row's result does not depend on the
+   other rows of the call or on the thread count (bit for bit; a test checks). Built with
+   -ffp-contract=off: every fused multiply-add is written (fmadd).
+
+   Optional -DQS_TIMING: seconds per phase of the steps run (qs_phase_seconds, thread 0's clock).
 
    SIMD: GCC/Clang vector extensions of QS_VW floats, chosen at compile time from -march=native
    (16 lanes where AVX-512F exists, 8 with AVX, else 4: SSE2 on any x86-64, NEON on ARM, plain

@@ -22,8 +22,10 @@ Usage (a decode step over rows of one pool)::
 
     step = NativeStep(shape, layers, torch.float32, final_norm=w_norm, head=LinearWeight.dense(w_head))
     cache = step.bind(pool.k, pool.v, pool.pos)           # once per CachePool
-    logits = step(h, cos, sin, positions, slots, counts, cache)   # h (B, d) is overwritten
+    logits = step(h, cos, sin, positions, slots, counts, cache, out=buf)  # h (B, d) is overwritten
     # then, as the eager step does: every row's count += 1 at every layer, length = position + 1
+
+A step object is one model's weights; it is not thread-safe (it reuses one scratch buffer).
 """
 
 from __future__ import annotations
