@@ -44,22 +44,22 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _library_path(cc: str) -> Path:
+def _library_path(cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
     from ..hardware import cpu_flags, cpu_model
     from ..paths import cache_dir
 
-    text = b"|".join([SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(), cpu_model().encode(),
+    text = b"|".join([source.read_bytes(), cc.encode(), " ".join(flags).encode(), cpu_model().encode(),
                       " ".join(sorted(cpu_flags())).encode()])
-    return cache_dir() / "native" / f"qsk-{hashlib.sha1(text).hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"{source.stem}-{hashlib.sha1(text).hexdigest()[:16]}.so"
 
 
-def _build(cc: str, path: Path) -> None:
+def _build(cc: str, path: Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> None:
     """Compile into a temporary file beside ``path``, then rename it (concurrent builds are safe)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError((proc.stderr.strip().splitlines() or ["compiler failed"])[-1])
         os.replace(tmp, path)
@@ -68,24 +68,29 @@ def _build(cc: str, path: Path) -> None:
             os.unlink(tmp)
 
 
+def load(source: Path, flags: tuple[str, ...] = FLAGS) -> tuple[ctypes.CDLL | None, str]:
+    """``source`` built for this CPU (once; kept in the cache folder) and loaded: (library, "") or
+    (None, why not): ``QUICKSILVER_NATIVE=0``, no compiler, or the compiler's last error line."""
+    if os.environ.get("QUICKSILVER_NATIVE") == "0":
+        return None, "QUICKSILVER_NATIVE=0"
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler (set CC)"
+    try:
+        path = _library_path(cc, source, flags)
+        if not path.is_file():
+            _build(cc, path, source, flags)
+        return ctypes.CDLL(str(path)), ""  # torch is imported first, so its OpenMP runtime (libgomp.so.1) is shared
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"build failed: {e}"
+
+
 @functools.lru_cache(maxsize=1)
 def library():
     """The loaded library, or None when it cannot be built here (``why_not()`` says why)."""
     global _why_not
-    if os.environ.get("QUICKSILVER_NATIVE") == "0":
-        _why_not = "QUICKSILVER_NATIVE=0"
-        return None
-    cc = compiler()
-    if cc is None:
-        _why_not = "no C compiler (set CC)"
-        return None
-    try:
-        path = _library_path(cc)
-        if not path.is_file():
-            _build(cc, path)
-        lib = ctypes.CDLL(str(path))  # torch is imported first, so its OpenMP runtime (libgomp.so.1) is shared
-    except (OSError, subprocess.SubprocessError) as e:
-        _why_not = f"build failed: {e}"
+    lib, _why_not = load(SOURCE)
+    if lib is None:
         return None
     lib.qs_linear.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -96,7 +101,6 @@ def library():
     lib.qs_decode_attention.restype = ctypes.c_int
     lib.qs_causal_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_float]
     lib.qs_causal_attention.restype = ctypes.c_int
-    _why_not = ""
     return lib
 
 

@@ -1,0 +1,205 @@
+"""The native decode step (``quicksilver.native.step``) against the engine's eager step, same run.
+
+For the default model's shapes and weights, per weight format and batch size, one pooled decode
+step over ``--keys`` cached entries per row (the step is repeated at the same position, as the
+engine's own step measurement does):
+
+- eager: ``Engine.run`` of one decode step (embedding, 30 layers, final norm, LM head), with the
+  preset that holds those weights (``off``; ``fast`` for int8; ``int4`` (MatQuant slice, no fast
+  kernel) beside the 4-bit format);
+- native: what a decode core would run: the embedding and the model's rotary module in torch,
+  then one C call for every layer, the final norm and the head (logits in float32);
+- native C call alone, its matmuls alone (same threads and order), and the glue (step minus
+  matmuls); per layer: the C call without the head over the layers;
+- bytes a step reads (weights, and the K/V entries its attention reads), and the fraction of the
+  machine's copy bandwidth (2 threads, read + write, measured in this run) the native C call reaches;
+- a second table: where the native step's milliseconds go, per phase (a ``QS_TIMING`` build of
+  the same step: thread 0's clock, the wait for the other threads included).
+
+Weights: ``dense`` (the model's own, in the run's dtype), ``i8`` (per output channel, the head
+too: the ``fast`` preset's), ``q4`` (group-32 asymmetric 4-bit, ``quicksilver.quant_q4``; the head
+int8, since the tied embedding is not on a 4-bit grid). Eager and native alternate rep by rep.
+
+    python benchmarks/bench_native_step.py [--dtypes float32,bfloat16] [--formats dense,i8,q4]
+        [--batches 1,8] [--keys 128] [--reps 15] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quicksilver import load_model
+from quicksilver.cache import CachePool
+from quicksilver.config import Config
+from quicksilver.evaluate import make_engine
+from quicksilver.hardware import describe
+from quicksilver.native import step as native_step
+from quicksilver.native.step import PHASES, LayerWeights, LinearWeight, NativeStep, StepShape, phase_seconds
+from quicksilver.quant import quantize_int8
+from quicksilver.quant_q4 import quantize_q4
+
+EAGER_PRESET = {"dense": "off", "i8": "fast", "q4": "int4"}
+
+
+def copy_bandwidth(mib: int = 256, reps: int = 10) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written), best of ``reps``, torch's threads."""
+    a = torch.ones(mib * 2**18)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best / 1e9
+
+
+def linear_weight(w: torch.Tensor, fmt: str) -> LinearWeight:
+    if fmt == "dense":
+        return LinearWeight.dense(w)
+    if fmt == "i8":
+        q = quantize_int8(w.float())
+        return LinearWeight.int8(q.codes, q.scales)
+    return LinearWeight.q4(quantize_q4(w.float()))
+
+
+def native_layers(adapter, fmt: str) -> list[LayerWeights]:
+    """The adapter's Llama layers as the native step takes them (fused qkv and gate_up weights)."""
+    out = []
+    for p in adapter.layers:
+        qkv = p.qkv.weight if p.qkv is not None else torch.cat([p.q.weight, p.k.weight, p.v.weight])
+        gate, up, down = p.mlp_linears
+        gu = p.gate_up.weight if p.gate_up is not None else torch.cat([gate.weight, up.weight])
+        out.append(LayerWeights(linear_weight(qkv, fmt), linear_weight(p.o.weight, fmt), linear_weight(gu, fmt),
+                                linear_weight(down.weight, fmt), p.rms_weights[0], p.rms_weights[1]))
+    return out
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def measure(model, tok, dtype, fmt: str, batch: int, keys: int, reps: int, copy_gbs: float) -> dict:
+    engine = make_engine(model, tok, Config.preset(EAGER_PRESET[fmt]))
+    A, spec = engine.adapter, engine.spec
+    shape = StepShape.of(spec, A.layers[0].rms_eps, A.layers[0].attn_scale)
+    layers = native_layers(A, fmt)
+    head = linear_weight(A._head.weight, "dense" if fmt == "dense" else "i8")
+    step = NativeStep(shape, layers, dtype, final_norm=A._norm.weight, head=head)
+    body = NativeStep(shape, layers, dtype)  # the layers alone (per-layer time)
+    profiled = NativeStep(shape, layers, dtype, final_norm=A._norm.weight, head=head, defines=("QS_TIMING=1",))
+    L = spec.n_layers
+    pools = [CachePool(L, batch, keys + 1, spec.n_kv_heads, spec.head_dim, dtype) for _ in range(2)]
+    for pool in pools:
+        for t in pool.k + pool.v:
+            t.normal_()
+    eager_caches, native_caches = pools[0].rows, pools[1].rows
+    binding = step.bind(pools[1].k, pools[1].v, pools[1].pos)
+    ids = torch.randint(0, spec.vocab_size, (batch,))
+    pos = torch.full((batch,), keys, dtype=torch.long)
+    segments = [(i, i + 1) for i in range(batch)]
+
+    def reset(caches):
+        for c in caches:
+            c._n, c.length = [keys] * L, keys
+
+    def eager():
+        reset(eager_caches)
+        engine.run(ids, pos, segments, eager_caches)
+
+    out = torch.empty(batch, spec.vocab_size)  # the logits buffer a decode loop keeps
+
+    def native():  # what a decode core's native step implementation runs
+        reset(native_caches)
+        h = A.embed(ids, pos).contiguous()
+        cos, sin = A.rotary(pos)
+        logits = step(h, cos, sin, pos, [c.slot for c in native_caches], [c.count(0) for c in native_caches], binding,
+                      out=out)
+        for c in native_caches:
+            c._n = [n + 1 for n in c._n]
+            c.length = int(pos[0]) + 1
+        return logits
+
+    h0 = A.embed(ids, pos).contiguous()
+    cos, sin = A.rotary(pos)
+    slots, counts = list(range(batch)), [keys] * batch
+    call = lambda s: s(h0.clone(), cos, sin, pos, slots, counts, binding, out=out if s.head is not None else None)  # noqa: E731
+    timed = {"eager": eager, "native": native, "call": lambda: call(step), "layers": lambda: call(body),
+             "matmuls": lambda: step.matmuls_only(batch)}
+    times = {k: [] for k in timed}
+    with torch.inference_mode():
+        for f in timed.values():
+            f()
+            f()
+        order = list(timed)
+        for i in range(reps):
+            for k in (order if i % 2 == 0 else order[::-1]):  # alternate which side runs first
+                t0 = time.perf_counter()
+                timed[k]()
+                times[k].append(time.perf_counter() - t0)
+        for _ in range(2):
+            call(profiled)
+        phase_seconds(profiled, reset=True)
+        for _ in range(reps):
+            call(profiled)
+    phases = {k: 1e3 * v / reps for k, v in phase_seconds(profiled).items()}
+    ms = {k: median_ms(v) for k, v in times.items()}
+    kv_gb = 2 * L * batch * spec.n_kv_heads * (keys + 1) * spec.head_dim * torch.empty(0, dtype=dtype).element_size() / 1e9
+    gb = step.weight_bytes / 1e9
+    return {"dtype": str(dtype).removeprefix("torch."), "weights": fmt, "batch": batch,
+            "eager_preset": EAGER_PRESET[fmt], "eager_ms": ms["eager"], "native_ms": ms["native"],
+            "speedup": ms["eager"] / ms["native"], "call_ms": ms["call"], "matmuls_ms": ms["matmuls"],
+            "glue_ms": ms["native"] - ms["matmuls"], "per_layer_us": 1e3 * ms["layers"] / L,
+            "weight_mb": 1e3 * gb, "kv_mb": 1e3 * kv_gb, "bandwidth_fraction": (gb + kv_gb) / (ms["call"] / 1e3) / copy_gbs,
+            "phases": phases}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--formats", default="dense,i8,q4")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--keys", type=int, default=128, help="cached entries per row")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not native_step.available():
+        sys.exit(f"error: {native_step.describe()}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# machine: {describe()}; {native_step.describe()}; commit {commit or 'unknown'}")
+    copy_gbs = copy_bandwidth()
+    print(f"# copy bandwidth ({args.threads} threads, read + write): {copy_gbs:.1f} GB/s; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    cols = ("dtype", "weights", "batch", "eager_preset", "eager_ms", "native_ms", "speedup", "call_ms", "matmuls_ms",
+            "glue_ms", "per_layer_us", "weight_mb", "kv_mb", "bandwidth_fraction")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    rows = []
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        model, tok = load_model("smollm2-135m", dtype=dtype)
+        for fmt in args.formats.split(","):
+            for b in (int(x) for x in args.batches.split(",")):
+                row = measure(model, tok, dtype, fmt, b, args.keys, args.reps, copy_gbs)
+                rows.append(row)
+                print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |",
+                      flush=True)
+    print("\n# where a native step's milliseconds go (QS_TIMING build, mean of the reps)")
+    print("| dtype | weights | batch | " + " | ".join(PHASES) + " |")
+    print("|" + "---|" * (3 + len(PHASES)))
+    for row in rows:
+        print(f"| {row['dtype']} | {row['weights']} | {row['batch']} | " + " | ".join(f"{row['phases'][p]:.2f}" for p in PHASES) + " |")
+
+
+if __name__ == "__main__":
+    main()
