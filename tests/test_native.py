@@ -191,6 +191,7 @@ def test_the_engine_decodes_through_the_native_kernels_in_bfloat16(monkeypatch):
 
     monkeypatch.setattr(native, "linear", count("linear", linear))
     monkeypatch.setattr(native, "decode_attention", count("attention", attention))
+    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")  # the per-kernel path, not the whole native step
     for cfg in (Config(), Config.preset("fast")):
         K.set_kernel_table(None)  # fresh choices under the counting wrappers
         out = generate(Engine(model, cfg), prompt, 6)

@@ -200,6 +200,7 @@ class CachePool:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.pos = [torch.zeros(batch, capacity, dtype=torch.long, device=device) for _ in range(n_layers)]
+        self.bindings: dict = {}  # what a step implementation bound to these buffers (``native_decode``), kept as long as they are
         self.rows: list[SequenceCache] = []
         for i in range(batch):
             cache = SequenceCache(n_layers, capacity, margin)

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from . import pooled
 from .adapters.base import signed_sin
-from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +180,8 @@ def step(engine, ids, pos, caches):
     """A pooled decode step through the compiled layer loop: (logits (B, V), ledger), or None if the
     compiler failed (the caches are then as before the call, and the caller runs the step eagerly)."""
     key = structure(engine)
-    A, spec = engine.adapter, engine.spec
-    N = ids.numel()
-    seen = sum(c.count(0) for c in caches) + N  # every row reads its whole past and itself
+    A = engine.adapter
+    ledger = engine.step_ledger(caches, pos)
     saved = [c.snapshot() for c in caches]
     h = A.embed(ids, pos)
     cos, sin = A.rotary(pos)
@@ -194,14 +192,9 @@ def step(engine, ids, pos, caches):
         for c, snap in zip(caches, saved):
             c.restore(snap)
         return None
-    ledger = Ledger(n_layers=spec.n_layers, tokens=N)
-    full_pairs = int((pos + 1).sum())
-    for _ in range(spec.n_layers):
-        engine.count_layer(ledger, N, None, None, None, seen, full_pairs, None)
     for c, p in zip(caches, pos.tolist()):
         c.length = p + 1
         c.note_peak()
-    ledger.exit_layer_sum = N * spec.n_layers
     return engine.logits(h, ids, None, ledger)
 
 

@@ -319,6 +319,17 @@ class Engine:
                                              0 if fresh else max(8, cache.count(l) // 32))
         return pairs
 
+    def step_ledger(self, caches, pos) -> Ledger:
+        """The ledger of a plain decode step run outside the layer loop (a compiled or native step):
+        every row through every layer, reading its whole past, and the head (its caches not yet advanced)."""
+        N, L = pos.numel(), self.spec.n_layers
+        ledger = Ledger(n_layers=L, tokens=N)
+        seen, full_pairs = sum(c.count(0) for c in caches) + N, int((pos + 1).sum())
+        for _ in range(L):
+            self.count_layer(ledger, N, None, None, None, seen, full_pairs, None)
+        ledger.exit_layer_sum = N * L
+        return ledger
+
     def count_layer(self, ledger, T, attn_rows, kv_rows, mlp_rows, pairs, full_pairs, bits):
         """Count one layer into ``ledger``: FLOPs by part, rows, K/V entries, pairs, bits and weight bytes."""
         nq, nk, nm = R.count(attn_rows, T), R.count(kv_rows, T), R.count(mlp_rows, T)

@@ -189,6 +189,8 @@ class LayerLinears:
 
     def __init__(self, plain: dict[str, Linear], qkv: Linear | None = None, gate_up: Linear | None = None):
         self.plain = plain
+        self.quant: dict | None = None  # quantized: name -> QuantizedLinear (built on first use)
+        self.fused: dict = {}  # quantized: "qkv"/"gate_up" -> QuantizedLinear over the concatenated weights
         self.lin: dict[str, LinearFn] = {n: _plain(m) for n, m in plain.items()}
         self.qkv: LinearFn | None = None if qkv is None else _plain(qkv)
         self.gate_up: LinearFn | None = None if gate_up is None else _plain(gate_up)
@@ -199,10 +201,10 @@ class LayerLinears:
         own, so nothing fuses; without, q/k/v and gate/up quantize as one concatenated weight each
         (the same codes: scales are per output channel or group)."""
         self = cls(plain)
-        quant = _LazyQuantized(plain, smooth or {n: None for n in plain}, amq)
+        self.quant = quant = _LazyQuantized(plain, smooth or {n: None for n in plain}, amq)
         self.lin = {n: (lambda x, bits, n=n: quant[n](x, bits)) for n in plain}
-        fused = _fused_linears(plain, amq) if smooth is None else {}
-        self.qkv, self.gate_up = fused.get("qkv"), fused.get("gate_up")
+        self.fused = _fused_linears(plain, amq) if smooth is None else {}
+        self.qkv, self.gate_up = self.fused.get("qkv"), self.fused.get("gate_up")
         return self
 
     @classmethod

@@ -186,6 +186,7 @@ class FamilyAdapter:
 
     arch: ArchSpec
     layers: list[LayerParams]
+    final_rms_weight: torch.Tensor | None = None  # the final norm as RMSNorm with the layers' rms_eps, where it is
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

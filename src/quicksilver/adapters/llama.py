@@ -72,6 +72,8 @@ class LlamaAdapter(FamilyAdapter):
         self._embed = inner.embed_tokens
         self._norm = inner.norm
         self._head = model.lm_head
+        # The final norm's weight when it is RMSNorm with the layers' epsilon (what a native step runs).
+        self.final_rms_weight = inner.norm.weight if _rms_eps(inner.norm) == self.layers[0].rms_eps else None
 
     def embed(self, input_ids, positions):
         return self._embed(input_ids)

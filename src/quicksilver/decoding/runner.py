@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .. import compiled
+from .. import compiled, native_decode
 from ..cache import CachePool, SequenceCache
 from ..ledger import Ledger
 
@@ -75,10 +75,16 @@ def prefill_batch(engine: Runner, prompts: Sequence[torch.Tensor], caches: Seque
 def decode_one_token(engine: Runner, tokens: torch.Tensor, caches: Sequence[SequenceCache], compile: bool = False):
     """One step for several sequences: ``tokens`` (B,) at each cache's next position; logits (B, V).
 
-    ``compile``: through the compiled layer loop where it applies (``quicksilver.compiled``).
+    The step runs the native decode step where it applies and measured faster than the eager loop
+    (``quicksilver.native_decode``), else, with ``compile``, the compiled layer loop where it
+    applies (``quicksilver.compiled``), else the runner's own loop.
     """
     pos = torch.tensor([c.length for c in caches], device=tokens.device)
     segments = [(i, i + 1) for i in range(len(caches))]
+    if native_decode.applies(engine, segments, caches) and native_decode.pays(engine, len(caches)):
+        out = native_decode.step(engine, tokens, pos, list(caches))
+        if out is not None:
+            return out
     if compile and compiled.applies(engine, segments, caches):
         out = compiled.step(engine, tokens, pos, list(caches))
         if out is not None:

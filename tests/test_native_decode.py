@@ -1,0 +1,54 @@
+"""The native decode step behind the decode core: where it applies, it decodes what the eager step decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from quicksilver import Config, Engine, generate, native_decode
+from quicksilver.native import step as native_step
+
+pytestmark = pytest.mark.skipif(not native_step.available(), reason="no C compiler here")
+
+
+def _model():
+    # head_dim 16: the smallest the native step serves (tiny_llama's default 8 is not)
+    return tiny_llama(seed=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("preset", ["off", "fast"])
+def test_native_steps_decode_what_the_eager_steps_decode(monkeypatch, preset):
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 99, (n,), generator=g) for n in (5, 13, 2)]
+    native = Engine(model, preset)
+    assert native_decode.native_step(native) is not None, native_decode.why_not(native)
+    calls = []
+    real = native_decode.step
+    monkeypatch.setattr(native_decode, "step", lambda *a: calls.append(1) or real(*a))
+    out = generate(native, prompts, 12)
+    assert calls  # the pooled steps ran natively
+    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
+    eager = Engine(model, preset)
+    assert native_decode.native_step(eager) is None
+    ref = generate(eager, prompts, 12)
+    assert out.tokens == ref.tokens
+    assert out.ledger["flops"] == ref.ledger["flops"]  # the same work counted either way
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"halting": {"enabled": True, "min_layer": 1, "tail_layers": 1}}, "not a plain Llama-family decode step"),
+    ({"amq": {"enabled": True, "uniform_bits": 8, "group_size": 32}}, "int8 per output channel only"),
+    ({"kv": {"enabled": True, "recent_window": 8}}, "not a plain Llama-family decode step"),
+])
+def test_where_the_native_step_does_not_apply(settings, why):
+    engine = Engine(_model(), Config.from_dict(settings))
+    assert native_decode.native_step(engine) is None and why in native_decode.why_not(engine)
+
+
+def test_gpt2_and_head_dims_it_does_not_serve_run_eagerly():
+    from conftest import tiny_gpt2
+
+    assert native_decode.native_step(Engine(tiny_gpt2())) is None
+    assert "shape not served" in native_decode.why_not(Engine(tiny_llama()))  # head_dim 8
