@@ -25,7 +25,7 @@ from quicksilver.adapters.base import Linear
 from quicksilver.config import PRESETS, Config
 from quicksilver.engine import Engine
 from quicksilver.flops import dense_forward_flops
-from quicksilver.generate import decode_one_token, new_caches, prefill_batch
+from quicksilver.decoding import decode_one_token, generate, new_caches, prefill_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,7 +107,7 @@ def test_the_variant_setting_changes_the_stock_model(variant):
 def test_greedy_generation_equals_hf_generate(variant):
     model = tiny(variant)
     ids = _ids(10, 3)
-    ours = Engine(model).generate(ids, max_new_tokens=14).tokens[0]  # past the window and longrope's switch
+    ours = generate(Engine(model), ids, max_new_tokens=14).tokens[0]  # past the window and longrope's switch
     theirs = model.generate(ids[None], max_new_tokens=14, do_sample=False, pad_token_id=0)[0, 10:].tolist()
     assert ours == theirs
     assert len(set(theirs)) > 2  # not a degenerate repetition
@@ -160,10 +160,10 @@ def test_mechanisms_act(variant):
     assert _engine(model, _fit("halting", 4))(prompt).ledger.halted_tokens > 0
     for name in ("amq", "fast"):
         assert _engine(model, _fit(name, 4))(prompt).ledger.as_dict()["bits_per_token"] < 16, name
-    off = Engine(model).generate(prompt, max_new_tokens=5)
-    kvskip = _engine(model, _fit("kvskip", 4)).generate(prompt, max_new_tokens=5)
+    off = generate(Engine(model), prompt, max_new_tokens=5)
+    kvskip = generate(_engine(model, _fit("kvskip", 4)), prompt, max_new_tokens=5)
     assert kvskip.new_tokens == 5 and kvskip.ledger["kv_fraction"] < off.ledger["kv_fraction"]
-    assert _engine(model, Config.preset("lossless")).generate(prompt, max_new_tokens=5).tokens == off.tokens
+    assert generate(_engine(model, Config.preset("lossless")), prompt, max_new_tokens=5).tokens == off.tokens
 
 
 SELECTIONS = ["window", "quest", "knorm", "h2o", "tova", "snapkv"]
@@ -194,8 +194,8 @@ def test_where_the_compiled_step_applies(variant, monkeypatch):
     (run uncompiled: the compiler itself is tested in test_compiled.py) equals the eager step."""
     model = tiny(variant)
     engine = Engine(model)
-    assert (engine._step_key is not None) == (variant in COMPILED)
-    if engine._step_key is None:
+    assert (compiled.structure(engine) is not None) == (variant in COMPILED)
+    if compiled.structure(engine) is None:
         return
     monkeypatch.setenv("QUICKSILVER_COMPILE", "1")
     monkeypatch.setattr(compiled, "compiled_step", lambda key, make: make())
@@ -213,9 +213,9 @@ def test_where_the_compiled_step_applies(variant, monkeypatch):
 
 
 def test_a_family_without_its_window_is_compiled():
-    assert Engine(_build("Mistral", {"sliding_window": None}))._step_key is not None
-    assert Engine(_build("Phi3", {"sliding_window": 512}))._step_key is not None  # longer than the context: no window
-    assert Engine(_build("Phi3", {"sliding_window": 64}))._step_key is None
+    assert compiled.structure(Engine(_build("Mistral", {"sliding_window": None}))) is not None
+    assert compiled.structure(Engine(_build("Phi3", {"sliding_window": 512}))) is not None  # longer than the context: no window
+    assert compiled.structure(Engine(_build("Phi3", {"sliding_window": 64}))) is None
 
 
 @pytest.mark.parametrize("variant", FAMILIES)

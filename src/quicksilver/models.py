@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import gguf_files
+from .adapters import SUPPORTED_FAMILIES  # HF model types load_model accepts: those an adapter reads
 from .errors import QuicksilverError
 from .gguf_files import CACHE_FORMAT, MANIFEST  # noqa: F401  (re-exported)
 from .paths import cache_dir  # noqa: F401  (re-exported: quicksilver.models.cache_dir)
@@ -26,8 +27,6 @@ from .paths import cache_dir  # noqa: F401  (re-exported: quicksilver.models.cac
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# HF model types load_model accepts: what ``adapters.SUPPORTED_FAMILIES`` reads (a test keeps them equal).
-SUPPORTED_FAMILIES = ("gpt2", "llama", "gemma3_text", "gemma3", "qwen2", "qwen3", "mistral", "phi3")
 
 
 @dataclass(frozen=True)
