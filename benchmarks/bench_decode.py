@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--presets", default="off,fast," + ",".join(p for p in PRESETS if p not in ("off", "fast")))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where native), float32, bfloat16")
+    ap.add_argument("--model", default="smollm2-135m", help="offline name, .gguf file, folder or hub id")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--steps", default="eager,compiled",
@@ -146,11 +147,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_at_start = round(os.getloadavg()[0], 2)
     dtype = parse_dtype(args.dtype, args.device)
-    model, tok = load_model("smollm2-135m", dtype=dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=dtype, device=args.device)
     model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
     model32 = None
     if dtype != torch.float32:  # the float32 stock model: what a user gets by default, and the equality check
-        model32, _ = load_model("smollm2-135m", dtype="float32", device=args.device)
+        model32, _ = load_model(args.model, dtype="float32", device=args.device)
         model32.generation_config.eos_token_id = None
     prompts = prompts_from_corpus(tok)
     spec = Engine(model).spec
@@ -194,7 +195,7 @@ def main() -> None:
     meta["commands"] = commands
     write_json_atomic(out / "decode.json", {"meta": meta, "rows": rows})
     lines = [f"Command: {' + '.join(f'`{c}`' for c in commands)} — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-             f"smollm2-135m, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy. "
+             f"{args.model}, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy. "
              "`ratio`: against HF `generate` on the same model in the same dtype, same run; `vs HF fp32`: against "
              "HF `generate` in float32 (what a user gets without choosing a dtype). Agreement is with HF's greedy "
              "tokens in the row's own dtype. `step`: the engine's layer loop op by op (`eager`) or its compiled "

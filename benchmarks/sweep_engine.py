@@ -125,10 +125,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["halting", "kv", "ablation"], default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", default="smollm2-135m", help="offline name, .gguf file, folder or hub id")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model("smollm2-135m", dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     sweeps = []
     plan = []
     if args.only in (None, "halting"):
@@ -141,7 +142,7 @@ def main() -> None:
         rows = []
         for name, data in variants:
             t0 = time.time()
-            r = evaluate_model("smollm2-135m", args.corpus, max_tokens=args.tokens, window=window,
+            r = evaluate_model(args.model, args.corpus, max_tokens=args.tokens, window=window,
                                config=Config.from_dict({**data, "name": name}), loaded=loaded, device=args.device)
             rows.append(row(name, r))
             print(f"[{kind} w={window}] {name}: rel {r['relative_delta_perplexity'] * 100:+.2f}% "
@@ -156,7 +157,7 @@ def main() -> None:
         "corpus": args.corpus,
     }
     header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-              f"model smollm2-135m {args.dtype}, `{args.corpus}` test split, first {args.tokens} tokens.")
+              f"model {args.model} {args.dtype}, `{args.corpus}` test split, first {args.tokens} tokens.")
     stem = ("engine_sweep" if args.only is None else f"engine_sweep_{args.only}") + ("" if args.corpus == "wiki" else f"_{args.corpus}")
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "sweeps": sweeps})
     names = {"halting": "Dynamic Token Halting", "kv": "KV Cache Skipping"}

@@ -133,6 +133,7 @@ def attend_selected(
     bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     return_mask: bool = False,
     pages: kv_select.PageSummaries | None = None,
+    own_window: int | None = None,
 ):
     """Attention where each query block reads sinks + its recent range + the best older keys, per KV head.
 
@@ -146,7 +147,9 @@ def attend_selected(
     prefix, a decode step) reads its own keys in full, causally, and ``keep_fraction`` of
     the positions before it (sinks and recent keys among them), as an eviction rule's
     extension reads its compressed cache and itself: the context is compressed, the text
-    that follows it is not. ``pages`` keeps quest's page
+    that follows it is not. ``own_window`` is the model's own sliding window at this layer
+    (Mistral, Gemma-3's local layers): a query never reads a key ``own_window`` or more
+    positions back, whatever the rule chose (sinks included). ``pages`` keeps quest's page
     summaries between calls on a growing cache (a decode step summarizes only a page it
     completed). Returns (Tq, H*hd), pairs seen per head, and with ``return_mask`` the
     (Hkv, Tq, Tk) visibility it used (for the masked reference path).
@@ -197,6 +200,8 @@ def attend_selected(
             ks = slice(0, hi)
             kb, vb, kp = k[ks].transpose(0, 1), v[ks].transpose(0, 1), k_pos[ks]
         seen = kp[None, :] <= qb[:, None]  # sinks and older keys lie before p0; the recent range is causal
+        if own_window is not None:  # the family's own window bounds whatever the rule chose
+            seen &= qb[:, None] - kp[None, :] < own_window
         mask = _additive(seen, q.dtype)
         if bias is not None:
             b = bias(qb, k_pos[ks]) if isinstance(ks, slice) else torch.stack([bias(qb, k_pos[ks[h]]) for h in range(hkv)])

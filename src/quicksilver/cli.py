@@ -59,7 +59,7 @@ def _fmt(value) -> str:
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki, news, wikitext-103, c4."),
     split: str = typer.Option("test", help="test or calibration (offline corpora)."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate a UTF-8 text file instead of a corpus."),
@@ -103,7 +103,7 @@ def eval_cmd(
 @app.command("generate")
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt text."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, fast, lossless; baselines int8, int4 (fusion: eval only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
@@ -174,7 +174,7 @@ def generate_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id (GPT-2 or Llama family)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4 (fusion is prefill-only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
@@ -246,7 +246,7 @@ def _speculation(result) -> str:
 @app.command("calibrate")
 def calibrate_cmd(
     budget: str = typer.Option(..., "--budget", "-b", help="Allowed relative perplexity increase: 1% or 0.01."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     corpus: list[str] = typer.Option(["wiki"], "--corpus", "-c", help="wiki, news, code or pydoc: searched on its calibration split, checked on its test split (repeatable: the budget holds on every one)."),
     objective: str = typer.Option("flops", help="flops (executed), bitflops (bit-weighted), time (prefill wall clock) or decode-time (generation wall clock)."),
     output: Path = typer.Option(Path("calibrated.json"), "--output", "-o", help="The config file to write (load it with --config)."),
@@ -316,7 +316,7 @@ def calibrate_cmd(
 @app.command("sweep")
 def sweep_cmd(
     series: list[str] = typer.Option([], "--series", "-s", help="halting, kv, fusion, amq, stack (repeatable; default all)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki, news, wikitext-103, c4."),
     split: str = typer.Option("test", help="test or calibration (offline corpora)."),
     window: int = typer.Option(4096, help="Tokens per window."),
@@ -372,7 +372,7 @@ def needle_cmd(
     contexts: list[int] = typer.Option([], "--context", help="Context length in tokens (repeatable); default 2048, 4096, 7680."),
     depths: Optional[str] = typer.Option(None, "--depths", help="Needle depths in [0, 1], comma-separated; default 0.1,0.3,0.5,0.7,0.9."),
     trials: int = typer.Option(30, "--trials", help="Trials per context (the same needles for every configuration)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     corpus: str = typer.Option("wiki", "--corpus", "-c", help="Haystack text: wiki, news, wikitext-103, c4."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Haystack from a UTF-8 text file instead."),
     seed: int = typer.Option(0, help="Seed of keys, depths and haystack offsets."),
@@ -430,7 +430,7 @@ def continuation_cmd(
     prefix_tokens: int = typer.Option(3584, "--prefix-tokens", help="Prefix whose cache is compressed (BOS included when the model expects one)."),
     continuation_tokens: int = typer.Option(512, "--continuation-tokens", help="Tokens scored after the compressed prefix."),
     max_chunks: Optional[int] = typer.Option(None, "--max-chunks", help="Score at most this many prefix+continuation chunks."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local folder or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
     corpus: str = typer.Option("wiki", "--corpus", "-c", help="wiki, news, wikitext-103, c4."),
     split: str = typer.Option("test", help="test or calibration (offline corpora)."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Score a UTF-8 text file instead."),

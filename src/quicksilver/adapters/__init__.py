@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from ..errors import QuicksilverError
-from . import gemma3, gpt2, llama
+from . import gemma3, gpt2, llama, mistral, phi3, qwen2, qwen3
 from .base import ArchSpec, FamilyAdapter, LayerParams, Linear
 
-_SPECS = {"gpt2": gpt2.arch_spec, "llama": llama.arch_spec, "gemma3_text": gemma3.arch_spec, "gemma3": gemma3.arch_spec}
-_ADAPTERS = {"gpt2": gpt2.GPT2Adapter, "llama": llama.LlamaAdapter, "gemma3_text": gemma3.Gemma3Adapter}
+_SPECS = {"gpt2": gpt2.arch_spec, "llama": llama.arch_spec, "gemma3_text": gemma3.arch_spec, "gemma3": gemma3.arch_spec,
+          "qwen2": qwen2.arch_spec, "qwen3": qwen3.arch_spec, "mistral": mistral.arch_spec, "phi3": phi3.arch_spec}
+_ADAPTERS = {"gpt2": gpt2.GPT2Adapter, "llama": llama.LlamaAdapter, "gemma3_text": gemma3.Gemma3Adapter,
+             "qwen2": qwen2.Qwen2Adapter, "qwen3": qwen3.Qwen3Adapter, "mistral": mistral.MistralAdapter,
+             "phi3": phi3.Phi3Adapter}
 
 ENGINE_FAMILIES = tuple(_ADAPTERS)
+# Every HF ``model_type`` whose shape we read (``gemma3`` is the multimodal wrapper: its text model
+# loads, its vision tower is refused by the adapter).
+SUPPORTED_FAMILIES = tuple(_SPECS)
 
 
 def arch_spec(config) -> ArchSpec:
@@ -21,7 +27,7 @@ def arch_spec(config) -> ArchSpec:
 
 
 def adapter_for(model) -> FamilyAdapter:
-    """The engine adapter for a loaded HF causal LM (GPT-2, Llama or Gemma-3 text family)."""
+    """The engine adapter for a loaded HF causal LM (one of ``ENGINE_FAMILIES``)."""
     if not hasattr(model, "config"):
         raise QuicksilverError(f"the engine needs a loaded HF model (model, tokenizer = load_model(name)), got {type(model).__name__}")
     kind = getattr(model.config, "model_type", None)
@@ -32,4 +38,5 @@ def adapter_for(model) -> FamilyAdapter:
     return _ADAPTERS[kind](model)
 
 
-__all__ = ["ArchSpec", "FamilyAdapter", "LayerParams", "Linear", "adapter_for", "arch_spec", "ENGINE_FAMILIES"]
+__all__ = ["ArchSpec", "FamilyAdapter", "LayerParams", "Linear", "adapter_for", "arch_spec", "ENGINE_FAMILIES",
+           "SUPPORTED_FAMILIES"]

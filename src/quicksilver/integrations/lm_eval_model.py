@@ -51,7 +51,7 @@ class QuickSilverLM(TemplateLM):
     Parameters (lm-eval ``--model_args``)
     ----------
     pretrained : str, default "smollm2-135m"
-        Anything ``quicksilver.load_model`` takes (offline name, folder, hub id).
+        Anything ``quicksilver.load_model`` takes (offline name, .gguf file, folder, hub id).
     preset : str, default "off"
         A preset name (``off``, ``halting``, ``kvskip``, ``fusion``, ``amq``, ``all``, ``int8``, ``int4``).
     config : str, optional
