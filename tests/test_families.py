@@ -198,6 +198,8 @@ def test_where_the_compiled_step_applies(variant, monkeypatch):
     if compiled.structure(engine) is None:
         return
     monkeypatch.setenv("QUICKSILVER_COMPILE", "1")
+    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")  # the compiled step, not the native one (test_native_decode.py)
+    engine = Engine(model)
     monkeypatch.setattr(compiled, "compiled_step", lambda key, make: make())
     prompts = [_ids(7, 6), _ids(4, 7)]
     results = []

@@ -39,7 +39,7 @@ def test_native_steps_decode_what_the_eager_steps_decode(monkeypatch, preset):
 
 @pytest.mark.parametrize("settings, why", [
     ({"halting": {"enabled": True, "min_layer": 1, "tail_layers": 1}}, "not a plain Llama-family decode step"),
-    ({"amq": {"enabled": True, "uniform_bits": 8, "group_size": 32}}, "int8 per output channel only"),
+    ({"amq": {"enabled": True, "uniform_bits": 8, "group_size": 32}}, "int8 per output channel"),
     ({"kv": {"enabled": True, "recent_window": 8}}, "not a plain Llama-family decode step"),
 ])
 def test_where_the_native_step_does_not_apply(settings, why):
@@ -52,3 +52,29 @@ def test_gpt2_and_head_dims_it_does_not_serve_run_eagerly():
 
     assert native_decode.native_step(Engine(tiny_gpt2())) is None
     assert "shape not served" in native_decode.why_not(Engine(tiny_llama()))  # head_dim 8
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "phi3", "llama3"])
+def test_families_the_compiled_step_serves_decode_natively_as_eagerly(monkeypatch, variant):
+    """Qwen2 (q/k/v bias, tied head), Phi-3 (row views of fused weights), Llama-3 rope scaling: the
+    native step reads the same weights and the model's own rotary tables."""
+    from test_families import _ids, tiny
+
+    model = tiny(variant)
+    prompts = [_ids(6, 1), _ids(11, 2)]
+    native = Engine(model)
+    assert native_decode.native_step(native) is not None, native_decode.why_not(native)
+    out = generate(native, prompts, 10)
+    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
+    assert out.tokens == generate(Engine(model), prompts, 10).tokens
+
+
+def test_fast4_reads_the_q4_grid_natively_and_decodes_as_eagerly(monkeypatch):
+    model = _model()
+    native = Engine(model, "fast4")
+    step = native_decode.native_step(native)
+    assert step is not None and {lw.qkv.fmt for lw in step.layers} == {"q4"} and step.head.fmt == "i8"
+    prompts = [torch.randint(0, 99, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 9)]
+    out = generate(native, prompts, 10)
+    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
+    assert out.tokens == generate(Engine(model, "fast4"), prompts, 10).tokens

@@ -68,7 +68,7 @@ class Engine:
         amq.check_model(spec.n_layers, spec.d_model, spec.d_ff)
         self.config.fusion.check_model(spec.n_layers)
         plain = [p.linears() for p in self.adapter.layers]
-        self.weight_bytes = WeightBytes(plain[0], amq.group_size)
+        self.weight_bytes = WeightBytes(plain[0], amq.group_size, amq.scheme == "q4_1")
         self.quantized = amq.enabled
         self.uniform_bits = 16 if not amq.enabled else None if amq.adaptive else amq.initial_bits()
         self.head_q = None  # (QuantizedLinear, bits) when the LM head is quantized
@@ -82,7 +82,8 @@ class Engine:
             self.linears = [LayerLinears.quantized(lins, amq, smooth[l]) for l, lins in enumerate(plain)]
             if amq.head_bits is not None:
                 head = self.adapter.head_linear()
-                group = amq.group_size if amq.group_size and head.in_features % amq.group_size == 0 else None
+                # per output channel under q4_1 (its groups are the decoder's grid; the head is int8)
+                group = amq.group_size if amq.group_size and head.in_features % amq.group_size == 0 and amq.scheme != "q4_1" else None
                 self.head_q = (QuantizedLinear(head.weight, head.bias, group), amq.head_bits)
 
     @torch.inference_mode()

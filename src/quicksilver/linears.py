@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .hardware import cpu_int8_dot
 from .kernels import NestedWeight, dense, matmul
 from .quant import QuantizedWeight, quantize_int8, smoothing_factors, weight_bytes
+from .quant_q4 import Q4Weight, dequantize_q4, quantize_q4
 
 @dataclass
 class Linear:
@@ -168,6 +169,20 @@ def _fused_linears(lins: dict, amq) -> dict:
 LINEAR_GROUPS = {"q": ("q",), "k": ("k", "v"), "o": ("o",), "mlp": ("gate", "up", "down", "fc", "proj")}
 
 
+class Q4Linear:
+    """One linear on GGUF's Q4_1 grid (``quant_q4``): the codes a native 4-bit kernel reads, and for
+    every other call the float weight they mean, decoded once into the model's dtype (memory traded
+    for time, as the dequantized int8 kernels do)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
+        self.q4: Q4Weight = quantize_q4(weight, group_size)
+        self.bias = bias
+        self.weight = dequantize_q4(self.q4, weight.dtype)
+
+    def __call__(self, x: torch.Tensor, bits=None) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 LinearFn = Callable[[torch.Tensor, "int | torch.Tensor | None"], torch.Tensor]
 
 
@@ -201,6 +216,13 @@ class LayerLinears:
         own, so nothing fuses; without, q/k/v and gate/up quantize as one concatenated weight each
         (the same codes: scales are per output channel or group)."""
         self = cls(plain)
+        if amq.scheme == "q4_1":  # one grid per linear; q/k/v and gate/up on the grid of their concatenation
+            self.quant = {n: Q4Linear(m.weight, m.bias, amq.group_size) for n, m in plain.items()}
+            self.lin = {n: q for n, q in self.quant.items()}
+            self.fused = {g: Q4Linear(torch.cat([plain[n].weight for n in names]), _cat_bias(plain, names), amq.group_size)
+                          for g, names in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))) if all(n in plain for n in names)}
+            self.qkv, self.gate_up = self.fused.get("qkv"), self.fused.get("gate_up")
+            return self
         self.quant = quant = _LazyQuantized(plain, smooth or {n: None for n in plain}, amq)
         self.lin = {n: (lambda x, bits, n=n: quant[n](x, bits)) for n in plain}
         self.fused = _fused_linears(plain, amq) if smooth is None else {}
@@ -236,13 +258,22 @@ class LayerLinears:
         return lambda x: f(x, bits)
 
 
-class WeightBytes:
-    """Bytes of decoder weights one call reads, per linear and per ledger group, at each precision."""
+def _cat_bias(plain: dict, names) -> torch.Tensor | None:
+    bs = [plain[n].bias for n in names]
+    if all(b is None for b in bs):
+        return None
+    return torch.cat([b if b is not None else plain[n].weight.new_zeros(plain[n].weight.shape[0]) for n, b in zip(names, bs)])
 
-    def __init__(self, plain: dict[str, Linear], group_size: int | None):
+
+class WeightBytes:
+    """Bytes of decoder weights one call reads, per linear and per ledger group, at each precision
+    (``minimum``: 4-bit groups carry a float16 minimum too, the Q4_1 grid)."""
+
+    def __init__(self, plain: dict[str, Linear], group_size: int | None, minimum: bool = False):
         self.shapes = {n: m.weight.shape for n, m in plain.items()}
         self.elem = plain["q"].weight.element_size()
         self.group_size = group_size
+        self.minimum = minimum
         self.groups = {(g, b): sum(self.of(m, b) for m in LINEAR_GROUPS[g] if m in self.shapes)
                        for g in LINEAR_GROUPS for b in (16, 8, 4, 2)}
 
@@ -250,7 +281,7 @@ class WeightBytes:
         shape = self.shapes[name]
         if bits == 16:  # unquantized: the weights in the model's own dtype
             return shape[0] * shape[1] * self.elem
-        return weight_bytes(shape, bits, self.group_size)
+        return weight_bytes(shape, bits, self.group_size, self.minimum and bits == 4)
 
 
 def smoothing(plain: list[dict[str, Linear]], absmax: list[dict], alpha: float) -> list[dict]:

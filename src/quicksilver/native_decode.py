@@ -4,7 +4,7 @@ Llama-family decode step in one C call), behind the decoding core like the compi
 Where it applies: an engine whose decode step the compiled loop could run (plain Llama-family
 layers, no mechanism that changes the layer loop, one precision for every token: see
 ``compiled.structure``), whose weights the native kernels read (the stock float32/bfloat16
-weights, or AMQ's int8 per output channel without activation quantization), its final norm an
+weights, AMQ's int8 per output channel without activation quantization, or the Q4_1 grid of ``fast4``), its final norm an
 RMSNorm, and a pooled decode step (every row a row of one ``CachePool``). The weights are the
 engine's own: views of the stock tensors, or the int8 codes the engine already quantized.
 Whether it pays is measured per machine, shape and dtype like every kernel (``pays``); any
@@ -34,9 +34,12 @@ def _weights(engine):
     from .native.step import LayerWeights, LinearWeight, Unavailable
 
     A, amq = engine.adapter, engine.config.amq
-    if amq.enabled and not (engine.uniform_bits == 8 and amq.group_size is None and amq.smoothing is None
-                            and not amq.activation_quant):
-        raise Unavailable("the native step reads stock weights or int8 per output channel only")
+    q4 = amq.enabled and amq.scheme == "q4_1"
+    if amq.enabled and not q4 and not (engine.uniform_bits == 8 and amq.group_size is None and amq.smoothing is None
+                                       and not amq.activation_quant):
+        raise Unavailable("the native step reads stock weights, int8 per output channel or the Q4_1 grid only")
+    if q4 and amq.group_size != 32:
+        raise Unavailable("the native 4-bit kernel reads Q4_1 groups of 32")
     layers = []
     for l, p in enumerate(A.layers):
         lin = engine.linears[l]
@@ -49,7 +52,7 @@ def _weights(engine):
             if "gate_up" not in lin.fused:
                 raise Unavailable("no fused gate/up")
             qs = [lin.fused["qkv"], lin.quant["o"], lin.fused["gate_up"], lin.quant["down"]]
-            w = [LinearWeight.int8(q.qw.codes, q.qw.scales, q.bias) for q in qs]
+            w = [LinearWeight.q4(q.q4, q.bias) if q4 else LinearWeight.int8(q.qw.codes, q.qw.scales, q.bias) for q in qs]
         layers.append(LayerWeights(*w, *p.rms_weights))
     if engine.head_q is not None:
         head_q, bits = engine.head_q
@@ -142,7 +145,8 @@ def pays(engine, rows: int) -> bool:
         return True
     dtype = next(engine.model.parameters()).dtype
     b = 1 if rows < 3 else 8
-    amq = "int8" if engine.config.amq.enabled else "stock"
+    amq = engine.config.amq
+    amq = "stock" if not amq.enabled else "q4_1" if amq.scheme == "q4_1" else "int8"
     key = f"native-step/{'x'.join(map(str, compiled.structure(engine)))}/{str(dtype).removeprefix('torch.')}/{amq}"
     return kernel_table().fastest(key, str(b), ["eager", "native"], lambda: measure(engine, b)) == "native"
 

@@ -69,11 +69,12 @@ def dequantize(qw: QuantizedWeight, bits: int = 8, dtype: torch.dtype = torch.fl
     return w.reshape(out_f, in_f).to(dtype)
 
 
-def weight_bytes(shape: torch.Size, bits: int, group_size: int | None) -> int:
-    """Bytes a kernel must read for one pass over the weight at ``bits`` (codes plus fp16 scales)."""
+def weight_bytes(shape: torch.Size, bits: int, group_size: int | None, minimum: bool = False) -> int:
+    """Bytes a kernel must read for one pass over the weight at ``bits`` (codes plus fp16 scales,
+    and an fp16 minimum per group with ``minimum``: the Q4_1 grid)."""
     out_f, in_f = shape
     groups = 1 if group_size is None else in_f // group_size
-    return out_f * in_f * bits // 8 + out_f * groups * 2
+    return out_f * in_f * bits // 8 + out_f * groups * (4 if minimum else 2)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -97,7 +97,7 @@ class LlamaAdapter(FamilyAdapter):
         self._norm = inner.norm
         self._head = model.lm_head
         # The final norm's weight when it is RMSNorm with the layers' epsilon (what a native step runs).
-        self.final_rms_weight = inner.norm.weight if _rms_eps(inner.norm) == self.layers[0].rms_eps else None
+        self.final_rms_weight = inner.norm.weight if rms_eps(inner.norm) == self.layers[0].rms_eps else None
 
     def attention(self, attn) -> dict:
         """q, k, v, o (with their biases, Qwen2's q/k/v have one) and the fused qkv of a layer."""

@@ -19,6 +19,7 @@ import torch
 from ._checks import check_choice, check_range
 
 BITS = (8, 4, 2)
+SCHEMES = ("matquant", "q4_1")
 
 
 @dataclass
@@ -52,6 +53,13 @@ class AdaptiveMatryoshkaQuantization:
     head_bits : {None, 8, 4}, default None
         Quantize the LM head too (weight-only, every token at this precision). At decode the
         head is about a fifth of the default model's weight bytes.
+    scheme : {"matquant", "q4_1"}, default "matquant"
+        How weights are coded. ``matquant``: one int8 copy whose high bits are the lower
+        precisions (what per-token bit-widths need). ``q4_1``: GGUF's Q4_1 grid, group-wise
+        asymmetric 4-bit (a float16 scale and minimum per ``group_size`` weights; ``quant_q4``),
+        for ``uniform_bits=4`` only: far closer than the int8 slice (a model de-quantized from a
+        Q4_1 GGUF sits on it exactly), 0.625 bytes per weight at group 32. The LM head keeps int8
+        per output channel (``head_bits``).
     """
 
     enabled: bool = False
@@ -64,6 +72,7 @@ class AdaptiveMatryoshkaQuantization:
     smoothing: float | None = None
     activation_quant: bool = False
     head_bits: int | None = None
+    scheme: str = "matquant"
 
     def __post_init__(self):
         check_range("amq", "group_size", self.group_size, 1, integer=True, allow_none=True)
@@ -76,6 +85,13 @@ class AdaptiveMatryoshkaQuantization:
             check_choice("amq", "uniform_bits", self.uniform_bits, BITS)
         if self.head_bits is not None:
             check_choice("amq", "head_bits", self.head_bits, (8, 4))
+        check_choice("amq", "scheme", self.scheme, SCHEMES)
+        if self.scheme == "q4_1" and (self.uniform_bits != 4 or self.group_size is None or self.group_size % 32
+                                      or self.smoothing is not None or self.activation_quant):
+            from ..errors import QuicksilverError
+
+            raise QuicksilverError("amq.scheme=q4_1 is uniform 4-bit weights: it needs amq.uniform_bits=4 and amq.group_size a "
+                                   "multiple of 32, without smoothing or activation_quant")
         if self.int2_below > self.int4_below:
             from ..errors import QuicksilverError
 
