@@ -10,7 +10,8 @@
 - ``hf_generate``: HF ``generate``, greedy, on a left-padded batch, EOS ignored.
 - ``greedy_agreement``: how many tokens two greedy decodes share, and where they first part.
 - ``interleaved``: sides timed group by group, the order of the sides rotating from one group
-  to the next, so a drift in the machine's speed falls on every side alike.
+  to the next, so a drift in the machine's speed falls on every side alike; ``measure_decode``:
+  batch-1, batch-N and prefill timings of several decoders through it.
 - ``wiki_prompts``: openings of wiki test articles cut to given lengths (the decode prompts).
 - ``copy_bandwidth``: GB/s of a large copy (bytes read + written), the roof of a decode step.
 - ``peer_python`` / ``run_worker``: a peer (kvpress, llama.cpp, ...) in a virtual environment of
@@ -221,6 +222,43 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - t0
+
+
+def measure_decode(runners: dict, prompts: Sequence[Sequence[int]], prefill: Sequence[int], new_tokens: int, reps: int = 3,
+                   log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Decode timings of several engines on the same token ids, their turns interleaved prompt by prompt.
+
+    A runner has ``generate(prompts, n) -> (tokens per row, seconds, seconds to the first token)``
+    and ``batches`` (True: it decodes several sequences at once). After a warm-up of each (both
+    batch shapes and the prefill prompt: kernel choices, compiling, allocator), returns per runner:
+    ``tokens``, ``seconds`` and ``ttft`` of each prompt alone (batch 1); ``batch_tokens`` and
+    ``batch_seconds`` of all prompts at once where it batches; ``prefill_seconds``: the first-token
+    time of ``prefill`` ``reps`` times, the runners' order rotating between repetitions.
+    """
+    for name, r in runners.items():
+        t0 = time.perf_counter()
+        r.generate([list(prompts[0])], 8)
+        if r.batches:
+            r.generate([list(p) for p in prompts], 8)
+        r.generate([list(prefill)], 1)
+        log(f"{name}: warm in {time.perf_counter() - t0:.1f} s")
+    out: dict = {name: {"tokens": [], "seconds": [], "ttft": [], "prefill_seconds": []} for name in runners}
+
+    def alone(name):
+        def run(prompt):
+            tokens, seconds, ttft = runners[name].generate([list(prompt)], new_tokens)
+            out[name]["tokens"].append(tokens[0])
+            out[name]["seconds"].append(seconds)
+            out[name]["ttft"].append(ttft)
+        return run
+
+    interleaved({name: alone(name) for name in runners}, prompts)
+    for name in [n for n, r in runners.items() if r.batches]:
+        tokens, seconds, _ = runners[name].generate([list(p) for p in prompts], new_tokens)
+        out[name].update(batch_tokens=tokens, batch_seconds=seconds)
+    interleaved({name: (lambda _, name=name: out[name]["prefill_seconds"].append(runners[name].generate([list(prefill)], 1)[2]))
+                 for name in runners}, range(reps))
+    return out
 
 
 def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:

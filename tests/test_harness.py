@@ -101,3 +101,27 @@ def test_the_harness_imports_only_the_standard_library():
             "print(sorted(m for m in ('torch', 'quicksilver', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+class FakeRunner:
+    """Decodes ``token = prompt[-1] + step``; logs its calls."""
+
+    def __init__(self, name, calls, batches=True):
+        self.name, self.calls, self.batches = name, calls, batches
+
+    def generate(self, prompts, n):
+        self.calls.append((self.name, len(prompts), n))
+        return [[p[-1] + i for i in range(n)] for p in prompts], 0.1 * n, 0.1
+
+
+def test_measure_decode_times_every_runner_alike_and_batches_only_where_it_can():
+    calls = []
+    runners = {"a": FakeRunner("a", calls), "b": FakeRunner("b", calls, batches=False)}
+    out = harness.measure_decode(runners, [[1, 2], [5], [7, 8, 9]], [3] * 10, 4, reps=3)
+    assert out["a"]["tokens"] == out["b"]["tokens"] == [[2, 3, 4, 5], [5, 6, 7, 8], [9, 10, 11, 12]]
+    assert out["a"]["seconds"] == [0.4, 0.4, 0.4] and out["b"]["ttft"] == [0.1, 0.1, 0.1]
+    assert out["a"]["batch_tokens"] == out["a"]["tokens"] and "batch_tokens" not in out["b"]
+    assert len(out["a"]["prefill_seconds"]) == len(out["b"]["prefill_seconds"]) == 3
+    timed = [c for c in calls if c[2] == 4 and c[1] == 1]  # after the warm-ups: the batch-1 turns
+    assert [c[0] for c in timed] == ["a", "b", "b", "a", "a", "b"]  # who goes first alternates
+    assert ("b", 3, 8) not in calls and ("a", 3, 8) in calls  # warm-up of the batch shape where it batches
