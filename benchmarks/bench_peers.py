@@ -398,6 +398,14 @@ def render(data: dict) -> str:
                      f"| {r['prefill_tokens_per_s']:,.0f} | {r['agreement']:.1%} ({r['common_prefix']:.0f}) | {mb} | {gbs} | {share} |")
     copies = sorted({f"{r['copy_GBps']:.1f}" for r in rows if r.get("copy_GBps")})
     lines += ["", f"Copy bandwidth ({meta['threads']} threads, read + write) in the runs merged here: {', '.join(copies)} GB/s."]
+    runs: dict = {}
+    for r in rows:
+        if r.get("load_average"):
+            runs.setdefault(tuple(r["load_average"]), []).append(ENGINE_NAMES[r["engine"]] if r["engine"] != "ours" else
+                                                                  f"{r['label']} {r['weights']}")
+    if runs:
+        lines += ["", "1-minute load average at the start and the end of each run (2 cores; above 1, other work shared the "
+                      "machine): " + "; ".join(f"{a:.2f} / {b:.2f} ({', '.join(dict.fromkeys(names))})" for (a, b), names in runs.items()) + "."]
     lines += gaps(rows)
     versions = ", ".join(f"{k} {v}" for k, v in sorted(data.get("versions", {}).items()))
     if versions:
@@ -500,6 +508,9 @@ def drive(args) -> None:
         if not r.get("error"):
             log(f"{r['label']} {r['weights']} {r['step']}: {r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.2f} ms/step, "
                 f"batch 8 {r.get('batch8_tokens_per_s', 0):.1f}, prefill {r['prefill_tokens_per_s']:.0f}, agreement {r['agreement']:.1%}")
+    loads = [meta["load_average"], round(os.getloadavg()[0], 2)]  # 1-minute load average at the start and the end
+    for r in rows:
+        r["load_average"] = loads
     data = {"meta": harness.merge_meta(old.get("meta", {}), meta), "prompts": prompts, "reference": ref,
             "versions": {**old.get("versions", {}), **versions, "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
