@@ -533,9 +533,11 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true", help="only redraw peers.md from peers.json")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
+    from quicksilver import QuicksilverError
+
     try:
         drive(args)
-    except (BenchError, harness.PeerError) as e:
+    except (BenchError, harness.PeerError, QuicksilverError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
