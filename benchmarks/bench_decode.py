@@ -4,7 +4,8 @@ For batch sizes 1 and 8 and 128 new tokens on 8 prompts from the wiki test split
 tokens/s of each side and their ratio (same dtype; and against HF in float32), time to first token, KV-cache bytes (the engine's
 peak against the full cache HF keeps), and greedy agreement with HF's greedy output
 (fraction of identical tokens, and the first step where they differ). HF and the engine
-alternate prompt by prompt after a warm-up. EOS does not stop either side, so both
+alternate group by group after a warm-up, and which of them runs first alternates too
+(``harness.interleaved``). EOS does not stop either side, so both
 produce exactly ``--new-tokens`` tokens. Usage:
 
     python benchmarks/bench_decode.py [--new-tokens 128] [--out docs/results] [--dtype auto] [--threads N]
@@ -15,66 +16,36 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from quicksilver import load_corpus, load_model
-from quicksilver.config import PRESETS, Config
-from quicksilver.engine import Engine
-from quicksilver.evaluate import make_engine
-from quicksilver.hardware import describe
-from quicksilver.models import parse_dtype
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (greedy_agreement, header, hf_generate, interleaved, load_results, merge_meta, merge_rows,  # noqa: E402
+                     pad_id, run_meta, timed, wiki_prompts, write_results)
+from quicksilver import compiled, generate  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.config import PRESETS, Config  # noqa: E402
+from quicksilver.engine import Engine  # noqa: E402
+from quicksilver.evaluate import make_engine  # noqa: E402
+from quicksilver.models import parse_dtype  # noqa: E402
+
+PROMPT_LENGTHS = [24 + (i * 5) % 41 for i in range(8)]  # 24..59 tokens: varied lengths
 
 
-def prompts_from_corpus(tok, n: int = 8) -> list[list[int]]:
-    """The opening paragraph of n test articles, cut to 24..64 tokens (varied lengths)."""
-    out = []
-    for i, doc in enumerate(load_corpus("wiki", "test").documents[:n]):
-        ids = tok(doc.split("\n\n", 2)[1], add_special_tokens=False).input_ids
-        out.append(ids[: 24 + (i * 5) % 41])
-    return out
+def hf_side(model, tok, new_tokens: int):
+    """HF ``generate`` on one group: (tokens per row, seconds, time to first token)."""
+    pad = pad_id(tok)
 
+    def run(group):
+        ttft = timed(lambda: hf_generate(model, group, 1, pad))[1]
+        tokens, seconds = hf_generate(model, group, new_tokens, pad)
+        return tokens, seconds, ttft
 
-def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int):
-    """HF greedy generate on a left-padded batch; returns (tokens per row, seconds, ttft seconds)."""
-    width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    dev = model.device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None)
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, **kw)
-    _sync(dev)
-    ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    _sync(dev)
-    seconds = time.perf_counter() - t0
-    return out[:, width:].tolist(), seconds, ttft
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def agreement(ours: list[list[int]], ref: list[list[int]]) -> tuple[float, int | None]:
-    same = total = 0
-    first = None
-    for a, b in zip(ours, ref):
-        for step, (x, y) in enumerate(zip(a, b)):
-            same += x == y
-            total += 1
-            if x != y and (first is None or step < first):
-                first = step
-    return same / max(total, 1), first
+    return run
 
 
 def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eager") -> dict | None:
@@ -85,25 +56,20 @@ def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eage
     """
     os.environ["QUICKSILVER_COMPILE"] = "1" if step == "compiled" else "0"
     engine = make_engine(model, tok, Config.preset(name))
-    if step == "compiled" and engine._step_key is None:
+    if step == "compiled" and compiled.structure(engine) is None:
         return None  # the compiled step does not apply to this preset's mechanisms
     t0 = time.perf_counter()
-    engine.generate([torch.tensor(p) for p in groups[0]], 4)  # warm-up (kernel choice; compiling)
+    generate(engine, [torch.tensor(p) for p in groups[0]], 4)  # warm-up (kernel choice; compiling)
     warm_s = time.perf_counter() - t0
-    hf_tokens, hf_s, hf_ttft, qs_tokens, qs_s, qs_ttft, kv, kv_full = [], 0.0, 0.0, [], 0.0, 0.0, 0, 0
-    for group in groups:
-        toks, s, ttft = hf_generate(model, tok, group, new_tokens)
-        hf_tokens += toks
-        hf_s += s
-        hf_ttft += ttft
-        r = engine.generate([torch.tensor(p) for p in group], new_tokens)
-        qs_tokens += r.tokens
-        qs_s += r.total_seconds
-        qs_ttft += r.time_to_first_token
-        kv += r.kv_bytes
-        kv_full += r.kv_full_bytes
+    runs = interleaved({"hf": hf_side(model, tok, new_tokens),
+                        "engine": lambda group: generate(engine, [torch.tensor(p) for p in group], new_tokens)}, groups)
+    hf_tokens = [t for toks, _, _ in runs["hf"] for t in toks]
+    hf_s, hf_ttft = sum(s for _, s, _ in runs["hf"]), sum(t for _, _, t in runs["hf"])
+    qs_tokens = [t for r in runs["engine"] for t in r.tokens]
+    qs_s, qs_ttft = sum(r.total_seconds for r in runs["engine"]), sum(r.time_to_first_token for r in runs["engine"])
+    kv, kv_full = sum(r.kv_bytes for r in runs["engine"]), sum(r.kv_full_bytes for r in runs["engine"])
     n = sum(len(t) for t in qs_tokens)
-    agree, first = agreement(qs_tokens, hf_tokens)
+    agree, first = greedy_agreement(qs_tokens, hf_tokens)
     row = {
         "preset": name, "dtype": str(model.dtype).removeprefix("torch."), "batch": len(groups[0]), "new_tokens": n,
         "hf_tokens_per_s": sum(len(t) for t in hf_tokens) / hf_s, "tokens_per_s": n / qs_s,
@@ -117,13 +83,9 @@ def run_preset(model, tok, name: str, groups, new_tokens: int, step: str = "eage
 
 def hf_rate(model, tok, groups, new_tokens: int) -> float:
     """HF ``generate`` tokens/s over the groups (the float32 reference a default user gets)."""
-    hf_generate(model, tok, groups[0], 4)
-    n = s = 0
-    for group in groups:
-        toks, secs, _ = hf_generate(model, tok, group, new_tokens)
-        n += sum(len(t) for t in toks)
-        s += secs
-    return n / s
+    hf_generate(model, groups[0], 4, pad_id(tok))
+    runs = [hf_generate(model, group, new_tokens, pad_id(tok)) for group in groups]
+    return sum(len(t) for toks, _ in runs for t in toks) / sum(s for _, s in runs)
 
 
 def main() -> None:
@@ -131,7 +93,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--presets", default="off,fast," + ",".join(p for p in PRESETS if p not in ("off", "fast")))
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/notes/gpu.py)")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where native), float32, bfloat16")
     ap.add_argument("--model", default="smollm2-135m", help="offline name, .gguf file, folder or hub id")
     ap.add_argument("--batches", default="1,8")
@@ -145,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_at_start = round(os.getloadavg()[0], 2)
+    meta = run_meta(args.device)
     dtype = parse_dtype(args.dtype, args.device)
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
     model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
@@ -153,12 +115,12 @@ def main() -> None:
     if dtype != torch.float32:  # the float32 stock model: what a user gets by default, and the equality check
         model32, _ = load_model(args.model, dtype="float32", device=args.device)
         model32.generation_config.eos_token_id = None
-    prompts = prompts_from_corpus(tok)
+    prompts = wiki_prompts(tok, PROMPT_LENGTHS)
     spec = Engine(model).spec
     rows = []
     for batch in map(int, args.batches.split(",")):
         groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-        hf_generate(model, tok, groups[0], 4)  # warm-up
+        hf_generate(model, groups[0], 4, pad_id(tok))  # warm-up
         hf32 = hf_rate(model32, tok, groups, args.new_tokens) if model32 is not None else None
         runs = [(model, name) for name in args.presets.split(",")]
         if model32 is not None and not args.skip_float32_check:
@@ -173,34 +135,23 @@ def main() -> None:
             print(f"batch {batch} {name} {row['dtype']} {step}: {row['tokens_per_s']:.1f} tok/s vs HF {row['hf_tokens_per_s']:.1f} "
                   f"({row['speed_ratio']:.2f}x; {row['vs_hf_float32']:.2f}x HF float32), agreement {row['greedy_agreement']:.1%}, "
                   f"first divergence {row['first_divergence']}", file=sys.stderr, flush=True)
-    meta = {
-        "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": describe(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "n_layers": spec.n_layers, "load_average_at_start": load_at_start,
-    }
+    meta["n_layers"] = spec.n_layers
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    commands = [meta["command"]]
-    if args.merge and (out / "decode.json").is_file():
-        import json
-
-        old = json.loads((out / "decode.json").read_text())
+    old = load_results(out / "decode.json") if args.merge else {}
+    if old:
         ident = lambda r: (r["batch"], r["preset"], r["dtype"], r.get("step", "eager"))  # noqa: E731
-        mine = {ident(r) for r in rows}
-        rows = [r for r in old["rows"] if ident(r) not in mine] + rows
+        rows = merge_rows(old["rows"], rows, ident)
         rows.sort(key=lambda r: (r["batch"], r["dtype"] != str(model.dtype).removeprefix("torch."), r["preset"] != "off",
                                  r["preset"], r.get("step", "eager") != "eager"))
-        commands = old["meta"].get("commands", [old["meta"]["command"]]) + commands
-    meta["commands"] = commands
-    write_json_atomic(out / "decode.json", {"meta": meta, "rows": rows})
-    lines = [f"Command: {' + '.join(f'`{c}`' for c in commands)} — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-             f"{args.model}, 8 wiki prompts of 24-64 tokens, {args.new_tokens} new tokens each, greedy. "
-             "`ratio`: against HF `generate` on the same model in the same dtype, same run; `vs HF fp32`: against "
-             "HF `generate` in float32 (what a user gets without choosing a dtype). Agreement is with HF's greedy "
-             "tokens in the row's own dtype. `step`: the engine's layer loop op by op (`eager`) or its compiled "
-             "decode step (`compiled`, `quicksilver.compiled`; `warm-up s` includes compiling it). "
-             f"Load average at start: {meta['load_average_at_start']}.", "",
+        meta = merge_meta(old["meta"], meta)
+    what = (f"{args.model}, 8 wiki prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.new_tokens} new "
+            "tokens each, greedy. `ratio`: against HF `generate` on the same model in the same dtype, same run (HF and the "
+            "engine alternate group by group, which of them runs first alternating too); `vs HF fp32`: against "
+            "HF `generate` in float32 (what a user gets without choosing a dtype). Agreement is with HF's greedy "
+            "tokens in the row's own dtype. `step`: the engine's layer loop op by op (`eager`) or its compiled "
+            "decode step (`compiled`, `quicksilver.compiled`; `warm-up s` includes compiling it). "
+            f"Load average at start: {meta['load_average']}.")
+    lines = [header(meta, what), "",
              "| batch | preset | dtype | step | tok/s | HF tok/s | ratio | vs HF fp32 | TTFT ms | HF TTFT ms | KV bytes vs full "
              "| greedy agreement | first divergence | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -210,7 +161,7 @@ def main() -> None:
                      f"| {r['ttft_ms']:.0f} | {r['hf_ttft_ms']:.0f} | {r['kv_bytes'] / max(r['kv_full_bytes'], 1):.1%} "
                      f"| {r['greedy_agreement']:.1%} | {r['first_divergence'] if r['first_divergence'] is not None else 'none'} "
                      f"| {r.get('warm_up_s', float('nan')):.1f} |")
-    write_atomic(out / "decode.md", "\n".join(lines) + "\n")
+    write_results(out, "decode", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

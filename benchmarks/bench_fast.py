@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from quicksilver import load_model
-from quicksilver.config import Config
-from quicksilver.evaluate import evaluate_model
-from quicksilver.hardware import describe
-from quicksilver.models import parse_dtype
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta, write_results  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.config import Config  # noqa: E402
+from quicksilver.evaluate import evaluate_model  # noqa: E402
+from quicksilver.models import parse_dtype  # noqa: E402
 
 PROMISE = 0.01  # the fast preset's budget: relative perplexity increase on text it was not tuned on
 
@@ -67,12 +67,11 @@ def main() -> None:
                 rows.append(row)
                 print(f"{corpus} w{window} {preset}: ppl {row['perplexity']:.3f} ({row['relative_delta']:+.2%}), "
                       f"{row['speedup']:.2f}x same dtype, {row['vs_fp32']:.2f}x fp32", file=sys.stderr, flush=True)
-    cmd = "python benchmarks/bench_fast.py " + " ".join(sys.argv[1:])
-    header = (f"Command: `{cmd}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; "
-              f"smollm2-135m, test splits (never tuned on), first {args.tokens} tokens, prefill (teacher-forced) "
+    meta = run_meta()
+    head = header(meta, f"smollm2-135m, test splits (never tuned on), first {args.tokens} tokens, prefill (teacher-forced) "
               f"windows; each preset against the stock model in {name} interleaved window by window; the stock model "
               "in float32 in the same process.")
-    lines = [header, "", f"| corpus | window | preset | PPL float32 stock | PPL {name} stock | PPL preset | rel. change | "
+    lines = [head, "", f"| corpus | window | preset | PPL float32 stock | PPL {name} stock | PPL preset | rel. change | "
              f"top-1 agree | tok/s | speedup vs stock {name} | vs stock float32 | promise (1%) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -80,9 +79,7 @@ def main() -> None:
         lines.append(f"| {r['corpus']} | {r['window']} | {r['preset']} | {r['stock_fp32_perplexity']:.3f} | {r['stock_perplexity']:.3f} "
                      f"| {r['perplexity']:.3f} | {r['relative_delta']:+.2%} | {r['top1_agreement']:.1%} | {r['tokens_per_s']:.0f} "
                      f"| {r['speedup']:.2f}x | {r['vs_fp32']:.2f}x | {held} |")
-    out = Path(args.out)
-    write_json_atomic(out / "fast.json", {"header": header, "rows": rows})
-    write_atomic(out / "fast.md", "\n".join(lines) + "\n")
+    write_results(Path(args.out), "fast", {"header": head, "meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

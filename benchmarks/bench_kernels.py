@@ -14,32 +14,21 @@ chose (``quicksilver.kernels``), remeasured here and saved as the cached choice.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import copy_bandwidth, header, run_meta, write_results  # noqa: E402
 from quicksilver import attn_kernels as AK  # noqa: E402
-from quicksilver import kernels as K
-from quicksilver import native
-from quicksilver.adapters import adapter_for
-from quicksilver.hardware import describe
-from quicksilver.models import load_model
-from quicksilver.quant import quantize_int8
-from quicksilver.results_io import write_atomic, write_json_atomic
-
-
-def copy_bandwidth(mb: int = 512) -> float:
-    """GB/s of a plain copy of ``mb`` MB (bytes read + bytes written), median of 5."""
-    a = torch.empty(mb * 2**20, dtype=torch.uint8)
-    a.fill_(1)
-    b = torch.empty_like(a)
-    t = K.time_call(lambda: b.copy_(a), reps=5, budget_s=5)
-    return 2 * a.numel() / t / 1e9
+from quicksilver import kernels as K  # noqa: E402
+from quicksilver import native  # noqa: E402
+from quicksilver.adapters import adapter_for  # noqa: E402
+from quicksilver.models import load_model  # noqa: E402
+from quicksilver.quant import quantize_int8  # noqa: E402
 
 
 def nested(weight: torch.Tensor, group: int | None) -> K.NestedWeight:
@@ -63,7 +52,7 @@ def main() -> None:
               "down": lins["down"].weight, "qkv fused": torch.cat([lins[n].weight for n in "qkv"]),
               "gate+up fused": torch.cat([lins["gate"].weight, lins["up"].weight]), "LM head": A.head_linear().weight}
     bw = copy_bandwidth()
-    rows_out, table, dense = [], {}, {}
+    rows_out, dense = [], {}
     for label, w in shapes.items():
         for bits in (8, 4):
             group = None  # per output channel: every kernel applies (group-32 int4 runs int4pack or dequant)
@@ -98,10 +87,8 @@ def main() -> None:
             t = K.time_call(lambda: [K.matmul(nw, x1[nw.shape[1]], bits, kernel=name) for nw in nws], reps=5, budget_s=3)
             nbytes = sum(K.bytes_read(name, nw.codes.numel(), dtype) for nw in nws)
             sequence[f"int{bits} {name} (group {group})"] = (t, nbytes)
-    header = (f"Command: `python benchmarks/bench_kernels.py --out {args.out}` — "
-              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; {native.describe()}; "
-              f"activations {args.dtype}; medians of repeated runs, one kernel after another.")
-    lines = [header, "", f"Copy bandwidth (read + write): **{bw:.1f} GB/s**.", "",
+    head = header(run_meta(), f"{native.describe()}; activations {args.dtype}; medians of repeated runs, one kernel after another.")
+    lines = [head, "", f"Copy bandwidth (read + write): **{bw:.1f} GB/s**.", "",
              "**Decode working set**: all 210 decoder linears + LM head at one row, in sequence (one decode step's matmuls):", "",
              "| kernel | ms per step | weight MB read | GB/s | share of copy bandwidth |", "|---|---|---|---|---|"]
     for name, (t, nbytes) in sequence.items():
@@ -142,11 +129,9 @@ def main() -> None:
                   "| tokens | sdpa ms | native ms | native speedup |", "|---|---|---|---|"]
         for t, us in causal.items():
             lines.append(f"| {t:,} | {us['sdpa'] / 1e3:.2f} | {us['native'] / 1e3:.2f} | {us['sdpa'] / us['native']:.2f}x |")
-    out = Path(args.out)
-    write_atomic(out / "kernels.md", "\n".join(lines) + "\n")
-    write_json_atomic(out / "kernels.json", {"header": header, "copy_GBps": bw, "rows": rows_out,
-                                              "sequence": {k: {"seconds": t, "bytes": b} for k, (t, b) in sequence.items()},
-                                              "decode_attention_us": attention, "causal_attention_us": causal})
+    write_results(Path(args.out), "kernels", {"header": head, "copy_GBps": bw, "rows": rows_out,
+                                               "sequence": {k: {"seconds": t, "bytes": b} for k, (t, b) in sequence.items()},
+                                               "decode_attention_us": attention, "causal_attention_us": causal}, "\n".join(lines))
     print("\n".join(lines))
 
 

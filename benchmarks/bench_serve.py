@@ -23,30 +23,25 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see the serve command in cli.py
 
-import httpx
-import torch
+import httpx  # noqa: E402
+import torch  # noqa: E402
 
-from quicksilver import load_corpus, load_model
-from quicksilver.config import Config
-from quicksilver.evaluate import make_engine
-from quicksilver.hardware import describe
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, header, run_meta, wiki_prompts, write_results  # noqa: E402
+from quicksilver import generate  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.config import Config  # noqa: E402
+from quicksilver.evaluate import make_engine  # noqa: E402
 
 
 def prompts_from_corpus(tok, n: int) -> list[str]:
     """Openings of n wiki test articles, cut to 12..48 tokens (varied lengths), as text."""
-    out = []
-    for i, doc in enumerate(load_corpus("wiki", "test").documents[:n]):
-        ids = tok(doc.split("\n\n", 2)[1], add_special_tokens=False).input_ids
-        out.append(tok.decode(ids[: 12 + (i * 7) % 37]))
-    return out
+    return [tok.decode(ids) for ids in wiki_prompts(tok, [12 + (i * 7) % 37 for i in range(n)])]
 
 
 def references(args, prompts: list[str]) -> dict[str, str]:
@@ -55,7 +50,7 @@ def references(args, prompts: list[str]) -> dict[str, str]:
     engine = make_engine(model, tok, Config.preset(args.preset))
     out = {}
     for p in prompts:
-        r = engine.generate(torch.tensor(tok(p).input_ids), args.max_tokens, eos_token_id=tok.eos_token_id)
+        r = generate(engine, torch.tensor(tok(p).input_ids), args.max_tokens, eos_token_id=tok.eos_token_id)
         out[p] = tok.decode(r.tokens[0], skip_special_tokens=True)
     return out
 
@@ -260,30 +255,25 @@ def main() -> None:
     seq = next(r for r in rows if r["mode"] == "one-at-a-time")
     for r in rows:
         r["speedup_vs_one_at_a_time"] = r["tokens_per_second"] / seq["tokens_per_second"]
-    meta = {
-        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": describe(), "torch": torch.__version__,
-        "model": args.model, "preset": args.preset, "dtype": args.dtype, "max_tokens": args.max_tokens,
-        "max_batch": args.max_batch, "prompts": len(prompts),
+    meta = run_meta(
+        model=args.model, preset=args.preset, dtype=args.dtype, max_tokens=args.max_tokens, max_batch=args.max_batch,
+        prompts=len(prompts),
         # Load average (1 min) before and after the timed levels; QS_QUIET: other processes were paused.
-        "load_1min": [round(load_before[0], 2), round(load_after[0], 2)], "quiet": os.environ.get("QS_QUIET") == "1",
-    }
+        load_1min=[round(load_before[0], 2), round(load_after[0], 2)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "serve.json", {"meta": meta, "rows": rows})
     plot(rows, out / "serve_latency.png", f"quicksilver serve, {args.model} {args.dtype}, preset {args.preset}, "
                                           f"{args.max_tokens} new tokens per request ({meta['date']})")
     total = sum(r["requests"] for r in rows)
+    what = (f"load average {meta['load_1min'][0]:.1f} before, {meta['load_1min'][1]:.1f} after"
+            f"{' (other processes paused: /work/bin/quiet)' if meta['quiet'] else ' (machine shared with other work)'}; "
+            f"{args.model} {args.dtype}, preset `{args.preset}`, {len(prompts)} wiki prompts of 12-48 tokens, greedy, "
+            f"{args.max_tokens} new tokens at most per request (EOS may end one earlier), streamed; {total} requests in all. "
+            f"Continuous batching: `--max-batch {args.max_batch}`; one-at-a-time: `--max-batch 1`; both servers up at once, "
+            "one-at-a-time measured in two halves, before and after the continuous levels. Every response is checked against "
+            "the same prompt's greedy output generated alone in the benchmark's process.")
     lines = [
-        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']} — load average "
-        f"{meta['load_1min'][0]:.1f} before, {meta['load_1min'][1]:.1f} after"
-        f"{' (other processes paused: /work/wt/bin/quiet)' if meta['quiet'] else ' (machine shared with other work)'}; "
-        f"{args.model} {args.dtype}, preset `{args.preset}`, {len(prompts)} wiki prompts of 12-48 tokens, greedy, "
-        f"{args.max_tokens} new tokens at most per request (EOS may end one earlier), streamed; {total} requests in all. "
-        f"Continuous batching: `--max-batch {args.max_batch}`; one-at-a-time: `--max-batch 1`; both servers up at once, "
-        "one-at-a-time measured in two halves, before and after the continuous levels. Every response is checked against "
-        "the same prompt's greedy output generated alone in the benchmark's process.",
+        header(meta, what),
         "",
         "| server | clients | requests | errors | mismatched or cut | tokens/s | vs one-at-a-time | TTFT p50 | TTFT p95 | latency p50 | latency p95 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -292,8 +282,8 @@ def main() -> None:
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['mismatched']} | {r['tokens_per_second']:.1f} "
                      f"| {r['speedup_vs_one_at_a_time']:.2f}x | {r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['latency_p50']:.2f} s "
                      f"| {r['latency_p95']:.2f} s |")
-    lines += ["", f"![latency and throughput against concurrency](results/serve_latency.png)"]
-    write_atomic(out / "serve.md", "\n".join(lines) + "\n")
+    lines += ["", "![latency and throughput against concurrency](results/serve_latency.png)"]
+    write_results(out, "serve", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -34,11 +32,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_decode import _sync, agreement  # noqa: E402  (the same greedy agreement as the decode table)
+from harness import (greedy_agreement, header, hf_generate, interleaved, load_results, merge_meta, merge_rows,  # noqa: E402
+                     pad_id, run_meta, write_results)
+from quicksilver import generate  # noqa: E402
 from quicksilver import load_model  # noqa: E402
 from quicksilver.config import Config  # noqa: E402
 from quicksilver.engine import Engine  # noqa: E402
-from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
+from quicksilver.results_io import write_atomic  # noqa: E402
 
 # name -> speculative settings (None: the engine with speculation off)
 SYSTEMS = {
@@ -64,20 +64,6 @@ def load_prompts(tok, quick: bool) -> list[dict]:
     return prompts
 
 
-def hf_generate(model, tok, prompts: list[list[int]], new_tokens: int, **extra):
-    """HF greedy generate on a left-padded batch: (tokens per row, seconds)."""
-    width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    dev = model.device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-    t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None,
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, **extra)
-    _sync(dev)
-    return out[:, width:].tolist(), time.perf_counter() - t0
-
-
 def run_dtype(dtype: str, args, log) -> list[dict]:
     model, tok = load_model("smollm2-135m", dtype=dtype)
     model.generation_config.eos_token_id = None
@@ -99,30 +85,31 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
             if batch > 1 and len(group_all) < batch:  # fill a batch of 8 by repeating the kind's prompts
                 groups = [(group_all * batch)[:batch]]
             # Warm-up (kernel choices, allocator) on the first group, a few tokens.
-            hf_generate(model, tok, groups[0], 4)
+            hf_generate(model, groups[0], 4, pad_id(tok))
             for e in engines.values():
-                e.generate([torch.tensor(p) for p in groups[0]], 12)
-            res: dict[str, dict] = {}
+                generate(e, [torch.tensor(p) for p in groups[0]], 12)
             systems = ["hf"] + (["hf-lookup"] if batch == 1 else []) + list(engines)
-            for s in systems:
-                res[s] = {"tokens": [], "seconds": 0.0, "spec": []}
-            for group in groups:  # systems alternate group by group
-                for s in systems:
-                    if s.startswith("hf"):
-                        extra = {"prompt_lookup_num_tokens": 10} if s == "hf-lookup" else {}
-                        toks, sec = hf_generate(model, tok, group, args.new_tokens, **extra)
-                    else:
-                        r = engines[s].generate([torch.tensor(p) for p in group], args.new_tokens)
-                        toks, sec = r.tokens, r.total_seconds
-                        if getattr(r, "speculative", None):
-                            res[s]["spec"].append(r.speculative)
-                    res[s]["tokens"] += toks
-                    res[s]["seconds"] += sec
+
+            def side(s):
+                if s.startswith("hf"):
+                    extra = {"prompt_lookup_num_tokens": 10} if s == "hf-lookup" else {}
+                    return lambda group: (*hf_generate(model, group, args.new_tokens, pad_id(tok), **extra), None)
+                engine = engines[s]
+
+                def run(group):
+                    r = generate(engine, [torch.tensor(p) for p in group], args.new_tokens)
+                    return r.tokens, r.total_seconds, getattr(r, "speculative", None)
+                return run
+
+            # systems alternate group by group, and so does which of them runs first
+            runs = interleaved({s: side(s) for s in systems}, groups)
+            res = {s: {"tokens": [t for toks, _, _ in runs[s] for t in toks], "seconds": sum(sec for _, sec, _ in runs[s]),
+                       "spec": [x for _, _, x in runs[s] if x]} for s in systems}
             hf_tps = sum(map(len, res["hf"]["tokens"])) / res["hf"]["seconds"]
             plain = res["off"]["tokens"] if "off" in res else res["hf"]["tokens"]
             for s in systems:
                 n = sum(map(len, res[s]["tokens"]))
-                agree, first = agreement(res[s]["tokens"], plain)
+                agree, first = greedy_agreement(res[s]["tokens"], plain)
                 row = {"dtype": dtype, "batch": batch, "kind": kind, "system": s, "prompts": len(group_all),
                        "new_tokens": n, "tokens_per_s": n / res[s]["seconds"], "speed_ratio": n / res[s]["seconds"] / hf_tps,
                        "agreement_with_plain": agree, "first_divergence": first}
@@ -142,10 +129,9 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    cmds = " + ".join(f"`{c}`" for c in meta.get("commands", [meta["command"]]))
-    lines = [f"Commands: {cmds} (each through `/work/wt/bin/quiet`: nothing else ran meanwhile; 1-minute load average at each start, lagging the pause: "
-             f"{', '.join(map(str, meta.get('load', [])))}) — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-             f"smollm2-135m, {meta['new_tokens']} new tokens per prompt, greedy, EOS ignored. {meta['note']}", "",
+    what = (f"1-minute load average at each start: {', '.join(map(str, meta.get('load', [])))}; smollm2-135m, "
+            f"{meta['new_tokens']} new tokens per prompt, greedy, EOS ignored. {meta['note']}")
+    lines = [header(meta, what), "",
              "| dtype | batch | prompts | system | tok/s | vs HF generate | agreement with plain greedy | first divergence "
              "| acceptance | tokens / verify | accepted by source |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -162,8 +148,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def pass_costs(args, log) -> str:
     """What one pass costs at batch 1 (bfloat16, 500 cached tokens): the verifier over 1..33 rows, a draft pass of each model source."""
     from quicksilver.cache import SequenceCache
-    from quicksilver.generate import prefill
-    from quicksilver.speculative import draft_engine
+    from quicksilver.decoding import prefill
+    from quicksilver.decoding.speculative import draft_engine
 
     model, _ = load_model("smollm2-135m", dtype="bfloat16")
     base = Engine(model, Config())
@@ -187,8 +173,7 @@ def pass_costs(args, log) -> str:
                     times.setdefault((name, k), []).append(time.perf_counter() - t0)
                     caches[name].truncate(500)
     one = sorted(times[("verifier (bf16)", 1)])[3]
-    lines = [f"Pass costs: `python benchmarks/bench_speculative.py --costs` — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} — "
-             f"one engine pass at batch 1 after a 500-token prefill, bfloat16, median of 7 interleaved runs.", "",
+    lines = [header(run_meta(), "one engine pass at batch 1 after a 500-token prefill, bfloat16, median of 7 interleaved runs."), "",
              "| pass | rows | ms | vs one verifier row |", "|---|---|---|---|"]
     for (name, k), ts in times.items():
         ms = sorted(ts)[3]
@@ -224,8 +209,6 @@ def main() -> None:
     args.kinds = [k for k in args.kinds.split(",") if k]
     if any(k not in KINDS for k in args.kinds):
         sys.exit(f"error: --kinds takes {', '.join(KINDS)}")
-    from quicksilver.hardware import describe
-
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -233,34 +216,23 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.out) / "speculative_costs.md", pass_costs(args, log))
         return
-    load = os.getloadavg()[0]
+    meta = run_meta(new_tokens=args.new_tokens,
+                    note="Ratios are within one run (the systems alternate prompt group by prompt group, and which of them "
+                         "runs first rotates)." + (" Quick run: two prompts per kind." if args.quick else ""))
+    meta["load"] = [meta["load_average"]]
     rows = []
     for dtype in args.dtypes.split(","):
         rows += run_dtype(dtype, args, log)
-    command = "python benchmarks/bench_speculative.py " + " ".join(sys.argv[1:])
-    meta = {
-        "command": command, "commands": [command],
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": describe(),
-        "torch": torch.__version__, "new_tokens": args.new_tokens, "load": [round(load, 2)],
-        "note": "Ratios are within one run (HF and the engine alternate prompt group by prompt group)."
-                + (" Quick run: two prompts per kind." if args.quick else ""),
-    }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.merge and (out / "speculative.json").is_file():
-        old = json.loads((out / "speculative.json").read_text())
+    old = load_results(out / "speculative.json") if args.merge else {}
+    if old:
         if old["meta"]["new_tokens"] != args.new_tokens:
             sys.exit(f"error: --merge into a run of {old['meta']['new_tokens']} new tokens, not {args.new_tokens}")
-        key = lambda r: (r["dtype"], r["batch"], r["kind"], r["system"])  # noqa: E731
-        mine = {key(r) for r in rows}
-        rows = [r for r in old["rows"] if key(r) not in mine] + rows
+        rows = merge_rows(old["rows"], rows, lambda r: (r["dtype"], r["batch"], r["kind"], r["system"]))
         order = {k: i for i, k in enumerate(KINDS)}
         rows.sort(key=lambda r: (r["dtype"] != "bfloat16", r["batch"], order[r["kind"]]))
-        meta["commands"] = old["meta"].get("commands", [old["meta"]["command"]]) + [command]
-        meta["load"] = old["meta"].get("load", []) + meta["load"]
-        meta["date"] = f"{old['meta']['date'].split(' – ')[0]} – {meta['date']}"
-    write_json_atomic(out / "speculative.json", {"meta": meta, "rows": rows})
-    write_atomic(out / "speculative.md", markdown(meta, rows))
+        meta = {**merge_meta(old["meta"], meta), "load": old["meta"].get("load", []) + meta["load"]}
+    write_results(out, "speculative", {"meta": meta, "rows": rows}, markdown(meta, rows))
     bad = [r for r in rows if r["dtype"] == "float32" and r["system"] in SYSTEMS and r["agreement_with_plain"] < 1]
     for r in bad:
         log(f"NOT EQUAL in float32: {r['system']} batch {r['batch']} {r['kind']} (first divergence {r['first_divergence']})")

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
-from quicksilver import load_model
-from quicksilver.calibrate import calibrate
-from quicksilver.corpora import OFFLINE_CORPORA
-from quicksilver.hardware import describe
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.calibrate import calibrate  # noqa: E402
+from quicksilver.corpora import OFFLINE_CORPORA  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 BUDGETS = (0.005, 0.01, 0.02)
 
@@ -78,14 +77,7 @@ def main() -> None:
 
 def write_tables(runs: list[dict], args, loaded, pending: list[str]) -> None:
     out = Path(args.out)
-    meta = {
-        "command": "python benchmarks/calibrate_budgets.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": describe(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "dtype": str(loaded[0].dtype).removeprefix("torch."),
-    }
+    meta = run_meta(dtype=str(loaded[0].dtype).removeprefix("torch."))
     runs = [{**r, "meta": meta} for r in runs]
     previous = out / "calibration.json"
     if previous.is_file():  # keep the runs of objectives this invocation did not run, searched on the same corpora
@@ -102,8 +94,7 @@ def markdown(runs: list[dict], args, pending: list[str] = ()) -> str:
     windows = [args.window, *[w for w in args.also_windows if w != args.window]]
     suffixes = [""] + [f"@{w}" for w in windows[1:]]
     lines = [
-        "; ".join(f"Command: `{m['command']}` — {m['date']} — {m['machine']} — torch {m['torch']}, Python {m.get('python', '?')}"
-                  for m in metas)
+        "; ".join(header({**m, "commands": [m["command"]]}) for m in metas)
         + f"; smollm2-135m {metas[0].get('dtype', 'float32')} (the stock model in the same dtype), "
         f"{' and '.join(str(w) for w in windows)}-token windows, first {args.tokens} tokens of each split. Searched on the "
         f"calibration splits of {', '.join(f'`{c}`' for c in corpora)} together, at {' and '.join(str(w) for w in windows)} "

@@ -15,19 +15,21 @@ it here: the relative error of its output). Writes ``compile_dequant.md``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from quicksilver import kernels as K
-from quicksilver.adapters import adapter_for
-from quicksilver.hardware import describe
-from quicksilver.models import load_model
-from quicksilver.quant import quantize_int8
-from quicksilver.results_io import write_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import kernels as K  # noqa: E402
+from quicksilver.adapters import adapter_for  # noqa: E402
+from quicksilver.models import load_model  # noqa: E402
+from quicksilver.quant import quantize_int8  # noqa: E402
+from quicksilver.results_io import write_atomic  # noqa: E402
 
 
 def dequant_matmul(x, codes, scales):
@@ -63,11 +65,9 @@ def main() -> None:
                 times[k] = K.time_call(lambda: run(w, x), reps=50, budget_s=0.5) * 1e6
             rows_out.append((name, tuple(weight.shape), n, times, same))
     names = sorted({k for *_, t, _ in rows_out for k in t if k != "compiled"})
-    header = (f"Command: `python benchmarks/compile_dequant.py --out {args.out}` — "
-              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; int8 codes, "
-              "one scale per output channel, bfloat16 activations, weights warm in cache, medians in microseconds. "
-              f"Compiling took {compile_s:.1f} s in all (16 shapes x row counts).")
-    lines = [header, "", "| linear | shape | rows | compiled | " + " | ".join(names) + " | compiled / fastest other | relative error vs dequant |",
+    head = header(run_meta(), "int8 codes, one scale per output channel, bfloat16 activations, weights warm in cache, medians in "
+                              f"microseconds. Compiling took {compile_s:.1f} s in all (16 shapes x row counts).")
+    lines = [head, "", "| linear | shape | rows | compiled | " + " | ".join(names) + " | compiled / fastest other | relative error vs dequant |",
              "|---|---|---|---|" + "---|" * len(names) + "---|---|"]
     for name, shape, n, t, same in rows_out:
         best = min(t[k] for k in names if k in t)

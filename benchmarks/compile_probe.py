@@ -14,15 +14,16 @@ that work for one layer of the default model's shape, eager against ``torch.comp
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from quicksilver.hardware import describe
-from quicksilver.kernels import time_call
-from quicksilver.results_io import write_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, markdown_table, run_meta, write_results  # noqa: E402
+from quicksilver.kernels import time_call  # noqa: E402
 
 
 def layer_rest(h, attn_out, mlp_in_gate_up, q, k, cos, sin, w1, w2, eps: float = 1e-5):
@@ -65,16 +66,15 @@ def main() -> None:
         same = all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
                    for a, b in zip(layer_rest(*inputs), compiled(*inputs)))
         rows_out.append((n, eager_us, comp_us, compile_s, same))
-    header = (f"Command: `python benchmarks/compile_probe.py --out {args.out}` — "
-              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {describe()} — torch {torch.__version__}; "
-              "one layer of smollm2-135m's non-matmul decode work (2 RMSNorms, RoPE on q and k, SiLU * up, "
-              "2 residual adds), bfloat16, medians.")
-    lines = [header, "", "| rows | eager us per layer | torch.compile us per layer | speedup | x 30 layers saves ms per step | first compile s | same values |",
-             "|---|---|---|---|---|---|---|"]
-    for n, e, c, cs, same in rows_out:
-        lines.append(f"| {n} | {e:.0f} | {c:.0f} | {e / c:.2f}x | {(e - c) * 30 / 1e3:.2f} | {cs:.1f} | {'yes' if same else 'NO'} |")
-    write_atomic(Path(args.out) / "compile_probe.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    head = header(run_meta(), "one layer of smollm2-135m's non-matmul decode work (2 RMSNorms, RoPE on q and k, SiLU * up, "
+                              "2 residual adds), bfloat16, medians.")
+    table = markdown_table(["rows", "eager us per layer", "torch.compile us per layer", "speedup", "x 30 layers saves ms per step",
+                            "first compile s", "same values"],
+                           [(n, f"{e:.0f}", f"{c:.0f}", f"{e / c:.2f}x", f"{(e - c) * 30 / 1e3:.2f}", f"{cs:.1f}", "yes" if same else "NO")
+                            for n, e, c, cs, same in rows_out])
+    text = head + "\n\n" + table
+    write_results(Path(args.out), "compile_probe", {"header": head, "rows": rows_out}, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -15,23 +15,24 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from quicksilver import load_model
-from quicksilver.adapters import arch_spec
-from quicksilver.config import Config
-from quicksilver.corpora import load_corpus
-from quicksilver.engine import Engine
-from quicksilver.evaluate import tokenize_documents, window_plan
-from quicksilver.flops import dense_forward_flops
-from quicksilver.results_io import write_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.adapters import arch_spec  # noqa: E402
+from quicksilver.config import Config  # noqa: E402
+from quicksilver.corpora import load_corpus  # noqa: E402
+from quicksilver.engine import Engine  # noqa: E402
+from quicksilver.evaluate import tokenize_documents, window_plan  # noqa: E402
+from quicksilver.flops import dense_forward_flops  # noqa: E402
+from quicksilver.results_io import write_atomic  # noqa: E402
 
 RULES = {"similarity alone (prefix 0, the old rule)": 0, "prefix 2 (the new rule)": 2}
 
@@ -97,11 +98,10 @@ def measure(model, tok, corpus: str, tokens: int, window: int) -> dict:
     return result
 
 
-def markdown(results: list[dict], args, meta: str) -> str:
+def markdown(results: list[dict], args, meta: dict) -> str:
     lines = [
-        f"Command: `{meta}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} — {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} torch threads, busy shared machine; Python {platform.python_version()} (its standard library is "
-        f"the `code` and `pydoc` text); smollm2-135m float32, the `fusion` preset (layer 12, cos >= 0.92, 4 candidates, delta "
+        header(meta) + "; "
+        f"the `code` and `pydoc` text is this Python's standard library; smollm2-135m float32, the `fusion` preset (layer 12, cos >= 0.92, 4 candidates, delta "
         f"output) with each rule, test splits, first {args.tokens} tokens, {args.window}-token windows, each against the stock "
         f"model on the same windows. Windows where a rule fused nothing are the stock model's (the engine's off-identity) and are "
         f"not rerun.",
@@ -136,8 +136,7 @@ def main() -> None:
         results.append(measure(model, tok, corpus, args.tokens, args.window))
         print(f"{corpus}: " + "; ".join(f"{n}: {x['relative_delta_perplexity'] * 100:+.2f}% ({x['fused']} fused)"
                                          for n, x in results[-1]["rules"].items()) + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-    meta = "python benchmarks/fusion_why.py " + " ".join(sys.argv[1:])
-    write_atomic(Path(args.out) / "fusion_why.md", markdown(results, args, meta))
+    write_atomic(Path(args.out) / "fusion_why.md", markdown(results, args, run_meta()))
 
 
 if __name__ == "__main__":

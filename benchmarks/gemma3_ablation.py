@@ -17,18 +17,16 @@ import argparse
 import copy
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from quicksilver import load_model
-from quicksilver.config import Config
-from quicksilver.evaluate import evaluate_model
-from quicksilver.results_io import write_atomic, write_json_atomic
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_engine import ablation_markdown, ablation_rows, machine, row  # noqa: E402
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.config import Config  # noqa: E402
+from quicksilver.evaluate import evaluate_model  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
+from sweep_engine import ablation_markdown, ablation_rows, row  # noqa: E402
 
 MODEL = "gemma3-270m"
 SOURCE_LAYERS, SOURCE_WINDOW = 30, 4096  # where the presets were chosen (SmolLM2-135M)
@@ -61,19 +59,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(MODEL, dtype=args.dtype, device=args.device)
     n_layers = loaded[0].config.num_hidden_layers
-    meta = {
-        "command": "python benchmarks/gemma3_ablation.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(args.device),
-        "torch": torch.__version__,
-        "tokens": args.tokens,
-        "window": args.window,
-        "corpus": args.corpus,
-    }
-    header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-              f"model {MODEL} ({n_layers} layers, sliding window {loaded[0].config.sliding_window}) {args.dtype}, "
-              f"`{args.corpus}` test split, first {args.tokens} tokens, BOS + {args.window - 1} tokens per window. "
-              f"SmolLM2's presets transferred by relative depth and context, untuned on Gemma.")
+    meta = run_meta(args.device, tokens=args.tokens, window=args.window, corpus=args.corpus)
+    head = header(meta, f"model {MODEL} ({n_layers} layers, sliding window {loaded[0].config.sliding_window}) {args.dtype}, "
+                        f"`{args.corpus}` test split, first {args.tokens} tokens, BOS + {args.window - 1} tokens per window. "
+                        f"SmolLM2's presets transferred by relative depth and context, untuned on Gemma.")
     title = f"Ablation on Gemma-3-270M, `{args.corpus}` test split, {args.window}-token windows"
     rows = []
     for name, data in ablation_rows():
@@ -91,7 +80,7 @@ def main() -> None:
         done = "" if len(rows) == len(ablation_rows()) else f" ({len(rows)} of {len(ablation_rows())} rows measured)"
         write_json_atomic(out / "gemma3_ablation.json", {"meta": meta, "rows": rows})
         write_atomic(out / "sweep_ablation_gemma3.md",
-                     header + "\n\n" + ablation_markdown(title + done, rows, rows[0]["baseline_perplexity"]))
+                     head + "\n\n" + ablation_markdown(title + done, rows, rows[0]["baseline_perplexity"]))
 
 
 if __name__ == "__main__":

@@ -39,14 +39,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402  (standard library only at import: the worker in kvpress's venv imports it too)
+from harness import PeerError, command_line, git_commit, peer_python, torch_pin  # noqa: E402
+
+ROOT = harness.ROOT
 KVPRESS_VERSION = "0.5.5"
 TRANSFORMERS_SPEC = "transformers>=4.56,<5.3"
 # press name -> (kvpress class, settings beyond compression_ratio: kvpress's defaults)
@@ -341,7 +345,8 @@ def render_markdown(results: dict) -> str:
     lines = [
         (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
          f"Commands: {len(commands)} runs (listed below), merged into one JSON by trial and chunk") + f" — last run {meta.get('date', '?')} — "
-        f"{meta.get('machine', '?')}; shared machine (2 cores, other jobs running), one torch thread per run.",
+        f"{meta.get('machine', '?')}" + (f" — commit {meta['commit']}" if meta.get("commit") else "")
+        + "; shared machine (2 cores, other jobs running), one torch thread per run.",
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
         f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context that every column ran: "
@@ -447,52 +452,22 @@ def render_markdown(results: dict) -> str:
 # ----------------------------------------------------------------------------- the kvpress venv
 
 
-def venv_dir() -> Path:
-    base = os.environ.get("QUICKSILVER_CACHE") or str(Path.home() / ".cache" / "quicksilver")
-    return Path(base) / "venvs" / "kvpress"
-
-
 def ensure_venv(log) -> Path:
     """The kvpress venv's python, built once: torch as this venv's exact build, kvpress, transformers < 5.3."""
-    from importlib.metadata import version
-
-    torch_pin = f"torch=={version('torch')}"  # e.g. 2.13.0+cpu: the same build, never a CUDA wheel by accident
-    want = {"kvpress": KVPRESS_VERSION, "torch": torch_pin}
-    folder = venv_dir()
-    marker = folder / "quicksilver-venv.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("want") == want:
-        return folder / "bin" / "python"
-    tmp = folder.with_name(folder.name + f".build-{os.getpid()}")
-    log(f"building the kvpress venv in {folder} (once; a few minutes)")
+    pin = torch_pin()
     try:
-        subprocess.run([sys._base_executable, "-m", "venv", str(tmp)], check=True)
-        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + [torch_pin], check=True)
-        subprocess.run(pip + [torch_pin, f"kvpress=={KVPRESS_VERSION}", TRANSFORMERS_SPEC], check=True)
-    except (subprocess.CalledProcessError, OSError) as e:
-        subprocess.run(["rm", "-rf", str(tmp)])
-        raise BenchError(f"could not build the kvpress venv ({e}); PyPI must be reachable") from None
-    (tmp / "quicksilver-venv.json").write_text(json.dumps({"want": want}))
-    if folder.exists():
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
-    os.replace(tmp, folder)  # python -m pip keeps working after the move; bin/ scripts are not used
-    return folder / "bin" / "python"
+        return peer_python("kvpress", [[pin], [pin, f"kvpress=={KVPRESS_VERSION}", TRANSFORMERS_SPEC]], log)
+    except PeerError as e:
+        raise BenchError(str(e)) from None
 
 
 def run_worker(python: Path, job: dict, workdir: Path, log) -> dict:
-    """Run this file as ``--worker`` in the kvpress venv on ``job``; its JSON answer."""
-    job_path, out_path = workdir / "job.json", workdir / "out.json"
-    job_path.write_text(json.dumps(job))
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)  # quicksilver's tree must not shadow anything there
-    t = time.time()
-    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", str(job_path), str(out_path)], env=env)
-    if not out_path.is_file():
-        raise BenchError(f"the kvpress worker failed (exit {proc.returncode}) before its first result; its traceback is above")
-    result = json.loads(out_path.read_text())  # written after every trial: an interrupted worker still hands back what it measured
-    result["complete"] = result.get("complete", False) and proc.returncode == 0
-    log(f"kvpress worker {'done' if result['complete'] else f'stopped (exit {proc.returncode})'} in {time.time() - t:.0f} s")
-    return result
+    """Run this file as ``--worker`` in the kvpress venv on ``job``; its JSON answer (written after every
+    trial: an interrupted worker still hands back what it measured)."""
+    try:
+        return harness.run_worker(python, Path(__file__), job, workdir, "kvpress", log)
+    except PeerError as e:
+        raise BenchError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- worker (kvpress venv only)
@@ -758,10 +733,10 @@ def drive(args) -> None:
             chunk = ids[i * size : (i + 1) * size]
             chunks.append((str(i), chunk[: args.prefix_tokens], chunk[args.prefix_tokens :]))
 
-    command = "python benchmarks/kvpress_side.py " + " ".join(args.argv)
+    command = command_line([__file__, *args.argv])
     new = {"meta": {"model": args.model, "dtype": dtype, "corpus": args.corpus, "seed": args.seed, "depths": list(depths),
                     "prefix_tokens": args.prefix_tokens if chunks else None, "continuation_tokens": args.continuation_tokens if chunks else None,
-                    "machine": describe(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commands": [command],
+                    "machine": describe(), "date": harness.now(), "commands": [command], "commit": git_commit(),
                     "ours_from": args.ours_from},
            "versions": {**old.get("versions", {}), "torch": torch.__version__, "transformers": __import__("transformers").__version__},
            "needle": {}, "continuation": {}}

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-from quicksilver import load_corpus, load_model
-from quicksilver.config import Config
-from quicksilver.engine import Engine
-from quicksilver.evaluate import EngineRunner, StockRunner, score_windows, tokenize_documents
-from quicksilver.results_io import write_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_corpus, load_model  # noqa: E402
+from quicksilver.config import Config  # noqa: E402
+from quicksilver.engine import Engine  # noqa: E402
+from quicksilver.evaluate import EngineRunner, StockRunner, score_windows, tokenize_documents  # noqa: E402
+from quicksilver.results_io import write_atomic  # noqa: E402
 
 
 def main() -> None:
@@ -43,10 +45,9 @@ def main() -> None:
             cells.append(math.exp(t.nll / t.count) / base_ppl - 1)
         rows.append((layer, *cells))
         print(f"layer {layer}: mlp {cells[0] * 100:+.1f}%, layer {cells[1] * 100:+.1f}%", file=sys.stderr, flush=True)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"Command: `python benchmarks/layer_skip_map.py` — {date}; smollm2-135m float32, wiki calibration split, "
-             f"first {args.tokens} tokens, baseline PPL {base_ppl:.2f}. Relative perplexity increase when every token "
-             "(from position 4) skips one layer's MLP, or the whole layer.", "",
+    lines = [header(run_meta(), f"smollm2-135m float32, wiki calibration split, first {args.tokens} tokens, baseline PPL "
+                                f"{base_ppl:.2f}. Relative perplexity increase when every token (from position 4) skips one "
+                                "layer's MLP, or the whole layer."), "",
              "| layer | skip MLP | skip layer |", "|---|---|---|"]
     lines += [f"| {l} | {m * 100:+.1f}% | {w * 100:+.1f}% |" for l, m, w in rows]
     out = Path(args.out)

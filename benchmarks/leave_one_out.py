@@ -15,19 +15,18 @@ Writes docs/results/leave_one_out.md (and .json). Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
-from quicksilver import load_model
-from quicksilver.calibrate import calibrate
-from quicksilver.corpora import OFFLINE_CORPORA
-from quicksilver.hardware import describe
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.calibrate import calibrate  # noqa: E402
+from quicksilver.corpora import OFFLINE_CORPORA  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 
 def main() -> None:
@@ -73,10 +72,7 @@ def main() -> None:
 
 def write_tables(rows: list[dict], args, loaded, pending: list[tuple[float, str]]) -> None:
     out = Path(args.out)
-    meta = {"command": "python benchmarks/leave_one_out.py " + " ".join(sys.argv[1:]),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": describe(), "python": platform.python_version(), "torch": torch.__version__,
-            "dtype": str(loaded[0].dtype).removeprefix("torch.")}
+    meta = run_meta(dtype=str(loaded[0].dtype).removeprefix("torch."))
     write_json_atomic(out / "leave_one_out.json", {"meta": meta, "rows": rows})
     windows = [args.window, *[w for w in args.also_windows if w != args.window]]
     suffixes = [""] + [f"@{w}" for w in windows[1:]]
@@ -89,8 +85,8 @@ def write_tables(rows: list[dict], args, loaded, pending: list[tuple[float, str]
     searched = [f"{row['budget'] * 100:g}% without {row['left_out']}: {c}{x} test" for row in rows for c in row["calibrated_on"]
                 for x in suffixes if not row["test_splits"][c + x]["within_budget"]]
     lines = [
-        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']}; torch {meta['torch']}, Python {meta['python']}; "
-        f"smollm2-135m {meta['dtype']} (the stock model in the same dtype), objective {args.objective}, margin 0.25, "
+        header(meta) + "; "
+        + f"smollm2-135m {meta['dtype']} (the stock model in the same dtype), objective {args.objective}, margin 0.25, "
         f"{' and '.join(map(str, windows))}-token windows (a cell: {' / '.join(map(str, windows))}), first {args.tokens} tokens "
         f"of each split"
         + (f", search restricted to {', '.join(args.mechanism)}" if args.mechanism else "")

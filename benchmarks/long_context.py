@@ -35,7 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from harness import run_meta  # noqa: E402
 from quicksilver import load_corpus, load_model  # noqa: E402
 from quicksilver.config import Config  # noqa: E402
 from quicksilver.engine import Engine  # noqa: E402
@@ -221,12 +223,13 @@ def speed(args, data, path):
     """Prefill at ``--prefill`` tokens through ``evaluate_model`` (stock and quest interleaved, one warm-up each), decode at
     ``--decode-context`` tokens (steps of off and of each rule alternate), and the generation KV bytes of each rule."""
     from quicksilver.evaluate import evaluate_model
-    from quicksilver.generate import decode_one_token, new_caches, prefill
+    from quicksilver.decoding import decode_one_token, new_caches, prefill
 
     model, tok = load_model("smollm2-135m", dtype=args.dtype)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     out = data.setdefault("speed", {})
-    out.update({"machine": describe(), "dtype": dtype, "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+    meta = run_meta()
+    out.update({"machine": meta["machine"], "dtype": dtype, "threads": meta["threads"], "date": meta["date"], "commit": meta["commit"]})
     for rule in args.prefill_rules.split(","):
         if args.prefill:
             r = evaluate_model(corpus=args.corpus, window=args.prefill, max_tokens=args.prefill, loaded=(model, tok), dtype=args.dtype,

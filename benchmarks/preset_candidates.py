@@ -30,21 +30,20 @@ docs/results/preset_candidates.md (and .json). Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
-from quicksilver import load_model
-from quicksilver.calibrate import DEFAULT_MARGIN, acting_config, split_runner
-from quicksilver.config import AMQ, HALTING, PRESET_INFO, Config
-from quicksilver.corpora import OFFLINE_CORPORA
-from quicksilver.hardware import describe
-from quicksilver.models import bos_per_window
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.calibrate import DEFAULT_MARGIN, acting_config, split_runner  # noqa: E402
+from quicksilver.config import AMQ, HALTING, PRESET_INFO, Config  # noqa: E402
+from quicksilver.corpora import OFFLINE_CORPORA  # noqa: E402
+from quicksilver.models import bos_per_window  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 MODEL = "smollm2-135m"
 WINDOWS = (3072, 2048, 1536, 1024)  # recent keys, mildest first; 1,024 was the preset that failed on code
@@ -123,10 +122,7 @@ def main() -> None:
             for label, config in chain:
                 if measure_candidate(preset, label, config, target, args, runner, rows):
                     break  # a harsher candidate of this chain would cost more still
-    meta = {"command": "python benchmarks/preset_candidates.py " + " ".join(sys.argv[1:]),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": describe(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "dtype": str(hf_model.dtype).removeprefix("torch."), "margin": DEFAULT_MARGIN}
+    meta = run_meta(dtype=str(hf_model.dtype).removeprefix("torch."), margin=DEFAULT_MARGIN)
     write_json_atomic(out / "preset_candidates.json", {"meta": meta, "rows": rows})
     write_atomic(out / "preset_candidates.md", markdown(rows, meta, args))
 
@@ -192,8 +188,8 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
     fit, pick = verdicts(rows, corpora, windows), chosen(rows, corpora, windows)
     cells = {(r["preset"], r["candidate"], r["corpus"], r["window"]): r for r in rows}
     lines = [
-        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']}; torch {meta['torch']}, Python {meta['python']}; "
-        f"smollm2-135m {meta['dtype']}, the stock model in the same dtype on the same windows. **Calibration** splits only "
+        header(meta) + "; "
+        + f"smollm2-135m {meta['dtype']}, the stock model in the same dtype on the same windows. **Calibration** splits only "
         f"(first {args.max_tokens} tokens of each); no test split is read. Cell: relative perplexity increase; below it the "
         f"change in FLOPs executed. A candidate fits when its worst cell stays within the preset's budget x "
         f"{1 - meta['margin']:g} (margin {meta['margin']:g}); the preset takes the fitting candidate that saves the most at "

@@ -23,21 +23,20 @@ deterministic; no wall clock is taken (that is bench_fast's and bench_decode's j
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
-from quicksilver import load_model
-from quicksilver.calibrate import split_runner
-from quicksilver.config import PRESET_INFO, Config
-from quicksilver.corpora import OFFLINE_CORPORA
-from quicksilver.hardware import describe
-from quicksilver.models import bos_per_window
-from quicksilver.results_io import write_atomic, write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.calibrate import split_runner  # noqa: E402
+from quicksilver.config import PRESET_INFO, Config  # noqa: E402
+from quicksilver.corpora import OFFLINE_CORPORA  # noqa: E402
+from quicksilver.models import bos_per_window  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -122,10 +121,7 @@ def main() -> None:
                              "held": delta <= promise + 1e-12, "idle": False})
                 print(f"{name} {corpus} {window}: {delta * 100:+.2f}% (promise {promise * 100:g}%) ({time.time() - t0:.0f}s)",
                       file=sys.stderr, flush=True)
-    meta = {"command": "python benchmarks/promises.py " + " ".join(sys.argv[1:]),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": describe(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "dtype": str(hf_model.dtype).removeprefix("torch."), "skipped": skipped}
+    meta = run_meta(dtype=str(hf_model.dtype).removeprefix("torch."), skipped=skipped)
     stem = "promises" if args.split == "test" else "promises_calibration"
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
     write_atomic(out / f"{stem}.md", markdown(rows, meta, args))
@@ -140,8 +136,8 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
     cells = {(r["config"], r["corpus"], r["window"]): r for r in rows}
     corpora, windows = list(dict.fromkeys(r["corpus"] for r in everything)), sorted({r["window"] for r in everything})
     lines = [
-        f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']}; torch {meta['torch']}, Python {meta['python']} "
-        f"(its standard library is the `code` and `pydoc` text); smollm2-135m {meta['dtype']}, the stock model in the same dtype "
+        header(meta) + "; "
+        + f"the `code` and `pydoc` text is this Python's standard library; smollm2-135m {meta['dtype']}, the stock model in the same dtype "
         f"on the same windows. "
         + ("Test splits (never tuned on)" if args.split == "test" else "**Calibration** splits (what preset values may be set from; "
            "not a check of any promise)")

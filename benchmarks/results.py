@@ -61,6 +61,8 @@ STEPS = {
                      "--trials", "10", "--continuation-chunks", "4", "--policies", "none",
                      "--ours-from", f"{OUT}/long_context.json", "--output", f"{OUT}/kvpress_news.json"],
     "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
+    # llama.cpp, onnxruntime-genai and CTranslate2 in venvs of their own (built once: PyPI must be reachable)
+    "peers": ["benchmarks/bench_peers.py", "--out", OUT],
 }
 
 

@@ -11,19 +11,17 @@ Writes ``engine_sweep.json`` and ``engine_sweep.md`` (a markdown table per sweep
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quicksilver import load_model
-from quicksilver.config import PRESETS, Config
-from quicksilver.evaluate import evaluate_model
-from quicksilver.results_io import write_atomic, write_json_atomic
+from harness import header, run_meta  # noqa: E402
+from quicksilver import load_model  # noqa: E402
+from quicksilver.config import PRESETS, Config  # noqa: E402
+from quicksilver.evaluate import evaluate_model  # noqa: E402
+from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 
 def halting_variants() -> list[tuple[str, dict]]:
@@ -110,20 +108,13 @@ def markdown(title: str, rows: list[dict], baseline_ppl: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine(device: str) -> str:
-    """The machine line of a table: CPU and threads, or the GPU's name."""
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--only", choices=["halting", "kv", "ablation"], default=None)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.py)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/notes/gpu.py)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model", default="smollm2-135m", help="offline name, .gguf file, folder or hub id")
     args = ap.parse_args()
@@ -148,16 +139,8 @@ def main() -> None:
             print(f"[{kind} w={window}] {name}: rel {r['relative_delta_perplexity'] * 100:+.2f}% "
                   f"flops -{r['flop_reduction'] * 100:.1f}% speedup {r['speedup']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
         sweeps.append({"kind": kind, "window": window, "rows": rows})
-    meta = {
-        "command": "python benchmarks/sweep_engine.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(args.device),
-        "torch": torch.__version__,
-        "tokens": args.tokens,
-        "corpus": args.corpus,
-    }
-    header = (f"Command: `{meta['command']}` — {meta['date']} — {meta['machine']} — torch {meta['torch']}; "
-              f"model {args.model} {args.dtype}, `{args.corpus}` test split, first {args.tokens} tokens.")
+    meta = run_meta(args.device, tokens=args.tokens, corpus=args.corpus)
+    head = header(meta, f"model {args.model} {args.dtype}, `{args.corpus}` test split, first {args.tokens} tokens.")
     stem = ("engine_sweep" if args.only is None else f"engine_sweep_{args.only}") + ("" if args.corpus == "wiki" else f"_{args.corpus}")
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "sweeps": sweeps})
     names = {"halting": "Dynamic Token Halting", "kv": "KV Cache Skipping"}
@@ -165,7 +148,7 @@ def main() -> None:
         chosen = [s for s in sweeps if s["kind"] == kind]
         if not chosen:
             continue
-        md = [header, ""]
+        md = [head, ""]
         for s in chosen:
             base = s["rows"][0]["baseline_perplexity"]
             if kind == "ablation":

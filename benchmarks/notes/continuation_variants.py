@@ -12,7 +12,7 @@ tokens still chose in blocks; since then text appended to a cache always chooses
 those rows need that checkout. The per-query rows (+0.72% for the rule, +2.75% for ``quest``,
 16-key pages; run then with ``QUEST_PER_QUERY`` raised to 1024) run on the current code:
 
-    python benchmarks/continuation_variants.py --corpus news --chunks 4 --rules quest+page_size=2+block_pages=16,quest
+    python benchmarks/notes/continuation_variants.py --corpus news --chunks 4 --rules quest+page_size=2+block_pages=16,quest
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "src"))
 
 from long_context import CONTINUATION, kv_config  # noqa: E402
 

@@ -5,7 +5,7 @@ N on a grid, and prints what it did (tokens halted, fused, (query, key) pairs sk
 below 16 bits). The answer is monotone in N: the engine is causal, so a token's decision only
 depends on the tokens before it. Usage:
 
-    python benchmarks/preset_reach.py [--lengths 256,512,1024,2048,3072,4096] [--presets all]
+    python benchmarks/notes/preset_reach.py [--lengths 256,512,1024,2048,3072,4096] [--presets all]
 
 About 5 minutes on 2 CPU cores. Compare its output with ``acts_from`` in src/quicksilver/config.py.
 """

@@ -1,6 +1,6 @@
 """The ablation and decode tables on a CUDA GPU, in under 8 minutes (nothing else depends on this).
 
-    python benchmarks/gpu.py [--model smollm2-135m] [--out docs/results/gpu] [--dtype float32] [--budget-s 450]
+    python benchmarks/notes/gpu.py [--model smollm2-135m] [--out docs/results/gpu] [--dtype float32] [--budget-s 450]
 
 Runs ``sweep_engine.py --only ablation`` (wiki and news) and ``bench_decode.py`` with
 ``--device cuda``, each under its share of the time budget, and writes their tables to
@@ -25,7 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # benchmarks/
 ROOT = HERE.parent
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         ("decode", [str(HERE / "bench_decode.py"), *common], 0.3),
     ]
     start = time.time()
-    report = [f"GPU run of `python benchmarks/gpu.py {' '.join(sys.argv[1:])}` — "
+    report = [f"GPU run of `python benchmarks/notes/gpu.py {' '.join(sys.argv[1:])}` — "
               f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} — {torch.cuda.get_device_name(0)}, torch {torch.__version__} — model {args.model}", ""]
     for name, cmd, share in steps:
         left = args.budget_s - (time.time() - start)

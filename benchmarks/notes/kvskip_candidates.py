@@ -4,7 +4,7 @@ Round 2 (``--round 2``): the rule issue #12's bars are checked on (2-key pages f
 16-key blocks for a prefill and a decode step) with ``min_keys=1024`` (contexts up to 1,024
 tokens read in full; 25% of 4,096 is 1,024), at 25% and 50%, with 256- and 512-key recent
 windows, and with query blocks of 32 instead of 128 (``attention.QUERY_BLOCK``, fresher page
-choices in a teacher-forced pass). Usage: ``python benchmarks/kvskip_candidates.py code --round 2``.
+choices in a teacher-forced pass). Usage: ``python benchmarks/notes/kvskip_candidates.py code --round 2``.
 
 Prints the relative perplexity increase of quest at kept fractions 25/30/40% (4 sink keys, the
 default 64-key recent window and 16-key pages, propagate policy: the preset helper kv2 proposed),
@@ -12,12 +12,11 @@ and of ``all`` with that quest in place of the window, against the stock model i
 first 4,096 tokens of each corpus's calibration split. These are the numbers behind RESULTS'
 "Quest was not made the kvskip preset". Usage:
 
-    python benchmarks/kvskip_candidates.py wiki,news,code
+    python benchmarks/notes/kvskip_candidates.py wiki,news,code
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
 from quicksilver import load_model

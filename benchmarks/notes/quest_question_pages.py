@@ -7,7 +7,7 @@ after it (``NAME_lp``, a continuous measure where the stock model rarely retriev
 line per trial is appended to ``--out``. The run behind RESULTS "Long context" (calibration
 split, 4,096 tokens, 25%):
 
-    python benchmarks/quest_question_pages.py --corpus news --split calibration --trials 3 --out cal.jsonl \
+    python benchmarks/notes/quest_question_pages.py --corpus news --split calibration --trials 3 --out cal.jsonl \
         --variants '{"stock": null, "p8": {"enabled": true, "selection": "quest", "keep_fraction": 0.25, "page_size": 8}, ...}'
 """
 
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "src"))
 
 from quicksilver import load_corpus, load_model  # noqa: E402
 from quicksilver.cache import SequenceCache  # noqa: E402
 from quicksilver.config import Config  # noqa: E402
 from quicksilver.engine import Engine  # noqa: E402
 from quicksilver.evaluate import tokenize_documents  # noqa: E402
-from quicksilver.generate import decode_one_token, prefill  # noqa: E402
+from quicksilver.decoding import decode_one_token, prefill  # noqa: E402
 from quicksilver.needle import ANSWER_TOKENS, DEFAULT_DEPTHS, answer_key, extend, make_trials  # noqa: E402
 
 

@@ -6,7 +6,7 @@ seed 0, the default depths), except that a variant may prefill the context with 
 question's last query it prints, per layer and KV head, the share of the needle's tokens
 that query reads (``cov``), and whether the pass key came back. Usage:
 
-    python benchmarks/quest_needle_diagnosis.py --context 4096 --trials 3,4,5,7,8 \\
+    python benchmarks/notes/quest_needle_diagnosis.py --context 4096 --trials 3,4,5,7,8 \\
         --variants '{"p16": ["", {}], "p8": ["", {"page_size": 8}], "fq": ["full-question", {}]}'
 
 A variant is ``[mode, kv settings over quest at --keep]``; mode is "", "full-prefill" or
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import quicksilver.engine as engine_module  # noqa: E402
@@ -33,7 +33,7 @@ from quicksilver.cache import SequenceCache  # noqa: E402
 from quicksilver.config import Config  # noqa: E402
 from quicksilver.engine import Engine  # noqa: E402
 from quicksilver.evaluate import tokenize_documents  # noqa: E402
-from quicksilver.generate import decode_one_token, prefill  # noqa: E402
+from quicksilver.decoding import decode_one_token, prefill  # noqa: E402
 from quicksilver.needle import ANSWER_TOKENS, DEFAULT_DEPTHS, NEEDLE, answer_key, extend, make_trials  # noqa: E402
 
 RECORD = {"on": False, "masks": []}
