@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# QuickSilver at work on the embedded model: the `fast` preset against the stock model on the same
+# windows (perplexity, FLOPs, wall clock side by side), then a lossless generation (speculative
+# decoding; its output equals the stock model's) of a grounded answer, with its acceptance summary.
 demo: $(STAMP)
-	$(BIN)/quicksilver eval --model smollm2-135m --corpus wiki --max-tokens 4096
+	$(BIN)/quicksilver eval --model smollm2-135m --corpus wiki --preset fast --max-tokens 2048
+	$(BIN)/quicksilver generate --chat --preset lossless -n 96 "$$(cat benchmarks/prompts/demo.txt)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -21,26 +21,29 @@ too: the ``fast`` preset's), ``q4`` (group-32 asymmetric 4-bit, ``quicksilver.qu
 int8, since the tied embedding is not on a 4-bit grid). Eager and native alternate rep by rep.
 
     python benchmarks/bench_native_step.py [--dtypes float32,bfloat16] [--formats dense,i8,q4]
-        [--batches 1,8] [--keys 128] [--reps 15] [--threads 2]
+        [--batches 1,8] [--keys 128] [--reps 15] [--threads 2] [--out docs/results]
+
+Writes ``native_step.json`` and ``native_step.md`` (both tables, under the harness header: command,
+machine, commit) into ``--out``, and prints the tables as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
 from quicksilver import load_model
 from quicksilver.cache import CachePool
 from quicksilver.config import Config
 from quicksilver.evaluate import make_engine
-from quicksilver.hardware import describe
 from quicksilver.native import step as native_step
 from quicksilver.native.step import PHASES, LayerWeights, LinearWeight, NativeStep, StepShape, phase_seconds
 from quicksilver.quant import quantize_int8
@@ -169,36 +172,37 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=128, help="cached entries per row")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="docs/results", help="folder for native_step.json / .md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native_step.available():
         sys.exit(f"error: {native_step.describe()}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    print(f"# command: python {' '.join(sys.argv)}")
-    print(f"# machine: {describe()}; {native_step.describe()}; commit {commit or 'unknown'}")
+    meta = harness.run_meta(native=native_step.describe(), keys=args.keys, reps=args.reps)
     copy_gbs = copy_bandwidth()
-    print(f"# copy bandwidth ({args.threads} threads, read + write): {copy_gbs:.1f} GB/s; "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    what = (f"{native_step.describe()}; copy bandwidth ({args.threads} threads, read + write) {copy_gbs:.1f} GB/s; "
+            f"one pooled decode step over {args.keys} cached entries per row, median of {args.reps} alternating reps")
+    print(harness.header(meta, what), flush=True)
     cols = ("dtype", "weights", "batch", "eager_preset", "eager_ms", "native_ms", "speedup", "call_ms", "matmuls_ms",
             "glue_ms", "per_layer_us", "weight_mb", "kv_mb", "bandwidth_fraction")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = []
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
         model, tok = load_model("smollm2-135m", dtype=dtype)
-        for fmt in args.formats.split(","):
+        for wfmt in args.formats.split(","):
             for b in (int(x) for x in args.batches.split(",")):
-                row = measure(model, tok, dtype, fmt, b, args.keys, args.reps, copy_gbs)
+                row = measure(model, tok, dtype, wfmt, b, args.keys, args.reps, copy_gbs)
                 rows.append(row)
-                print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |",
-                      flush=True)
-    print("\n# where a native step's milliseconds go (QS_TIMING build, mean of the reps)")
-    print("| dtype | weights | batch | " + " | ".join(PHASES) + " |")
-    print("|" + "---|" * (3 + len(PHASES)))
-    for row in rows:
-        print(f"| {row['dtype']} | {row['weights']} | {row['batch']} | " + " | ".join(f"{row['phases'][p]:.2f}" for p in PHASES) + " |")
+                print("| " + " | ".join(fmt(row[c]) for c in cols) + " |", flush=True)
+    steps = harness.markdown_table(cols, [[fmt(r[c]) for c in cols] for r in rows])
+    phases = harness.markdown_table(("dtype", "weights", "batch", *PHASES),
+                                    [[r["dtype"], r["weights"], r["batch"], *(f"{r['phases'][p]:.2f}" for p in PHASES)]
+                                     for r in rows])
+    markdown = "\n".join([harness.header(meta, what), "", steps, "",
+                          "Where a native step's milliseconds go (a `QS_TIMING` build of the same step: thread 0's clock, "
+                          "the wait for the other threads included; mean ms per step):", "", phases])
+    print("\n" + phases)
+    harness.write_results(Path(args.out), "native_step", {"meta": {**meta, "copy_gbs": copy_gbs}, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,13 @@ def prompts_from_corpus(tok, n: int) -> list[str]:
     return [tok.decode(ids) for ids in wiki_prompts(tok, [12 + (i * 7) % 37 for i in range(n)])]
 
 
-def references(args, prompts: list[str]) -> dict[str, str]:
+def references(args, prompts: list[str], preset: str | None = None, max_tokens: int | None = None) -> dict[str, str]:
     """Each prompt's greedy continuation served alone, through the same tokenization as the server."""
     model, tok = load_model(args.model, dtype=args.dtype)
-    engine = make_engine(model, tok, Config.preset(args.preset))
+    engine = make_engine(model, tok, Config.preset(preset or args.preset))
     out = {}
     for p in prompts:
-        r = generate(engine, torch.tensor(tok(p).input_ids), args.max_tokens, eos_token_id=tok.eos_token_id)
+        r = generate(engine, torch.tensor(tok(p).input_ids), max_tokens or args.max_tokens, eos_token_id=tok.eos_token_id)
         out[p] = tok.decode(r.tokens[0], skip_special_tokens=True)
     return out
 
@@ -64,10 +64,10 @@ def free_port() -> int:
 class Server:
     """A ``quicksilver serve`` subprocess, ready once /health answers."""
 
-    def __init__(self, args, max_batch: int):
+    def __init__(self, args, max_batch: int, preset: str | None = None):
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
-        cmd = [sys.executable, "-m", "quicksilver.cli", "serve", "--model", args.model, "--preset", args.preset, "--dtype", args.dtype,
+        cmd = [sys.executable, "-m", "quicksilver.cli", "serve", "--model", args.model, "--preset", preset or args.preset, "--dtype", args.dtype,
                "--port", port, "--max-batch", str(max_batch), "--max-queue", "1024", "--max-tokens-limit", str(args.max_tokens)]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -196,6 +196,55 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def lossless_prompts(tok) -> dict[str, list[str]]:
+    """The speculative benchmark's prompts as completion text (chat ones through the chat template):
+    ``grounded`` (repeat or edit a passage given in the prompt: what drafts from lookup can predict)
+    and ``open`` (continue a wiki opening)."""
+    data = json.loads((ROOT / "benchmarks" / "prompts" / "speculative.json").read_text())
+
+    def text(p):
+        if not p["chat"]:
+            return p["text"]
+        return tok.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False, add_generation_prompt=True)
+
+    return {"grounded": [text(p) for p in data if p["kind"] in ("repeat", "edit")],
+            "open": [text(p) for p in data if p["kind"] == "open"]}
+
+
+def lossless_comparison(args, tok) -> list[dict]:
+    """``serve --preset lossless`` against ``serve --preset off`` (the same dtype), 4 concurrent clients, on
+    grounded and open prompts; every answer checked against ``off`` generated alone (lossless must equal it)."""
+    rows = []
+    kinds = lossless_prompts(tok)
+    refs = references(args, [p for ps in kinds.values() for p in ps], "off", args.lossless_tokens)
+    servers = {}
+    try:
+        for preset in ("off", "lossless"):
+            servers[preset] = Server(args, 4, preset)
+            asyncio.run(run_level(servers[preset].url, kinds["open"][:2], 2, 2, 4))  # warm-up
+        for kind, prompts in kinds.items():
+            halves = {preset: ([], 0.0) for preset in servers}
+            for half in (0, 1):  # off, lossless, then lossless, off: a change in load falls on both sides
+                for preset in (("off", "lossless") if half == 0 else ("lossless", "off")):
+                    part = prompts[half::2]
+                    results, wall = asyncio.run(run_level(servers[preset].url, part, 4, len(part), args.lossless_tokens))
+                    got, seconds = halves[preset]
+                    halves[preset] = (got + results, seconds + wall)
+            for preset, (results, wall) in halves.items():
+                row = summarize(preset, 4, results, wall, refs)
+                row["prompts"] = kind
+                rows.append(row)
+                print(f"lossless comparison, {kind} prompts, {preset}: {row['tokens_per_second']:.1f} tok/s, "
+                      f"mismatched {row['mismatched']}, errors {row['errors']}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.close()
+    for r in rows:
+        base = next(b for b in rows if b["prompts"] == r["prompts"] and b["mode"] == "off")
+        r["speedup_vs_off"] = r["tokens_per_second"] / base["tokens_per_second"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -208,6 +257,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=16, help="distinct wiki prompts")
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--lossless-tokens", type=int, default=96, help="new tokens per request in the lossless comparison")
+    ap.add_argument("--no-lossless", action="store_true", help="skip the lossless-against-off comparison")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     counts = [int(n) for n in args.requests.split(",")]
@@ -250,6 +301,7 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.close()
+    lossless = [] if args.no_lossless else lossless_comparison(args, tok)
     load_after = os.getloadavg()
 
     seq = next(r for r in rows if r["mode"] == "one-at-a-time")
@@ -283,7 +335,16 @@ def main() -> None:
                      f"| {r['speedup_vs_one_at_a_time']:.2f}x | {r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['latency_p50']:.2f} s "
                      f"| {r['latency_p95']:.2f} s |")
     lines += ["", "![latency and throughput against concurrency](results/serve_latency.png)"]
-    write_results(out, "serve", {"meta": meta, "rows": rows}, "\n".join(lines))
+    if lossless:
+        lines += ["", f"**Lossless serving** (`serve --preset lossless` against `serve --preset off`, {args.dtype}, `--max-batch 4`, "
+                  f"4 concurrent streaming clients, {args.lossless_tokens} new tokens at most; grounded: the speculative "
+                  "benchmark's repeat and edit prompts through the chat template; open: its wiki openings; every answer "
+                  "checked against `off` generated alone):", "",
+                  "| prompts | server | requests | errors | mismatched | tokens/s | vs off |", "|---|---|---|---|---|---|---|"]
+        for r in lossless:
+            lines.append(f"| {r['prompts']} | `{r['mode']}` | {r['requests']} | {r['errors']} | {r['mismatched']} "
+                         f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_off']:.2f}x |")
+    write_results(out, "serve", {"meta": meta, "rows": rows, "lossless": lossless}, "\n".join(lines))
 
 
 if __name__ == "__main__":

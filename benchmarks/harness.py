@@ -51,14 +51,11 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 def git_commit(root: Path = ROOT) -> str:
-    """``git rev-parse HEAD``, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                                 text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if changed else "")
+    """The code the numbers come from: ``quicksilver.results_io.code_version`` (the checkout's commit, ``+dirty``
+    when tracked files differ; the installed version outside a checkout)."""
+    from quicksilver.results_io import code_version
+
+    return code_version(root)
 
 
 def now() -> str:
@@ -84,7 +81,8 @@ def header(meta: dict, what: str = "") -> str:
                                      f"Python {meta['python']}" if meta.get("python") else "") if x)
     parts = [f"Command{'s' if cmds.count('`') > 2 else ''}: {cmds}", meta["date"], meta["machine"]]
     parts += [versions] if versions else []
-    parts += [f"commit {meta['commit']}"] if meta.get("commit") else []
+    commits = meta.get("commits") or ([meta["commit"]] if meta.get("commit") else [])
+    parts += [("commits " if len(commits) > 1 else "commit ") + ", ".join(commits)] if commits else []
     return " — ".join(parts) + (f"; {what}" if what else "")
 
 
@@ -132,9 +130,10 @@ def merge_meta(old: dict, new: dict) -> dict:
     if not old:
         return new
     commands = list(dict.fromkeys([*(old.get("commands") or [old.get("command")]), *(new.get("commands") or [new["command"]])]))
+    commits = list(dict.fromkeys(c for c in [*(old.get("commits") or [old.get("commit")]), *(new.get("commits") or [new.get("commit")])] if c))
     first = str(old.get("date", "")).split(" – ")[0]
     date = new["date"] if not first or first == new["date"] else f"{first} – {new['date']}"
-    return {**new, "commands": [c for c in commands if c], "date": date}
+    return {**new, "commands": [c for c in commands if c], "date": date, "commits": commits}
 
 
 # ----------------------------------------------------------------------------- decoding references

@@ -1,6 +1,6 @@
 """Regenerate docs/RESULTS.md: run the benchmarks, then fill the template with their tables and plots.
 
-    python benchmarks/results.py                      # every step below, then assembles (about 2 hours on 2 cores)
+    python benchmarks/results.py                      # every step below, then assembles
     python benchmarks/results.py --only pareto,decode # some steps, then assembles
     python benchmarks/results.py --assemble           # only assembles from docs/results/
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -40,6 +41,7 @@ STEPS = {
     "compile-dequant": ["benchmarks/compile_dequant.py", "--out", OUT],
     "fast": ["benchmarks/bench_fast.py", "--out", OUT],
     "decode": ["benchmarks/bench_decode.py", "--out", OUT],
+    "native-step": ["benchmarks/bench_native_step.py", "--out", OUT],
     "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
     "preset-candidates": ["benchmarks/preset_candidates.py", "--out", OUT],
     "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
@@ -95,8 +97,9 @@ def pareto_markdown(folder: Path) -> str:
     write_atomic(folder / "pareto.png", plot_pareto(data["rows"], f"smollm2-135m on {m['corpus']}/{m['split']}, "
                                                                   f"{m['window']}-token windows, {m['max_tokens']} tokens"))
     cmd = next(" ".join(c) for c in STEPS.values() if c[0] == "quicksilver")
+    commit = f" — commit {m['commit']}" if m.get("commit") else ""
     lines = [
-        f"Command: `{cmd}` — {m['date']} — smollm2-135m {m['dtype']}, `{m['corpus']}` {m['split']} split, "
+        f"Command: `{cmd}` — {m['date']}{commit} — smollm2-135m {m['dtype']}, `{m['corpus']}` {m['split']} split, "
         f"{m['window']}-token windows, first {m['max_tokens']} tokens; every row against the stock model in the same run. "
         f"Raw rows: `{folder.relative_to(ROOT)}/sweep.csv`.",
         "",
@@ -120,6 +123,26 @@ def pareto_markdown(folder: Path) -> str:
     return "\n".join(lines)
 
 
+COMMIT = re.compile(r"\bcommits? ((?:[0-9a-f]{7,40}(?:\+dirty)?(?:, )?)+)")
+
+
+def stale_reason(table: str) -> str | None:
+    """Why a table does not describe the code being assembled (None: it does). A table names the
+    commit(s) it ran in its first lines (``harness.header``); it is stale when it names none, or when
+    any file under src/ differs between such a commit and HEAD (a ``+dirty`` run counts as its commit)."""
+    head = "\n".join(table.splitlines()[:3])
+    found = COMMIT.search(head)
+    if not found:
+        return "it names no commit (measured before results recorded one)"
+    for commit in (c.strip().removesuffix("+dirty") for c in found.group(1).split(",") if c.strip()):
+        diff = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", "src/"], cwd=ROOT, capture_output=True)
+        if diff.returncode == 1:
+            return f"src/ changed since its commit {commit[:10]}"
+        if diff.returncode != 0:
+            return f"its commit {commit[:10]} is not in this repository"
+    return None
+
+
 def assemble() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from quicksilver.hardware import describe
@@ -136,6 +159,28 @@ def assemble() -> None:
     for folder in sorted(RESULTS.glob("pareto_*")):
         if (folder / "sweep.json").is_file():
             fills[folder.name] = pareto_markdown(folder)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from headline import headline
+
+    fills["headline"] = headline()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- headline: written by benchmarks/results.py -->", "<!-- /headline -->"
+    if start in text and end in text:  # the README's first page shows the same table, linking into RESULTS
+        text = text[: text.index(start) + len(start)] + "\n" + headline("docs/RESULTS.md") + "\n" + text[text.index(end):]
+        write_atomic(readme, text)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()[:10]
+    stale = {}
+    for key in [k for k in fills if k not in ("generated", "machine", "headline")]:
+        why = stale_reason(fills[key])
+        if why is not None and "{{" + key + "}}" in template:
+            stale[key] = why
+            fills[key] = f"> **Stale** against {head}: {why}. Rerun `python benchmarks/results.py --only ...` for this table.\n\n" + fills[key]
+    tables = [k for k in fills if k not in ("generated", "machine", "headline") and "{{" + k + "}}" in template]
+    fills["stale"] = ("Every table below was measured on the code it describes (no file under `src/` changed since its commit)."
+                      if not stale else f"**{len(stale)} of the {len(tables)} tables below are stale** (measured on older code; "
+                      "each says why, and the first page's rows that come from them are as old): "
+                      + ", ".join(f"`{k}`" for k in sorted(stale)) + ".")
     text = template
     for key, value in fills.items():
         text = text.replace("{{" + key + "}}", value)

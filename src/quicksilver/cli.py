@@ -70,7 +70,7 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread the model over the GPUs (accelerate)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON (atomically)."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all; baselines int8, int4."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, fusion, amq, all, fast, fast4, lossless; baselines int8, int4."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting, e.g. --set halting.threshold=0.03 (repeatable)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: --ray (a local cluster) or --ray ADDRESS."),
@@ -104,7 +104,7 @@ def eval_cmd(
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, fast, lossless; baselines int8, int4 (fusion: eval only)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, fast, fast4, lossless; baselines int8, int4 (fusion: eval only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
@@ -175,7 +175,7 @@ def generate_cmd(
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Offline name, local .gguf file or folder, or hub id."),
-    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, int8, int4 (fusion is prefill-only)."),
+    preset: str = typer.Option("off", "--preset", "-p", help="off, halting, kvskip, amq, all, fast, fast4, lossless; baselines int8, int4 (fusion is prefill-only)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A config JSON file (replaces --preset)."),
     settings: list[str] = typer.Option([], "--set", help="Override one setting (repeatable)."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 where the hardware runs it natively, else float32), float32, bfloat16, float16."),
@@ -331,7 +331,7 @@ def sweep_cmd(
     from datetime import datetime, timezone
 
     from .models import parse_dtype
-    from .results_io import check_writable_target, write_atomic, write_json_atomic
+    from .results_io import check_writable_target, code_version, write_atomic, write_json_atomic
     from .sweep import SERIES, matched_comparison, plan, plot_pareto, run_sweep, to_csv
 
     chosen = series or list(SERIES)
@@ -353,7 +353,8 @@ def sweep_cmd(
     matched = matched_comparison(rows)
     title = f"{model} on {corpus}/{split}, {window}-token windows, {max_tokens} tokens"
     meta = {"model": model, "corpus": corpus, "split": split, "window": window, "max_tokens": max_tokens,
-            "dtype": str(parse_dtype(dtype, device)).removeprefix("torch."), "device": device, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "dtype": str(parse_dtype(dtype, device)).removeprefix("torch."), "device": device, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": code_version()}
     write_atomic(output_dir / "sweep.csv", to_csv(rows))
     write_json_atomic(output_dir / "sweep.json", {"meta": meta, "rows": rows, "matched": matched})
     write_atomic(output_dir / "pareto.png", plot_pareto(rows, title))

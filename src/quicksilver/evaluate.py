@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .errors import QuicksilverError, check_int
 from .flops import dense_forward_flops
 from .ledger import Ledger
+from .results_io import code_version
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,7 @@ def evaluate_model(
         **metrics(totals[-1], n_bytes, n_words),
         "peak_memory_bytes": peak_memory_bytes(dev),
         "config": config.to_dict(),
+        "code": code_version(),  # the commit (or installed version) these numbers come from
     }
     if len(totals) == 2:
         result.update(compare(totals[0], totals[1], n_bytes, n_words))

@@ -60,3 +60,30 @@ def check_writable_target(path: str | os.PathLike | None) -> None:
         raise QuicksilverError(f"cannot write in output folder {parent}: {e.strerror or e}") from e
     os.close(fd)
     os.unlink(probe)
+
+
+def code_version(root: str | os.PathLike | None = None) -> str:
+    """What code produced a result: the git commit of ``root`` (default: the checkout this package runs
+    from), with ``+dirty`` when tracked files differ from it; outside a checkout the installed version
+    (``quicksilver 0.1.0``) when ``root`` is not given, else ``unknown``."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).resolve().parent
+    git = lambda *a, cwd: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)  # noqa: E731
+    try:
+        top = git("rev-parse", "--show-toplevel", cwd=root or here)
+        top_dir = Path(top.stdout.strip()).resolve() if top.returncode == 0 else None
+        ours = top_dir is not None and (Path(root).resolve() == top_dir if root else (top_dir / "src" / "quicksilver").resolve() == here)
+        if ours:
+            head, dirty = git("rev-parse", "HEAD", cwd=top_dir), git("status", "--porcelain", "--untracked-files=no", cwd=top_dir)
+            if head.returncode == 0 and dirty.returncode == 0:
+                return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if root is not None:
+        return "unknown"
+    try:
+        return f"quicksilver {version('quicksilver')}"
+    except PackageNotFoundError:
+        return "unknown"
