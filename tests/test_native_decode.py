@@ -78,3 +78,22 @@ def test_fast4_reads_the_q4_grid_natively_and_decodes_as_eagerly(monkeypatch):
     out = generate(native, prompts, 10)
     monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
     assert out.tokens == generate(Engine(model, "fast4"), prompts, 10).tokens
+
+
+def test_no_compile_is_measured_where_the_native_step_serves(monkeypatch):
+    """A long generation (or a server's batch) with the native step must not pay a compile to measure
+    the compiled loop, which the native step would run ahead of anyway."""
+    from quicksilver import compiled
+    from quicksilver.decoding.runner import wants_compiled
+
+    monkeypatch.setenv("QUICKSILVER_COMPILE", "auto")
+    measured = []
+    monkeypatch.setattr(compiled, "measure", lambda engine, rows: measured.append(rows) or {"eager": 1.0, "compiled": 2.0})
+    monkeypatch.setattr(compiled, "_eager_steps", 0)
+    native = Engine(_model(), "off")
+    assert native_decode.native_step(native) is not None
+    assert not wants_compiled(native, 8, 100_000) and measured == []
+    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
+    eager = Engine(_model(), "off")
+    wants_compiled(eager, 8, 100_000)  # no native step: the compiled loop is measured, as before
+    assert measured == [8]

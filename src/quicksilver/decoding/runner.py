@@ -106,5 +106,11 @@ def verify(engine: Runner, feeds: list[list[int]], caches: Sequence[SequenceCach
 
 
 def wants_compiled(engine: Runner, sequences: int, steps: int) -> bool:
-    """Whether ``steps`` one-token steps of ``sequences`` sequences should run the compiled loop (measured)."""
+    """Whether ``steps`` one-token steps of ``sequences`` sequences should run the compiled loop (measured).
+
+    Never where the native step serves the engine and measured faster than the eager loop at this
+    many rows: it runs first (``decode_one_token``), so measuring the compiled loop would only cost
+    a compile (tens of seconds on a CPU; a server's first requests at a new batch size waited on it)."""
+    if native_decode.native_step(engine) is not None and native_decode.pays(engine, sequences):
+        return False
     return compiled.wanted(engine, sequences, steps)
