@@ -139,6 +139,7 @@ def our_runners(model, tok, dtype: str, steps: list[str], ours: list[str]) -> tu
             # (native_decode). A fresh engine per step: the native step is decided when an engine first decodes.
             os.environ["QUICKSILVER_NATIVE_STEP"] = "1" if step == "native" else "0"
             engine = Engine(model, Config.preset(preset))
+            native_decode.native_step(engine)  # decided now, under this row's setting (not at the first decode)
             if step == "compiled" and compiled.structure(engine) is None:
                 log(f"{preset} {dtype}: the compiled step does not apply; no compiled row")
                 continue
@@ -417,10 +418,47 @@ def render(data: dict) -> str:
         lines += ["", "1-minute load average at the start and the end of each run (2 cores; above 1, other work shared the "
                       "machine): " + "; ".join(f"{a:.2f} / {b:.2f} ({', '.join(dict.fromkeys(names))})" for (a, b), names in runs.items()) + "."]
     lines += gaps(rows)
+    lines += bars(rows)
     versions = ", ".join(f"{k} {v}" for k, v in sorted(data.get("versions", {}).items()))
     if versions:
         lines += ["", f"Versions: {versions}."]
     return "\n".join(lines) + "\n"
+
+
+def _fastest(rows: list[dict], engine: str, weights: tuple[str, ...], key: str = "tokens_per_s",
+             label: str | None = None) -> dict | None:
+    found = [r for r in rows if r["engine"] == engine and not r.get("error") and r.get(key) and r["weights"] in weights
+             and (label is None or r["label"] == label)]
+    return max(found, key=lambda r: r[key]) if found else None
+
+
+# Issue #25's bars: (what, our preset, our dtypes, peer engine, peer weights, measure, at least)
+BARS = [("batch 1: `off` bfloat16 against llama.cpp BF16", "off", ("bfloat16",), "llama_cpp", ("BF16",), "tokens_per_s", 1.1),
+        ("batch 1: `fast` against llama.cpp Q8_0", "fast", ("float32", "bfloat16"), "llama_cpp", ("Q8_0",), "tokens_per_s", 1.1),
+        ("batch 1: `fast` against onnxruntime-genai int8", "fast", ("float32", "bfloat16"), "onnxruntime_genai", ("int8",),
+         "tokens_per_s", 1.0),
+        ("batch 1: `fast4` against llama.cpp Q4_1", "fast4", ("float32", "bfloat16"), "llama_cpp", ("Q4_1",), "tokens_per_s", 1.0),
+        ("batch 8: `fast` against onnxruntime-genai int8", "fast", ("float32", "bfloat16"), "onnxruntime_genai", ("int8",),
+         "batch8_tokens_per_s", 1.0),
+        ("prefill of 1,024 tokens: `off` against llama.cpp's fastest", "off", ("float32", "bfloat16"), "llama_cpp",
+         ("BF16", "F32", "Q8_0", "Q4_1"), "prefill_tokens_per_s", 2.0)]
+
+
+def bars(rows: list[dict]) -> list[str]:
+    """Issue #25's acceptance bars, each as measured in these rows: ours is the fastest step (eager or native)
+    of the preset in the dtypes the bar allows; a bar with a side not measured says so."""
+    out = ["", "**Issue #25's bars** (ours: the fastest step of the preset; ratio of tokens per second):", "",
+           "| bar | ours | peer | ratio | needed | met |", "|---|---|---|---|---|---|"]
+    for what, preset, dtypes, engine, weights, key, need in BARS:
+        mine = _fastest(rows, "ours", dtypes, key, label=f"QuickSilver `{preset}`")
+        peer = _fastest(rows, engine, weights, key)
+        if mine is None or peer is None:
+            out.append(f"| {what} | {'—' if mine is None else ''} | {'—' if peer is None else ''} | not measured | {need:g}x | — |")
+            continue
+        ratio = mine[key] / peer[key]
+        out.append(f"| {what} | {mine[key]:,.1f} ({mine['weights']}, {mine['step']}) | {peer[key]:,.1f} ({peer['weights']}) "
+                   f"| {ratio:.2f}x | {need:g}x | {'yes' if ratio >= need else '**no**'} |")
+    return out
 
 
 def gaps(rows: list[dict]) -> list[str]:
