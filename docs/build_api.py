@@ -76,14 +76,15 @@ def broken_references(names: list[str]) -> list[str]:
     return sorted(set(broken))
 
 
-def build(output: Path) -> list[str]:
-    """Write the HTML reference into ``output``; return the problems found (empty: all good)."""
+def build(output: Path, search: bool = True) -> list[str]:
+    """Write the HTML reference into ``output``; return the problems found (empty: all good).
+    ``search=False`` leaves out the search index (what the test suite builds: the same pages, sooner)."""
     import pdoc
     import pdoc.render
 
     names = modules()
     problems = broken_references(names)
-    pdoc.render.configure(docformat="numpy", search=True)
+    pdoc.render.configure(docformat="numpy", search=search)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pdoc.pdoc(*names, output_directory=output)
