@@ -90,10 +90,18 @@ def test_no_compile_is_measured_where_the_native_step_serves(monkeypatch):
     measured = []
     monkeypatch.setattr(compiled, "measure", lambda engine, rows: measured.append(rows) or {"eager": 1.0, "compiled": 2.0})
     monkeypatch.setattr(compiled, "_eager_steps", 0)
-    native = Engine(_model(), "off")
-    assert native_decode.native_step(native) is not None
-    assert not wants_compiled(native, 8, 100_000) and measured == []
-    monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
-    eager = Engine(_model(), "off")
-    wants_compiled(eager, 8, 100_000)  # no native step: the compiled loop is measured, as before
-    assert measured == [8]
+    monkeypatch.setattr(compiled, "_steps", {})  # nothing compiled earlier in this process
+    monkeypatch.setattr(compiled, "_failed", None)
+    from quicksilver import kernels
+
+    kernels.set_kernel_table(kernels.KernelTable(None))  # no choice measured by an earlier test
+    try:
+        native = Engine(_model(), "off")
+        assert native_decode.native_step(native) is not None
+        assert not wants_compiled(native, 8, 100_000) and measured == []
+        monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")
+        eager = Engine(_model(), "off")
+        wants_compiled(eager, 8, 100_000)  # no native step: the compiled loop is measured, as before
+        assert measured == [8]
+    finally:
+        kernels.set_kernel_table(None)
