@@ -26,7 +26,7 @@ there and the two exchange only JSON (token ids in; tokens, seconds and byte cou
 A peer that does not install or convert is a row that says so. Rows of one run are timed one
 engine after another, sides of one process interleaved prompt by prompt (``harness.measure_decode``);
 every run appends to the JSON (rows of the same engine replaced), so the table may be measured
-in several short runs, each under ``/work/bin/quiet``. Not part of ``make test``.
+in several short runs, each under ``benchmarks/quiet``. Not part of ``make test``.
 
     python benchmarks/bench_peers.py --prepare                     # venvs, model files, HF reference (no timing)
     python benchmarks/bench_peers.py --engines ours --dtypes float32
@@ -391,7 +391,7 @@ def render(data: dict) -> str:
             "float32 greedy at batch 1 (fraction; mean length of the common prefix). `MB/step`: weight bytes a decode "
             "step reads (decoder matrices and LM head, from the engine's own files); `GB/s` = MB/step / ms/step; share: of "
             "the copy bandwidth measured in the same run (read + write, torch, same threads). Rows of one run are timed one "
-            "engine after another in one `/work/bin/quiet` run; our rows interleave prompt by prompt.")
+            "engine after another in one `benchmarks/quiet` run; our rows interleave prompt by prompt.")
     lines = [harness.header(meta, what), "",
              "| engine | weights | step | batch 1 tok/s | ms/step | batch 8 tok/s | prefill tok/s | agreement | MB/step "
              "| GB/s | share of copy BW |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -415,8 +415,8 @@ def render(data: dict) -> str:
             runs.setdefault(tuple(r["load_average"]), []).append(ENGINE_NAMES[r["engine"]] if r["engine"] != "ours" else
                                                                   f"{r['label']} {r['weights']}")
     if runs:
-        lines += ["", "1-minute load average at the start and the end of each run (2 cores; above 1, other work shared the "
-                      "machine): " + "; ".join(f"{a:.2f} / {b:.2f} ({', '.join(dict.fromkeys(names))})" for (a, b), names in runs.items()) + "."]
+        lines += ["", "1-minute load average at the start and the end of each run (2 cores; the run's own threads count about 2, "
+                      "and more than that means other work shared the machine): " + "; ".join(f"{a:.2f} / {b:.2f} ({', '.join(dict.fromkeys(names))})" for (a, b), names in runs.items()) + "."]
     lines += gaps(rows)
     lines += bars(rows)
     versions = ", ".join(f"{k} {v}" for k, v in sorted(data.get("versions", {}).items()))
