@@ -64,11 +64,11 @@ def free_port() -> int:
 class Server:
     """A ``quicksilver serve`` subprocess, ready once /health answers."""
 
-    def __init__(self, args, max_batch: int, preset: str | None = None):
+    def __init__(self, args, max_batch: int, preset: str | None = None, max_tokens: int | None = None):
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
         cmd = [sys.executable, "-m", "quicksilver.cli", "serve", "--model", args.model, "--preset", preset or args.preset, "--dtype", args.dtype,
-               "--port", port, "--max-batch", str(max_batch), "--max-queue", "1024", "--max-tokens-limit", str(args.max_tokens)]
+               "--port", port, "--max-batch", str(max_batch), "--max-queue", "1024", "--max-tokens-limit", str(max_tokens or args.max_tokens)]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
@@ -220,7 +220,7 @@ def lossless_comparison(args, tok) -> list[dict]:
     servers = {}
     try:
         for preset in ("off", "lossless"):
-            servers[preset] = Server(args, 4, preset)
+            servers[preset] = Server(args, 4, preset, max_tokens=args.lossless_tokens)
             asyncio.run(run_level(servers[preset].url, kinds["open"][:2], 2, 2, 4))  # warm-up
         for kind, prompts in kinds.items():
             halves = {preset: ([], 0.0) for preset in servers}
@@ -236,6 +236,8 @@ def lossless_comparison(args, tok) -> list[dict]:
                 rows.append(row)
                 print(f"lossless comparison, {kind} prompts, {preset}: {row['tokens_per_second']:.1f} tok/s, "
                       f"mismatched {row['mismatched']}, errors {row['errors']}", file=sys.stderr, flush=True)
+                if row["errors"]:
+                    sys.exit(f"error: the {preset} server failed {row['errors']} requests, e.g. {row['error_examples'][0]}")
     finally:
         for server in servers.values():
             server.close()
@@ -318,7 +320,7 @@ def main() -> None:
                                           f"{args.max_tokens} new tokens per request ({meta['date']})")
     total = sum(r["requests"] for r in rows)
     what = (f"load average {meta['load_1min'][0]:.1f} before, {meta['load_1min'][1]:.1f} after"
-            f"{' (other processes paused: /work/bin/quiet)' if meta['quiet'] else ' (machine shared with other work)'}; "
+            f"{' (other processes paused: benchmarks/quiet)' if meta['quiet'] else ' (machine shared with other work)'}; "
             f"{args.model} {args.dtype}, preset `{args.preset}`, {len(prompts)} wiki prompts of 12-48 tokens, greedy, "
             f"{args.max_tokens} new tokens at most per request (EOS may end one earlier), streamed; {total} requests in all. "
             f"Continuous batching: `--max-batch {args.max_batch}`; one-at-a-time: `--max-batch 1`; both servers up at once, "
