@@ -22,6 +22,7 @@ int8, since the tied embedding is not on a 4-bit grid). Eager and native alterna
 
     python benchmarks/bench_native_step.py [--dtypes float32,bfloat16] [--formats dense,i8,q4]
         [--batches 1,8] [--keys 128] [--reps 15] [--threads 2] [--out docs/results]
+    python benchmarks/bench_native_step.py --render   # native_step.md again from native_step.json
 
 Writes ``native_step.json`` and ``native_step.md`` (both tables, under the harness header: command,
 machine, commit) into ``--out``, and prints the tables as it goes.
@@ -30,6 +31,7 @@ machine, commit) into ``--out``, and prints the tables as it goes.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -173,7 +175,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results", help="folder for native_step.json / .md")
+    ap.add_argument("--render", action="store_true", help="write native_step.md from native_step.json; measure nothing")
     args = ap.parse_args()
+    if args.render:
+        path = Path(args.out) / "native_step.json"
+        if not path.exists():
+            sys.exit(f"error: {path} does not exist: run the benchmark first")
+        data = json.loads(path.read_text())
+        harness.write_results(Path(args.out), "native_step", data, render(data))
+        return
     torch.set_num_threads(args.threads)
     if not native_step.available():
         sys.exit(f"error: {native_step.describe()}")
@@ -182,9 +192,6 @@ def main() -> None:
     what = (f"{native_step.describe()}; copy bandwidth ({args.threads} threads, read + write) {copy_gbs:.1f} GB/s; "
             f"one pooled decode step over {args.keys} cached entries per row, median of {args.reps} alternating reps")
     print(harness.header(meta, what), flush=True)
-    cols = ("dtype", "weights", "batch", "eager_preset", "eager_ms", "native_ms", "speedup", "call_ms", "matmuls_ms",
-            "glue_ms", "per_layer_us", "weight_mb", "kv_mb", "bandwidth_fraction")
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = []
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
@@ -193,16 +200,35 @@ def main() -> None:
             for b in (int(x) for x in args.batches.split(",")):
                 row = measure(model, tok, dtype, wfmt, b, args.keys, args.reps, copy_gbs)
                 rows.append(row)
-                print("| " + " | ".join(fmt(row[c]) for c in cols) + " |", flush=True)
-    steps = harness.markdown_table(cols, [[fmt(r[c]) for c in cols] for r in rows])
+                print("| " + " | ".join(fmt(row[c]) for c in COLS) + " |", flush=True)
+    data = {"meta": {**meta, "copy_gbs": copy_gbs, "what": what}, "rows": rows}
+    markdown = render(data)
+    print("\n" + markdown.split("\n\n")[-1])
+    harness.write_results(Path(args.out), "native_step", data, markdown)
+
+
+COLS = ("dtype", "weights", "batch", "eager_preset", "eager_ms", "native_ms", "speedup", "call_ms", "matmuls_ms",
+        "glue_ms", "per_layer_us", "weight_mb", "kv_mb", "bandwidth_fraction")
+
+
+def fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def render(data: dict) -> str:
+    """The markdown of a run: the harness header, the step table, the per-phase table."""
+    meta, rows = data["meta"], data["rows"]
+    what = meta.get("what") or (f"{meta.get('native', '')}; copy bandwidth ({meta['threads']} threads, read + write) {meta['copy_gbs']:.1f} GB/s; one pooled "
+                                f"decode step over {meta['keys']} cached entries per row, median of {meta['reps']} alternating reps")
+    steps = harness.markdown_table(COLS, [[fmt(r[c]) for c in COLS] for r in rows])
     phases = harness.markdown_table(("dtype", "weights", "batch", *PHASES),
                                     [[r["dtype"], r["weights"], r["batch"], *(f"{r['phases'][p]:.2f}" for p in PHASES)]
                                      for r in rows])
-    markdown = "\n".join([harness.header(meta, what), "", steps, "",
-                          "Where a native step's milliseconds go (a `QS_TIMING` build of the same step: thread 0's clock, "
-                          "the wait for the other threads included; mean ms per step):", "", phases])
-    print("\n" + phases)
-    harness.write_results(Path(args.out), "native_step", {"meta": {**meta, "copy_gbs": copy_gbs}, "rows": rows}, markdown)
+    return "\n".join([harness.header(meta, what), "", steps, "",
+                      "`glue_ms` is `native_ms` less `matmuls_ms`, two medians timed apart: within about a millisecond it is "
+                      "noise, and it can come out below zero.", "",
+                      "Where a native step's milliseconds go (a `QS_TIMING` build of the same step: thread 0's clock, "
+                      "the wait for the other threads included; mean ms per step):", "", phases])
 
 
 if __name__ == "__main__":
