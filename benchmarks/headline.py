@@ -61,10 +61,13 @@ def decode_rows(link: str) -> list[str]:
     if b8 and ort8:
         out.append(f"| Decode, batch 8 | `fast`: {_tps(b8, 8):.1f} tok/s, {_tps(b8, 8) / _tps(ort8, 8):.2f}x "
                    f"onnxruntime-genai int8 | [{link}]({link}) |")
-    ours_pf = max((r.get("prefill_tokens_per_s") or 0 for r in rows if r["label"].startswith("QuickSilver")), default=0)
+    ours = max((r for r in rows if r["label"].startswith("QuickSilver") and r.get("prefill_tokens_per_s")),
+               key=lambda r: r["prefill_tokens_per_s"], default=None)
     peer_pf = max((r.get("prefill_tokens_per_s") or 0 for r in rows if r["label"] == "llama_cpp"), default=0)
-    if ours_pf and peer_pf:
-        out.append(f"| Prefill, 1,024 tokens | {ours_pf:.0f} tok/s, {ours_pf / peer_pf:.2f}x llama.cpp's best ({peer_pf:.0f} tok/s) | "
+    if ours and peer_pf:
+        ours_pf = ours["prefill_tokens_per_s"]
+        out.append(f"| Prefill, 1,024 tokens | {ours['label'].removeprefix('QuickSilver ')} {ours['weights']}: {ours_pf:.0f} tok/s, "
+                   f"{ours_pf / peer_pf:.2f}x llama.cpp's best ({peer_pf:.0f} tok/s) | "
                    f"[{link}]({link}) |")
     return out
 
@@ -119,13 +122,19 @@ def serving_rows(link: str) -> list[str]:
             f"{top['speedup_vs_one_at_a_time']:.1f}x one request at a time, {top['mismatched']} answers differ | [{link}]({link}) |"]
 
 
-def headline(results_link: str = "") -> str:
-    """The table: ``results_link`` prefixes each link (``docs/RESULTS.md`` from the README, empty inside RESULTS)."""
-    anchor = lambda a: f"{results_link}#{a}"  # noqa: E731
+SOURCES = [("peers", decode_rows, "against-other-cpu-engines"), ("serve", lossless_rows, "serving"),
+           ("long_context", long_context_rows, "long-context"), ("pareto_wiki", paper_rows, "pareto-sweeps-against-matched-baselines"),
+           ("serve", serving_rows, "serving")]
+
+
+def headline(results_link: str = "", stale: set[str] | frozenset = frozenset()) -> str:
+    """The table: ``results_link`` prefixes each link (``docs/RESULTS.md`` from the README, empty inside RESULTS);
+    a row whose source table is in ``stale`` (measured on older code) says so."""
     lines = ["| what | measured (each number from the linked section's table) | where |", "|---|---|---|"]
-    lines += decode_rows(anchor("against-other-cpu-engines"))
-    lines += lossless_rows(anchor("serving"))
-    lines += long_context_rows(anchor("long-context"))
-    lines += paper_rows(anchor("pareto-sweeps-against-matched-baselines"))
-    lines += serving_rows(anchor("serving"))
+    for source, rows, anchor in SOURCES:
+        for row in rows(f"{results_link}#{anchor}"):
+            if source in stale:
+                cells = row.rsplit(" | ", 1)
+                row = f"{cells[0]} (**stale**: measured on older code) | {cells[1]}"
+            lines.append(row)
     return "\n".join(lines)

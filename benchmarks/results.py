@@ -159,16 +159,6 @@ def assemble() -> None:
     for folder in sorted(RESULTS.glob("pareto_*")):
         if (folder / "sweep.json").is_file():
             fills[folder.name] = pareto_markdown(folder)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from headline import headline
-
-    fills["headline"] = headline()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- headline: written by benchmarks/results.py -->", "<!-- /headline -->"
-    if start in text and end in text:  # the README's first page shows the same table, linking into RESULTS
-        text = text[: text.index(start) + len(start)] + "\n" + headline("docs/RESULTS.md") + "\n" + text[text.index(end):]
-        write_atomic(readme, text)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()[:10]
     stale = {}
     for key in [k for k in fills if k not in ("generated", "machine", "headline")]:
@@ -177,6 +167,16 @@ def assemble() -> None:
             stale[key] = why
             fills[key] = f"> **Stale** against {head}: {why}. Rerun `python benchmarks/results.py --only ...` for this table.\n\n" + fills[key]
     tables = [k for k in fills if k not in ("generated", "machine", "headline") and "{{" + k + "}}" in template]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from headline import headline
+
+    fills["headline"] = headline(stale=set(stale))
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- headline: written by benchmarks/results.py -->", "<!-- /headline -->"
+    if start in text and end in text:  # the README's first page shows the same table, linking into RESULTS
+        text = text[: text.index(start) + len(start)] + "\n" + headline("docs/RESULTS.md", set(stale)) + "\n" + text[text.index(end):]
+        write_atomic(readme, text)
     fills["stale"] = ("Every table below was measured on the code it describes (no file under `src/` changed since its commit)."
                       if not stale else f"**{len(stale)} of the {len(tables)} tables below are stale** (measured on older code; "
                       "each says why, and the first page's rows that come from them are as old): "

@@ -1,0 +1,58 @@
+"""benchmarks/results.py's staleness rule and the first page's headline table (benchmarks/headline.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import headline  # noqa: E402
+import results  # noqa: E402
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+
+
+def _commit(repo: Path, path: str, text: str) -> str:
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text(text)
+    subprocess.run([*GIT, "add", path], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", path], cwd=repo, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_table_is_stale_when_src_changed_since_its_commit(tmp_path, monkeypatch):
+    subprocess.run([*GIT, "init", "-q"], cwd=tmp_path, check=True)
+    first = _commit(tmp_path, "src/a.py", "1")
+    docs_only = _commit(tmp_path, "docs/x.md", "2")  # no src/ change since ``first``
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    table = lambda *commits: f"Command: `x` — today — machine — commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}\n\n| a |"  # noqa: E731
+    assert results.stale_reason(table(first)) is None
+    assert results.stale_reason(table(first + "+dirty", docs_only)) is None
+    assert "names no commit" in results.stale_reason("Command: `x` — today\n\n| a |")
+    _commit(tmp_path, "src/a.py", "3")
+    assert "src/ changed since its commit " + first[:10] in results.stale_reason(table(first))
+    assert "src/ changed" in results.stale_reason(table(docs_only))  # any commit of several counts
+    assert "not in this repository" in results.stale_reason(table("0" * 40))
+
+
+def test_the_headline_comes_from_the_results_files_and_says_when_they_are_stale(tmp_path, monkeypatch):
+    monkeypatch.setattr(headline, "RESULTS", tmp_path)
+    assert "not measured" in headline.headline()  # no files: it says so, it invents nothing
+    ours = lambda preset, tps, step="native", **kw: {"engine": "ours", "label": f"QuickSilver `{preset}`", "weights": "float32",  # noqa: E731
+                                                     "step": step, "tokens_per_s": tps, "prefill_tokens_per_s": 500.0, **kw}
+    rows = [{"engine": "ours", "label": "HF transformers", "weights": "float32", "step": "", "tokens_per_s": 10.0},
+            ours("off", 30.0), ours("off", 15.0, "eager"), ours("fast", 80.0, batch8_tokens_per_s=200.0),
+            {"engine": "llama_cpp", "label": "llama_cpp", "weights": "Q8_0", "tokens_per_s": 100.0, "prefill_tokens_per_s": 250.0},
+            {"engine": "onnxruntime_genai", "label": "onnxruntime_genai", "weights": "int8", "tokens_per_s": 80.0,
+             "batch8_tokens_per_s": 160.0}]
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
+    table = headline.headline("docs/RESULTS.md")
+    assert "`off` float32 (native step): **30.0 tok/s**; 3.00x HF float32" in table  # the fastest step of the preset
+    assert "0.80x llama.cpp Q8_0; 1.00x onnxruntime-genai int8" in table
+    assert "200.0 tok/s, 1.25x onnxruntime-genai int8" in table and "2.00x llama.cpp's best (250 tok/s)" in table
+    assert "(docs/RESULTS.md#against-other-cpu-engines)" in table and "stale" not in table
+    assert headline.headline(stale={"peers"}).count("(**stale**: measured on older code)") == 4  # 2 presets, batch 8, prefill
