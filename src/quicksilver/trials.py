@@ -23,6 +23,20 @@ OBJECTIVES = ("flops", "bitflops", "time", "decode-time")
 TIMED = ("time", "decode-time")  # objectives whose trials rerun the stock model interleaved
 # The decode-time objective: greedy generation on this many calibration prompts of this many tokens.
 DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_NEW_TOKENS = 4, 48, 32
+_FINGERPRINT: str | None = None
+
+
+def code_fingerprint() -> str:
+    """A hash of this package's source (its .py and .c files): a journaled trial counts only for the
+    code that measured it, so a rerun after a change re-measures instead of resuming older numbers."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c") and p.is_file()):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _FINGERPRINT = h.hexdigest()[:16]
+    return _FINGERPRINT
 
 
 def config_key(config: Config) -> str:
@@ -79,6 +93,7 @@ class TrialRunner:
         self.device = next(model.parameters()).device
         if objective == "decode-time":  # its seconds are generation seconds: never shared with other objectives' trials
             context = {**context, "timing": "decode"}
+        context = {**context, "code": code_fingerprint()}  # trials of other code are never resumed
         self.context = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
         self.journal = journal
         self.trials: dict[str, Trial] = {}
@@ -277,7 +292,7 @@ def split_runner(hf_model, tokenizer, model: str, corpus: str, split: str, windo
     # What a trial's numbers depend on (not the levels: a trial is keyed by its own settings).
     context = {"model": model, "corpus": corpus, "window": window, "tokens": int(ids.numel()),
                "dtype": str(hf_model.dtype).removeprefix("torch."), "device": str(device)}
-    if split != "calibration":  # calibration contexts keep their old form, so older journals still resume
+    if split != "calibration":
         context["split"] = split
     return TrialRunner(hf_model, tokenizer, ids, window, tokenizer.bos_token_id if bos else None, corpus, objective,
                        context, Path(journal) if journal else None, ray, read_only)
