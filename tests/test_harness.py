@@ -72,6 +72,13 @@ def test_git_commit_says_dirty_when_tracked_files_differ(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     (tmp_path / "untracked").write_text("ignored for the verdict")
     assert harness.git_commit(tmp_path) == head
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "table.md").write_text("a")
+    subprocess.run([*git, "add", "docs/table.md"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "y"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "docs" / "table.md").write_text("b")  # a result written during a run is not a code change
+    assert harness.git_commit(tmp_path) == head
     (tmp_path / "f").write_text("2")
     assert harness.git_commit(tmp_path) == head + "+dirty"
 

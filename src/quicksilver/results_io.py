@@ -65,7 +65,8 @@ def check_writable_target(path: str | os.PathLike | None) -> None:
 def code_version(root: str | os.PathLike | None = None) -> str:
     """What code produced a result: the git commit of ``root`` (default: the checkout this package runs
     from), with ``+dirty`` when tracked files differ from it; outside a checkout the installed version
-    (``quicksilver 0.1.0``) when ``root`` is not given, else ``unknown``."""
+    (``quicksilver 0.1.0``) when ``root`` is not given, else ``unknown``. Changes under ``docs/`` (the
+    results a run writes as it goes) do not make a checkout dirty."""
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
@@ -76,7 +77,7 @@ def code_version(root: str | os.PathLike | None = None) -> str:
         top_dir = Path(top.stdout.strip()).resolve() if top.returncode == 0 else None
         ours = top_dir is not None and (Path(root).resolve() == top_dir if root else (top_dir / "src" / "quicksilver").resolve() == here)
         if ours:
-            head, dirty = git("rev-parse", "HEAD", cwd=top_dir), git("status", "--porcelain", "--untracked-files=no", cwd=top_dir)
+            head, dirty = git("rev-parse", "HEAD", cwd=top_dir), git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs", cwd=top_dir)
             if head.returncode == 0 and dirty.returncode == 0:
                 return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
