@@ -78,13 +78,27 @@ _SEEN: dict = {}  # (section, key) -> the JSON of an entry as this run last read
 
 def _mark(data: dict) -> None:
     for section, entries in data.items():
-        for key, entry in entries.items():
+        for key, entry in (entries.items() if isinstance(entries, dict) else ()):
             _SEEN[(section, key)] = json.dumps(entry, sort_keys=True)
 
 
+MEASURED = ("needle", "needle_baseline", "continuation", "speed")
+
+
+def _this_code(data: dict) -> dict:
+    """``data`` with its measured entries dropped unless the package source that measured them is this one
+    (``quicksilver.trials.code_fingerprint``): a run resumes its own trials, never older code's."""
+    from quicksilver.results_io import code_version
+    from quicksilver.trials import code_fingerprint
+
+    if data.get("code") == code_fingerprint():
+        return data
+    return {**{k: v for k, v in data.items() if k not in MEASURED}, "code": code_fingerprint(), "commit": code_version(ROOT)}
+
+
 def load(path: Path) -> dict:
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data = {s: data.get(s, {}) for s in ("needle", "needle_baseline", "continuation", "speed")} | data
+    data = _this_code(json.loads(path.read_text()) if path.is_file() else {})
+    data = {s: data.get(s, {}) for s in MEASURED} | data
     _mark(data)
     return data
 
@@ -102,8 +116,11 @@ def save(path: Path, data: dict) -> None:
     lock_path = Path(tempfile.gettempdir()) / f"quicksilver-{path.resolve().as_posix().strip('/').replace('/', '_')}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        disk = json.loads(path.read_text()) if path.is_file() else {}
+        disk = _this_code(json.loads(path.read_text()) if path.is_file() else {})
         for section, entries in data.items():
+            if not isinstance(entries, dict):
+                disk.setdefault(section, entries)
+                continue
             into = disk.setdefault(section, {})
             for key, entry in entries.items():
                 if json.dumps(entry, sort_keys=True) == _SEEN.get((section, key)):
@@ -114,6 +131,8 @@ def save(path: Path, data: dict) -> None:
                     into[key] = entry
         write_json_atomic(path, disk)
     for section, entries in disk.items():
+        if not isinstance(entries, dict):
+            continue
         mine = data.setdefault(section, {})
         for key, entry in entries.items():
             if key not in mine:
@@ -285,7 +304,8 @@ def _count(e: dict, field: str) -> str:
 
 def report(args, data, path):
     """docs/results/long_context.md from the accumulated JSON."""
-    lines = [f"Command: `python benchmarks/long_context.py needle|continuation|speed ...` then `report` (see the script's usage), "
+    commit = f" — commit {data['commit']}" if data.get("commit") else ""
+    lines = [f"Command: `python benchmarks/long_context.py needle|continuation|speed ...` then `report` (see the script's usage){commit}; "
              f"smollm2-135m in bfloat16 (auto on this CPU), test splits; machine: {data.get('speed', {}).get('machine', describe())}; "
              f"measured {', '.join(sorted({e['date'] for e in [*data['needle'].values(), *data['continuation'].values()] if 'date' in e}))} "
              f"on a shared machine (1 thread per run). Raw results: `docs/results/long_context.json`.", ""]
