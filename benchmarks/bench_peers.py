@@ -559,7 +559,8 @@ def drive(args) -> None:
     loads = [meta["load_average"], round(os.getloadavg()[0], 2)]  # 1-minute load average at the start and the end
     for r in rows:
         r["load_average"] = loads
-    data = {"meta": harness.merge_meta(old.get("meta", {}), meta), "prompts": prompts, "reference": ref,
+    kept_old = {row_key(r) for r in old.get("rows", [])} - {row_key(r) for r in rows}  # old rows this run did not measure again
+    data = {"meta": harness.merge_meta(old.get("meta", {}), meta) if kept_old else meta, "prompts": prompts, "reference": ref,
             "versions": {**old.get("versions", {}), **versions, "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
             "rows": harness.merge_rows(old.get("rows", []), rows, row_key)}
