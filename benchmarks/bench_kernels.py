@@ -110,7 +110,7 @@ def main() -> None:
         lines.append(f"| {label} | {bits} | {n} | {first['bf16_linear_us']:.0f} | {nat} | " + " | ".join(cells) + f" | {fastest} |")
     spec = A.arch
     attention = {f"{n}x{t}": AK.measure_attention(spec.n_heads, spec.n_kv_heads, spec.head_dim, n, t, dtype)
-                 for n in (1, 8) for t in K.ATTN_KEYS}
+                 for n in (1, 8) for t in AK.ATTN_KEYS}
     att_names = list(next(iter(attention.values())))
     lines += ["", "**Decode attention** (one query row per sequence over head-major cached keys; microseconds per layer; "
               "`sdpa` = torch's fused kernel, `matmul` = two matmuls and a float32 softmax, as transformers' eager attention, "
@@ -123,7 +123,7 @@ def main() -> None:
     causal = {}
     if native.causal_applies(torch.zeros(1, spec.n_heads, spec.head_dim, dtype=dtype),
                              torch.zeros(1, spec.n_kv_heads, spec.head_dim, dtype=dtype)):
-        causal = {t: AK.measure_causal(spec.n_heads, spec.n_kv_heads, spec.head_dim, t, dtype) for t in K.CAUSAL_T}
+        causal = {t: AK.measure_causal(spec.n_heads, spec.n_kv_heads, spec.head_dim, t, dtype) for t in AK.CAUSAL_T}
         lines += ["", "**Prefill attention** (causal self-attention of one sequence, all heads of one layer; "
                   "milliseconds; `sdpa` = torch's fused kernel, `native` = the flash kernel in C):", "",
                   "| tokens | sdpa ms | native ms | native speedup |", "|---|---|---|---|"]
