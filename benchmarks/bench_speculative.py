@@ -51,7 +51,7 @@ SYSTEMS = {
 KINDS = ("open", "repeat", "edit", "continue")
 
 
-def load_prompts(tok, quick: bool) -> list[dict]:
+def load_prompts(tok, quick: bool, per_kind: int | None = None) -> list[dict]:
     prompts = json.loads((HERE / "prompts" / "speculative.json").read_text(encoding="utf-8"))
     for p in prompts:
         if p["chat"]:
@@ -59,15 +59,16 @@ def load_prompts(tok, quick: bool) -> list[dict]:
             p["ids"] = tok(text, add_special_tokens=False).input_ids
         else:
             p["ids"] = tok(p["text"]).input_ids
-    if quick:  # two prompts of each kind
-        prompts = [p for k in KINDS for p in [q for q in prompts if q["kind"] == k][:2]]
+    per_kind = 2 if quick else per_kind
+    if per_kind:  # the first prompts of each kind
+        prompts = [p for k in KINDS for p in [q for q in prompts if q["kind"] == k][:per_kind]]
     return prompts
 
 
 def run_dtype(dtype: str, args, log) -> list[dict]:
     model, tok = load_model("smollm2-135m", dtype=dtype)
     model.generation_config.eos_token_id = None
-    prompts = load_prompts(tok, args.quick)
+    prompts = load_prompts(tok, args.quick, args.prompts)
     # On a CPU a float32 model has no fast low-bit kernel: the int8/int4 drafts are bfloat16 systems
     # (the lossless preset leaves them out in float32 by itself; see speculative.usable_sources).
     # --force-drafts runs them anyway: the float32 equality check of the low-bit drafts (slow).
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--quick", action="store_true", help="two prompts per kind, 32 new tokens")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts of each kind (default: all 8; 2 with --quick)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -205,6 +207,8 @@ def main() -> None:
     kernels.set_kernel_table(kernels.KernelTable(None))
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.prompts is not None and args.prompts < 1:
+        sys.exit(f"error: --prompts must be at least 1, got {args.prompts}")
     args.systems = args.systems.split(",")
     args.kinds = [k for k in args.kinds.split(",") if k]
     if any(k not in KINDS for k in args.kinds):

@@ -119,7 +119,10 @@ def save(path: Path, data: dict) -> None:
         disk = _this_code(json.loads(path.read_text()) if path.is_file() else {})
         for section, entries in data.items():
             if not isinstance(entries, dict):
-                disk.setdefault(section, entries)
+                if section == "command":  # the command of the latest `all` run
+                    disk[section] = entries
+                else:
+                    disk.setdefault(section, entries)
                 continue
             into = disk.setdefault(section, {})
             for key, entry in entries.items():
@@ -305,10 +308,12 @@ def _count(e: dict, field: str) -> str:
 def report(args, data, path):
     """docs/results/long_context.md from the accumulated JSON."""
     commit = f" — commit {data['commit']}" if data.get("commit") else ""
-    lines = [f"Command: `python benchmarks/long_context.py needle|continuation|speed ...` then `report` (see the script's usage){commit}; "
-             f"smollm2-135m in bfloat16 (auto on this CPU), test splits; machine: {data.get('speed', {}).get('machine', describe())}; "
-             f"measured {', '.join(sorted({e['date'] for e in [*data['needle'].values(), *data['continuation'].values()] if 'date' in e}))} "
-             f"on a shared machine (1 thread per run). Raw results: `docs/results/long_context.json`.", ""]
+    command = data.get("command") or "python benchmarks/long_context.py needle|continuation|speed ...` then `report"
+    speed_meta = data.get("speed", {})
+    lines = [f"Command: `{command}`{commit}; smollm2-135m in {speed_meta.get('dtype', 'the auto dtype')}, test splits; "
+             f"machine: {speed_meta.get('machine', describe())}, {speed_meta.get('threads', 'default')} threads; "
+             f"measured {', '.join(sorted({e['date'] for e in [*data['needle'].values(), *data['continuation'].values()] if 'date' in e}))}. "
+             "Raw results: `docs/results/long_context.json`.", ""]
     for corpus in sorted({e["corpus"] for e in data["needle"].values()}):
         entries = [e for e in data["needle"].values() if e["corpus"] == corpus]
         cols = sorted({(e["rule"], e["keep"]) for e in entries}, key=lambda c: (c[1], c[0] != "window", c[0]))
@@ -411,9 +416,10 @@ def acceptance(data: dict, best: str) -> list[str]:
 def run_all(args, data, path):
     """The RESULTS plan: needle and continuation on every corpus of ``--corpus`` (comma-separated) at every context
     for window and ``--rules``, then speed (on the first corpus), then the report."""
+    data["command"] = " ".join(["python", "benchmarks/long_context.py", *sys.argv[1:]])
     corpora = args.corpus.split(",")
     for corpus in corpora:
-        for n in (2048, 4096, 7680):
+        for n in args.contexts:
             args.corpus, args.context = corpus, n
             needle(args, data, path)
             continuation(args, data, path)
@@ -427,6 +433,7 @@ def main() -> None:
     ap.add_argument("task", choices=["needle", "continuation", "speed", "report", "all"])
     ap.add_argument("--corpus", default="wiki")
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--contexts", default="2048,4096,7680", help="all: the contexts of the needle and continuation grid")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -446,6 +453,10 @@ def main() -> None:
     args.started = time.perf_counter()
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     args.keep = [float(k) for k in args.keep.split(",")]
+    try:
+        args.contexts = [int(n) for n in args.contexts.split(",") if n.strip()]
+    except ValueError:
+        sys.exit(f"error: --contexts takes comma-separated token counts, got {args.contexts!r}")
     path = ROOT / args.out / "long_context.json"
     data = load(path)
     torch.manual_seed(0)
