@@ -56,3 +56,20 @@ def test_the_headline_comes_from_the_results_files_and_says_when_they_are_stale(
     assert "200.0 tok/s, 1.25x onnxruntime-genai int8" in table and "2.00x llama.cpp's best (250 tok/s)" in table
     assert "(docs/RESULTS.md#against-other-cpu-engines)" in table and "stale" not in table
     assert headline.headline(stale={"peers"}).count("(**stale**: measured on older code)") == 4  # 2 presets, batch 8, prefill
+
+
+def test_step_timings_carry_only_a_step_measured_with_todays_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    monkeypatch.setattr(results, "STEPS", {"a": ["a.py"], "b": ["b.py", "--x", "1"], "c": ["c.py"]})
+    old = [{"step": "a", "seconds": 60.0, "status": "ok", "command": "a.py", "started": "then", "commit": "1" * 40},
+           {"step": "b", "seconds": 120.0, "status": "ok", "command": "b.py --x 2", "started": "then", "commit": "1" * 40}]
+    (tmp_path / "make_results.json").write_text(json.dumps({"steps": old}))
+    results.write_timings([{"step": "c", "seconds": 30.0, "status": "ok"}], "now")
+    rows = {r["step"]: r for r in json.loads((tmp_path / "make_results.json").read_text())["steps"]}
+    assert rows["a"]["seconds"] == 60.0 and rows["a"]["started"] == "then"  # carried: same command
+    assert rows["b"]["seconds"] is None  # its command changed since: no time
+    assert rows["c"]["started"] == "now" and rows["c"]["command"] == "c.py"
+    text = (tmp_path / "make_results.md").read_text()
+    assert "from 2 run(s)" in text and "2 of 3" in text and "not one run" in text
+    results.write_timings([{"step": s, "seconds": 10.0, "status": "ok"} for s in ("a", "b", "c")], "later")
+    assert "one run of every step" in (tmp_path / "make_results.md").read_text()
