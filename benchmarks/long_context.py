@@ -352,7 +352,7 @@ def report(args, data, path):
         lines += acceptance(data, best)
     sp = data.get("speed", {})
     if any(k.startswith(("prefill/", "decode/")) for k in sp):
-        lines += [f"Speed ({sp['dtype']}, {sp['threads']} threads, `/work/wt/bin/quiet`, {sp['date']}): prefill through "
+        lines += [f"Speed ({sp['dtype']}, {sp['threads']} threads, {sp['date']}): prefill through "
                   "`evaluate_model` (the code of `quicksilver eval --window N --max-tokens N`; stock and engine interleaved after a "
                   "warm-up each); decode steps of every engine alternating, each after prefilling the same wiki prompt; "
                   "KV bytes of each engine's cache after decoding, against the full cache:", "",
