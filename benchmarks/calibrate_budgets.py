@@ -77,7 +77,7 @@ def main() -> None:
 
 def write_tables(runs: list[dict], args, loaded, pending: list[str]) -> None:
     out = Path(args.out)
-    meta = run_meta(dtype=str(loaded[0].dtype).removeprefix("torch."))
+    meta = run_meta(dtype=str(loaded.dtype).removeprefix("torch."))
     runs = [{**r, "meta": meta} for r in runs]
     previous = out / "calibration.json"
     if previous.is_file():  # keep the runs of objectives this invocation did not run, searched on the same corpora

@@ -58,9 +58,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(MODEL, dtype=args.dtype, device=args.device)
-    n_layers = loaded[0].config.num_hidden_layers
+    n_layers = loaded.model.config.num_hidden_layers
     meta = run_meta(args.device, tokens=args.tokens, window=args.window, corpus=args.corpus)
-    head = header(meta, f"model {MODEL} ({n_layers} layers, sliding window {loaded[0].config.sliding_window}) {args.dtype}, "
+    head = header(meta, f"model {MODEL} ({n_layers} layers, sliding window {loaded.model.config.sliding_window}) {args.dtype}, "
                         f"`{args.corpus}` test split, first {args.tokens} tokens, BOS + {args.window - 1} tokens per window. "
                         f"SmolLM2's presets transferred by relative depth and context, untuned on Gemma.")
     title = f"Ablation on Gemma-3-270M, `{args.corpus}` test split, {args.window}-token windows"

@@ -72,7 +72,7 @@ def main() -> None:
 
 def write_tables(rows: list[dict], args, loaded, pending: list[tuple[float, str]]) -> None:
     out = Path(args.out)
-    meta = run_meta(dtype=str(loaded[0].dtype).removeprefix("torch."))
+    meta = run_meta(dtype=str(loaded.dtype).removeprefix("torch."))
     write_json_atomic(out / "leave_one_out.json", {"meta": meta, "rows": rows})
     windows = [args.window, *[w for w in args.also_windows if w != args.window]]
     suffixes = [""] + [f"@{w}" for w in windows[1:]]
