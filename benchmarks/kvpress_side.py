@@ -668,7 +668,7 @@ def drive(args) -> None:
 
     out_json = Path(args.output)
     out_md = out_json.with_suffix(".md")
-    old = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    old = json.loads(out_json.read_text()) if out_json.is_file() and not args.fresh else {}
     if args.merge:
         for path in args.merge:
             if not Path(path).is_file():
@@ -839,6 +839,7 @@ def main(argv=None) -> int:
     p.add_argument("--logit-check", type=int, default=0, help="compare stock logits of both sides on this many tokens (0: skip)")
     p.add_argument("--verify-tokens", type=int, default=0, help="check one prefill = each press's context manager on this many tokens (0: skip)")
     p.add_argument("--render", action="store_true", help="only redraw the markdown from the JSON")
+    p.add_argument("--fresh", action="store_true", help="replace --output instead of merging into it (another dtype or machine)")
     p.add_argument("--ours-from", metavar="JSON", help="take our columns (window and quest+page_size=2+block_pages=16 at 25%% and 50%%, "
                    "and the stock model) from benchmarks/long_context.py's results (read at render time, never written), e.g. "
                    "docs/results/long_context.json; remembered in --output")

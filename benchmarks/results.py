@@ -66,13 +66,13 @@ STEPS = {
     "ablation-gemma3": ["benchmarks/gemma3_ablation.py", "--out", OUT],
     "layer-map": ["benchmarks/layer_skip_map.py", "--out", OUT],
     "fusion-why": ["benchmarks/fusion_why.py", "--tokens", "2048", "--out", OUT],
-    # kvpress's presses at the long-context step's own grid (4,096 tokens, 25%, 5 trials, 2 chunks); the merged
-    # JSON keeps earlier runs' other cells (kvpress's rows do not depend on our code; ours are read from long_context.json).
+    # kvpress's presses at the long-context step's own grid (4,096 tokens, 25%, 5 trials, 2 chunks), in a fresh JSON
+    # (earlier runs' cells may be of another dtype or machine); ours are read from long_context.json.
     "kvpress": ["benchmarks/kvpress_side.py", "--context", "4096", "--trials", "5", "--fractions", "0.25",
-                "--continuation-chunks", "2", "--logit-check", "512", "--verify-tokens", "512", "--policies", "none",
+                "--continuation-chunks", "2", "--logit-check", "512", "--verify-tokens", "512", "--policies", "none", "--fresh",
                 "--ours-from", f"{OUT}/long_context.json", "--output", f"{OUT}/kvpress.json"],
     "kvpress-news": ["benchmarks/kvpress_side.py", "--corpus", "news", "--context", "4096", "--trials", "5", "--fractions", "0.25",
-                     "--continuation-chunks", "2", "--policies", "none",
+                     "--continuation-chunks", "2", "--policies", "none", "--fresh",
                      "--ours-from", f"{OUT}/long_context.json", "--output", f"{OUT}/kvpress_news.json"],
     # The searches, then the promises of the configs they write (checked on test splits they never saw).
     "calibration": ["benchmarks/calibrate_budgets.py", "--objectives", "flops", "--corpora", "wiki", "news", "code", "pydoc",
