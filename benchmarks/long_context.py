@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import run_meta  # noqa: E402
+from harness import command_line, run_meta  # noqa: E402
 from quicksilver import load_corpus, load_model  # noqa: E402
 from quicksilver.config import Config  # noqa: E402
 from quicksilver.engine import Engine  # noqa: E402
@@ -118,11 +118,8 @@ def save(path: Path, data: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         disk = _this_code(json.loads(path.read_text()) if path.is_file() else {})
         for section, entries in data.items():
-            if not isinstance(entries, dict):
-                if section == "command":  # the command of the latest `all` run
-                    disk[section] = entries
-                else:
-                    disk.setdefault(section, entries)
+            if not isinstance(entries, dict):  # code, commit, command: this run's (the disk's code is this code)
+                disk[section] = entries
                 continue
             into = disk.setdefault(section, {})
             for key, entry in entries.items():
@@ -416,7 +413,7 @@ def acceptance(data: dict, best: str) -> list[str]:
 def run_all(args, data, path):
     """The RESULTS plan: needle and continuation on every corpus of ``--corpus`` (comma-separated) at every context
     for window and ``--rules``, then speed (on the first corpus), then the report."""
-    data["command"] = " ".join(["python", "benchmarks/long_context.py", *sys.argv[1:]])
+    data["command"] = command_line()
     corpora = args.corpus.split(",")
     for corpus in corpora:
         for n in args.contexts:
