@@ -32,31 +32,35 @@ BIN = Path(sys.executable).parent
 # steps it finished fresh and the rest marked stale.
 STEPS = {
     # llama.cpp, onnxruntime-genai and CTranslate2 in venvs of their own (built once: PyPI must be reachable)
-    # Our rows through the native step only (the eager loop's cost is the native-step table's).
-    "peers": ["benchmarks/bench_peers.py", "--steps", "native", "--out", OUT],
-    "serve": ["benchmarks/bench_serve.py", "--out", OUT],
+    # Our rows through the native step only (the eager loop's cost is the native-step table's); 64 new tokens
+    # (128 before: the same per-step rates, half the time).
+    "peers": ["benchmarks/bench_peers.py", "--steps", "native", "--new-tokens", "64", "--out", OUT],
+    # Half the requests at each concurrency (8 / 32 / 64: still two full batches at 32 clients), 64 lossless tokens.
+    "serve": ["benchmarks/bench_serve.py", "--requests", "8,32,64", "--lossless-tokens", "64", "--out", OUT],
     "native-step": ["benchmarks/bench_native_step.py", "--out", OUT],
     # long-context first: the kvpress tables read our columns (the window and the bare rule) from its long_context.json.
     # 4,096 tokens only (the first page's context), 25% of keys, 5 trials and 2 continuation chunks per cell, the window,
     # the rule and the kvskip preset (the rule with min_keys and an exact prefill): the cells the first page, the bars and
     # kvpress read, in a quarter of the time of the full grid (2,048 / 7,680 tokens, 50%: long_context.py all).
+    # Speed at the same 4,096 tokens (prefill and decode; 8,192 / 7,680 before).
     "long-context": ["benchmarks/long_context.py", "all", "--corpus", "wiki,news", "--contexts", "4096", "--keep", "0.25",
-                     "--trials", "5", "--chunks", "2", "--rules",
+                     "--trials", "5", "--chunks", "2", "--prefill", "4096", "--decode-context", "4096", "--rules",
                      "window,quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
                      "--prefill-rules", "quest+page_size=2+block_pages=16",
                      "--best", "quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
                      "--out", OUT],
-    # 4,096 tokens (one 4,096-token window; earlier runs took two): half the time, the same rows and verdicts.
-    "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "4096", "--max-tokens", "4096", "--output-dir", f"{OUT}/pareto_wiki"],
+    # One 2,048-token window (4,096 before, 2 x 4,096 before that): the same 31 rows in about 40% of the time;
+    # the KV levels are fractions of the window, so they keep their place on the curve.
+    "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "2048", "--max-tokens", "2048", "--output-dir", f"{OUT}/pareto_wiki"],
     # Compile off (the native step serves the presets that compile; compiled rows measured within noise of them),
-    # 64 new tokens of each of the 8 prompts: every preset at batch 1 and 8 against HF `generate`.
-    "decode": ["benchmarks/bench_decode.py", "--steps", "eager", "--new-tokens", "64", "--out", OUT],
+    # 32 new tokens of each of the 8 prompts (128, then 64 before): every preset at batch 1 and 8 against HF `generate`.
+    "decode": ["benchmarks/bench_decode.py", "--steps", "eager", "--new-tokens", "32", "--out", OUT],
     "fast": ["benchmarks/bench_fast.py", "--tokens", "4096", "--out", OUT],
     "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
     "compile-probe": ["benchmarks/compile_probe.py", "--out", OUT],
     "compile-dequant": ["benchmarks/compile_dequant.py", "--out", OUT],
-    # float32 (this CPU's fast dtype; the equality claims hold in it), 4 prompts of each kind, 64 new tokens.
-    "speculative": ["benchmarks/bench_speculative.py", "--dtypes", "float32", "--prompts", "4", "--new-tokens", "64", "--out", OUT],
+    # float32 (this CPU's fast dtype; the equality claims hold in it), 2 prompts of each kind (4 before), 64 new tokens.
+    "speculative": ["benchmarks/bench_speculative.py", "--dtypes", "float32", "--prompts", "2", "--new-tokens", "64", "--out", OUT],
     "speculative-costs": ["benchmarks/bench_speculative.py", "--costs", "--out", OUT],
     # The engine sweeps over 4,096 tokens (8,192 before): the same rows, half the time.
     "halting": ["benchmarks/sweep_engine.py", "--only", "halting", "--tokens", "4096", "--out", OUT],
