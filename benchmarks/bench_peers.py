@@ -511,6 +511,8 @@ def drive(args) -> None:
         return
     meta = harness.run_meta(new_tokens=args.new_tokens, prefill_tokens=args.prefill)
     meta["threads"] = args.threads
+    if args.fresh:
+        old = {}  # this run's rows alone (the file is replaced only if some peer ran: see below)
     if old and (old["meta"]["new_tokens"], old["meta"]["prefill_tokens"], old["meta"]["threads"], old.get("prompts")) != (
             args.new_tokens, args.prefill, args.threads, prompts):
         raise BenchError(f"{path} holds rows of other prompts, lengths or threads: use another --out (or delete it)")
@@ -552,6 +554,9 @@ def drive(args) -> None:
         for fmt, raw in res["rows"].items():
             rows.append(summarize(engine, f"{engine}|{fmt}|", raw, raw["weight_bytes"], ref, args.new_tokens, args.prefill, copy,
                                   {"tensor_types": raw.get("tensor_types")}))
+    if args.fresh and not any(r["engine"] != "ours" and not r.get("error") for r in rows):
+        raise BenchError(f"--fresh: no peer engine ran ({'; '.join(r['error'] for r in rows if r.get('error'))}); "
+                         f"{path} is left as its last run wrote it")
     for r in rows:
         if not r.get("error"):
             log(f"{r['label']} {r['weights']} {r['step']}: {r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.2f} ms/step, "
@@ -580,6 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prepare", action="store_true", help="build venvs, model files and the HF reference; time nothing")
     p.add_argument("--render", action="store_true", help="only redraw peers.md from peers.json")
+    p.add_argument("--fresh", action="store_true",
+                   help="replace peers.json with this run's rows (of any lengths), unless no peer engine ran")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
     from quicksilver import QuicksilverError
