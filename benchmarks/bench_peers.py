@@ -555,8 +555,8 @@ def drive(args) -> None:
             rows.append(summarize(engine, f"{engine}|{fmt}|", raw, raw["weight_bytes"], ref, args.new_tokens, args.prefill, copy,
                                   {"tensor_types": raw.get("tensor_types")}))
     if args.fresh and not any(r["engine"] != "ours" and not r.get("error") for r in rows):
-        raise BenchError(f"--fresh: no peer engine ran ({'; '.join(r['error'] for r in rows if r.get('error'))}); "
-                         f"{path} is left as its last run wrote it")
+        why = "; ".join(r["error"] for r in rows if r.get("error")) or "none was asked for"
+        raise BenchError(f"--fresh: no peer engine ran ({why}); {path} is left as its last run wrote it")
     for r in rows:
         if not r.get("error"):
             log(f"{r['label']} {r['weights']} {r['step']}: {r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.2f} ms/step, "
