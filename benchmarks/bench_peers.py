@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -511,8 +512,7 @@ def drive(args) -> None:
         return
     meta = harness.run_meta(new_tokens=args.new_tokens, prefill_tokens=args.prefill)
     meta["threads"] = args.threads
-    if args.fresh:
-        old = {}  # this run's rows alone (the file is replaced only if some peer ran: see below)
+    old = {} if args.fresh else old  # --fresh: this run's rows alone (the file is replaced only if some peer ran: below)
     if old and (old["meta"]["new_tokens"], old["meta"]["prefill_tokens"], old["meta"]["threads"], old.get("prompts")) != (
             args.new_tokens, args.prefill, args.threads, prompts):
         raise BenchError(f"{path} holds rows of other prompts, lengths or threads: use another --out (or delete it)")
@@ -540,8 +540,6 @@ def drive(args) -> None:
         rows += [{"engine": engine, "label": engine, "weights": f, "step": "", "error": f"no model file: {e}"} for f, e in failed.items()]
         job = {"peer": engine, "threads": args.threads, "prompts": prompts, "prefill": prefill, "new_tokens": args.new_tokens,
                "files": {f: p for f, p in files.items() if f not in failed}, "shapes": shapes, **extra}
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
             try:
                 res = harness.run_worker(python, WORKER, job, Path(tmp), engine, log)
@@ -585,8 +583,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prepare", action="store_true", help="build venvs, model files and the HF reference; time nothing")
     p.add_argument("--render", action="store_true", help="only redraw peers.md from peers.json")
-    p.add_argument("--fresh", action="store_true",
-                   help="replace peers.json with this run's rows (of any lengths), unless no peer engine ran")
+    p.add_argument("--fresh", action="store_true", help="replace peers.json with this run's rows, unless no peer engine ran")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args(argv)
     from quicksilver import QuicksilverError

@@ -50,8 +50,9 @@ STEPS = {
                      "--prefill-rules", "quest+page_size=2+block_pages=16",
                      "--best", "quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
                      "--out", OUT],
-    # One 2,048-token window (4,096 before, 2 x 4,096 before that): the same 31 rows in about 40% of the time;
-    # the KV levels are fractions of the window, so they keep their place on the curve.
+    # One 2,048-token window (4,096 before, 2 x 4,096 before that): the same 31 rows in a third of the time (13 min
+    # against 40). KV levels are fractions of the window, but each saves less at the shorter context (within 1%: 8.1%
+    # of FLOPs here, 19.4% at 4,096 tokens); RESULTS shows both.
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "2048", "--max-tokens", "2048", "--output-dir", f"{OUT}/pareto_wiki"],
     # Compile off (the native step serves the presets that compile; compiled rows measured within noise of them),
     # 32 new tokens of each of the 8 prompts (128, then 64 before): every preset at batch 1 and 8 against HF `generate`.
