@@ -33,7 +33,8 @@ BIN = Path(sys.executable).parent
 STEPS = {
     # llama.cpp, onnxruntime-genai and CTranslate2 in venvs of their own (built once: PyPI must be reachable)
     # Our rows through the native step only (the eager loop's cost is the native-step table's); 64 new tokens
-    # (128 before: the same per-step rates, half the time). --fresh: this run's rows alone (not merged with a run of
+    # (128 before; half the time, but not the same rates: llama.cpp's steps ran 10.5 ms over 64 tokens against 15.0 over
+    # 128 on the same code, ours 9.9 against 11.1, so the batch-1 ratios against it moved by 30%; RESULTS says so). --fresh: this run's rows alone (not merged with a run of
     # other lengths); where no peer installs, peers.json stays as its last run wrote it (its date and commit in the table).
     "peers": ["benchmarks/bench_peers.py", "--steps", "native", "--new-tokens", "64", "--fresh", "--out", OUT],
     # Half the requests at each concurrency (8 / 32 / 64: still two full batches at 32 clients), 64 lossless tokens.
