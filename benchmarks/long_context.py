@@ -87,9 +87,8 @@ MEASURED = ("needle", "needle_baseline", "continuation", "speed")
 
 def _this_code(data: dict) -> dict:
     """``data`` with its measured entries dropped unless the package source that measured them is this one
-    (``quicksilver.trials.code_fingerprint``): a run resumes its own trials, never older code's."""
-    from quicksilver.results_io import code_version
-    from quicksilver.trials import code_fingerprint
+    (``quicksilver.results_io.code_fingerprint``): a run resumes its own trials, never older code's."""
+    from quicksilver.results_io import code_fingerprint, code_version
 
     if data.get("code") == code_fingerprint():
         return data

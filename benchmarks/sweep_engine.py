@@ -1,7 +1,8 @@
 """Sweep halting and KV-skipping variants on the default model; write tables for docs/RESULTS.md.
 
-Every row is measured against the stock HF model on the same windows in the same run
-(quicksilver.evaluate_model interleaves them). Usage:
+Every row is measured against the stock HF model on the same windows in the same run: the stock
+model runs and is timed once per window plan, in the plan's first row, and every row compares
+against it (quicksilver.evaluate.BaselineCache). Usage:
 
     python benchmarks/sweep_engine.py [--tokens 8192] [--out docs/results]
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import header, run_meta  # noqa: E402
 from quicksilver import load_model  # noqa: E402
 from quicksilver.config import PRESETS, Config  # noqa: E402
-from quicksilver.evaluate import evaluate_model  # noqa: E402
+from quicksilver.evaluate import BaselineCache, evaluate_model  # noqa: E402
 from quicksilver.results_io import write_atomic, write_json_atomic  # noqa: E402
 
 
@@ -129,12 +130,14 @@ def main() -> None:
         plan += [("kv", 1024, kv_variants()[1:4]), ("kv", 4096, kv_variants())]
     if args.only in (None, "ablation"):
         plan.append(("ablation", 4096, ablation_rows()))
+    baseline = BaselineCache()  # the stock model runs and is timed once per window plan, in its first row
     for kind, window, variants in plan:
         rows = []
         for name, data in variants:
             t0 = time.time()
             r = evaluate_model(args.model, args.corpus, max_tokens=args.tokens, window=window,
-                               config=Config.from_dict({**data, "name": name}), loaded=loaded, device=args.device)
+                               config=Config.from_dict({**data, "name": name}), loaded=loaded, device=args.device,
+                               baseline_cache=baseline)
             rows.append(row(name, r))
             print(f"[{kind} w={window}] {name}: rel {r['relative_delta_perplexity'] * 100:+.2f}% "
                   f"flops -{r['flop_reduction'] * 100:.1f}% speedup {r['speedup']:.2f} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)

@@ -298,17 +298,17 @@ def test_journaled_trials_count_only_for_the_code_that_measured_them(tmp_path, m
     import torch
 
     from conftest import tiny_llama
-    from quicksilver import trials
+    from quicksilver import results_io, trials
     from quicksilver.calibrate import TrialRunner, mechanism_levels, point_config
 
     model = tiny_llama()
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=1)
     ids = torch.randint(2, 99, (96,), generator=torch.Generator().manual_seed(0))
     journal, context = tmp_path / "j.jsonl", {"model": "tiny", "dtype": "float32", "device": "cpu"}
-    assert trials.code_fingerprint() == trials.code_fingerprint() and len(trials.code_fingerprint()) == 16
+    assert results_io.code_fingerprint() == trials.code_fingerprint() and len(trials.code_fingerprint()) == 16
     TrialRunner(model, tok, ids, 64, None, "wiki", "flops", context, journal).measure(point_config({"kv": 1}, mechanism_levels(64)))
     assert TrialRunner(model, tok, ids, 64, None, "wiki", "flops", context, journal).resumed == 1
-    monkeypatch.setattr(trials, "_FINGERPRINT", "another-version")  # the package's source changed since
+    monkeypatch.setattr(results_io, "_FINGERPRINT", "another-version")  # the package's source changed since
     again = TrialRunner(model, tok, ids, 64, None, "wiki", "flops", context, journal)
     assert again.resumed == 0 and again.baseline is not None  # the stock totals are re-measured too
     assert len(journal.read_text().splitlines()) == 3  # baseline, trial, and the new code's baseline

@@ -86,3 +86,35 @@ def test_metrics_formulas():
 
 def test_word_count_splits_on_whitespace():
     assert word_count("  a b\n\nc\td ") == 4
+
+
+def test_baseline_cache_gives_the_same_totals_and_runs_the_stock_model_once(tiny_model):
+    """A sweep's rows share the stock model's results: every total but the stock wall clock is the
+    uncached one, and the stock model runs on the first row only (warm-up included)."""
+    from quicksilver.config import Config
+    from quicksilver.engine import Engine
+    from quicksilver.evaluate import BaselineCache, EngineRunner
+
+    ids = torch.randint(0, 99, (70,), generator=torch.Generator().manual_seed(5))
+    configs = [Config.from_dict({"kv": {"enabled": True, "sink_tokens": 2, "recent_window": 8}}),
+               Config.from_dict({"amq": {"enabled": True, "decision_layer": 1, "int4_below": 0.5}})]
+    calls = []
+
+    class Counting(StockRunner):
+        def __call__(self, input_ids, logit_rows):
+            calls.append(input_ids.numel())
+            return super().__call__(input_ids, logit_rows)
+
+    cache = BaselineCache()
+    for config in configs:
+        runners = lambda stock: [stock, EngineRunner(Engine(tiny_model, config))]  # noqa: E731
+        plain = score_windows(runners(StockRunner(tiny_model)), ids, 32, 31, None)
+        before = len(calls)
+        shared = score_windows(runners(Counting(tiny_model)), ids, 32, 31, None, baseline=cache)
+        ran = len(calls) - before
+        assert ran == (0 if config is not configs[0] else 3 + 1)  # 3 windows and one warm-up, first row only
+        for p, s in zip(plain, shared):
+            assert (s.nll, s.count, s.flops, s.kl, s.top1_agree) == pytest.approx((p.nll, p.count, p.flops, p.kl, p.top1_agree), rel=1e-6)
+    # Other windows replace the cached plan rather than reusing it.
+    score_windows([Counting(tiny_model)], ids, 16, 15, None, baseline=cache)
+    assert cache.key[3:6] == ("cpu", 16, 15)

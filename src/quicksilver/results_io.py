@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QuicksilverError
+
+_FINGERPRINT: str | None = None
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -88,3 +91,16 @@ def code_version(root: str | os.PathLike | None = None) -> str:
         return f"quicksilver {version('quicksilver')}"
     except PackageNotFoundError:
         return "unknown"
+
+
+def code_fingerprint() -> str:
+    """A hash of this package's source (its .py and .c files): a journaled trial counts only for the
+    code that measured it, so a rerun after a change re-measures instead of resuming older numbers."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c") and p.is_file()):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _FINGERPRINT = h.hexdigest()[:16]
+    return _FINGERPRINT

@@ -65,7 +65,7 @@ def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wik
     ``ray``: a Ray address (``local``: a local cluster); the rows then run as Ray tasks.
     """
     from .corpora import check_corpus_args
-    from .evaluate import window_plan
+    from .evaluate import BaselineCache, window_plan
     from .models import as_loaded, load_model
     from .parallel import map_calls
 
@@ -74,7 +74,10 @@ def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wik
     rows = plan(series, window, baselines)
     lm = as_loaded(loaded) if loaded is not None else model if not isinstance(model, str) else load_model(model, dtype=dtype, device=device)
     source = lm.source.keep(lm)
-    calls = [(source, corpus, split, window, max_tokens, s, kind, label, data) for s, kind, label, data in rows]
+    # Rows run here share the stock model's results on the windows (run and timed once, in the first row);
+    # Ray tasks each measure their own.
+    cache = BaselineCache() if ray is None else None
+    calls = [(source, corpus, split, window, max_tokens, s, kind, label, data, cache) for s, kind, label, data in rows]
     if on_row:
         on_row(0, len(rows), "started")
     done = (lambda i, n: on_row(i, n, "rows")) if on_row else None
@@ -82,13 +85,13 @@ def run_sweep(series: list[str], model: str = "smollm2-135m", corpus: str = "wik
 
 
 def sweep_row(source, corpus: str, split: str, window: int, max_tokens: int | None, series: str, kind: str,
-              label: str, data: dict) -> dict:
+              label: str, data: dict, baseline_cache=None) -> dict:
     """One row of a sweep: the configuration against the stock model on the same windows."""
     from .config import Config
     from .evaluate import evaluate_model
 
     r = evaluate_model(source.load(), corpus, split, window=window, max_tokens=max_tokens,
-                       device=source.device, config=Config.from_dict({**data, "name": label}))
+                       device=source.device, config=Config.from_dict({**data, "name": label}), baseline_cache=baseline_cache)
     return flat_row(series, kind, label, r)
 
 

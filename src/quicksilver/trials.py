@@ -18,25 +18,12 @@ import torch
 
 from .config import MECHANISMS, Config
 from .errors import QuicksilverError
+from .results_io import code_fingerprint
 
 OBJECTIVES = ("flops", "bitflops", "time", "decode-time")
 TIMED = ("time", "decode-time")  # objectives whose trials rerun the stock model interleaved
 # The decode-time objective: greedy generation on this many calibration prompts of this many tokens.
 DECODE_PROMPTS, DECODE_PROMPT_TOKENS, DECODE_NEW_TOKENS = 4, 48, 32
-_FINGERPRINT: str | None = None
-
-
-def code_fingerprint() -> str:
-    """A hash of this package's source (its .py and .c files): a journaled trial counts only for the
-    code that measured it, so a rerun after a change re-measures instead of resuming older numbers."""
-    global _FINGERPRINT
-    if _FINGERPRINT is None:
-        root = Path(__file__).resolve().parent
-        h = hashlib.sha256()
-        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c") and p.is_file()):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-        _FINGERPRINT = h.hexdigest()[:16]
-    return _FINGERPRINT
 
 
 def config_key(config: Config) -> str:
