@@ -52,8 +52,14 @@ def test_the_headline_comes_from_the_results_files_and_says_when_they_are_stale(
     (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
     table = headline.headline("docs/RESULTS.md")
     assert "`off` float32 (native step): **30.0 tok/s**; 3.00x HF float32" in table  # the fastest step of the preset
+    rows.append({**ours("fast", 90.0), "weights": "bfloat16"})  # a faster dtype leads, against HF in its dtype and in float32
+    rows.append({"engine": "ours", "label": "HF transformers", "weights": "bfloat16", "step": "", "tokens_per_s": 30.0})
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
+    assert "`fast` bfloat16 (native step): **90.0 tok/s**; 3.00x HF bfloat16; 9.00x HF float32; 0.90x llama.cpp Q8_0" in headline.headline()
+    rows[:] = rows[:-2]
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
     assert "0.80x llama.cpp Q8_0; 1.00x onnxruntime-genai int8" in table
-    assert "200.0 tok/s, 1.25x onnxruntime-genai int8" in table and "2.00x llama.cpp's best (250 tok/s)" in table
+    assert "`fast` float32: 200.0 tok/s, 1.25x onnxruntime-genai int8" in table and "2.00x llama.cpp's best (250 tok/s)" in table
     assert "(docs/RESULTS.md#against-other-cpu-engines)" in table and "stale" not in table
     assert headline.headline(stale={"peers"}).count("(**stale**: measured on older code)") == 4  # 2 presets, batch 8, prefill
 
