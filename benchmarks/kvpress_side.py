@@ -346,7 +346,8 @@ def render_markdown(results: dict) -> str:
         (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
          f"Commands: {len(commands)} runs (listed below), merged into one JSON by trial and chunk") + f" — last run {meta.get('date', '?')} — "
         f"{meta.get('machine', '?')}" + (f" — commit {meta['commit']}" if meta.get("commit") else "")
-        + "; shared machine (2 cores, other jobs running), one torch thread per run.",
+        + {True: "; the machine to itself (`benchmarks/quiet`).", False: "; a shared machine (other jobs may have run)."}.get(
+            meta.get("quiet"), "; the machine's load was not recorded."),
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
         f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context that every column ran: "
@@ -737,7 +738,7 @@ def drive(args) -> None:
     new = {"meta": {"model": args.model, "dtype": dtype, "corpus": args.corpus, "seed": args.seed, "depths": list(depths),
                     "prefix_tokens": args.prefix_tokens if chunks else None, "continuation_tokens": args.continuation_tokens if chunks else None,
                     "machine": describe(), "date": harness.now(), "commands": [command], "commit": git_commit(),
-                    "ours_from": args.ours_from},
+                    "ours_from": args.ours_from, "quiet": os.environ.get("QS_QUIET") == "1"},
            "versions": {**old.get("versions", {}), "torch": torch.__version__, "transformers": __import__("transformers").__version__},
            "needle": {}, "continuation": {}}
 
