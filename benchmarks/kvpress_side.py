@@ -346,8 +346,7 @@ def render_markdown(results: dict) -> str:
         (f"Commands: {'; '.join(f'`{c}`' for c in commands)}" if len(commands) <= 2 else
          f"Commands: {len(commands)} runs (listed below), merged into one JSON by trial and chunk") + f" — last run {meta.get('date', '?')} — "
         f"{meta.get('machine', '?')}" + (f" — commit {meta['commit']}" if meta.get("commit") else "")
-        + {True: "; the machine to itself (`benchmarks/quiet`).", False: "; a shared machine (other jobs may have run)."}.get(
-            meta.get("quiet"), "; the machine's load was not recorded."),
+        + {True: "; the machine to itself (`benchmarks/quiet`).", False: "; a shared machine."}.get(meta.get("quiet"), "; load not recorded."),
         "",
         f"Model {meta.get('model', '?')} in {meta.get('dtype', '?')}; haystacks from `{meta.get('corpus', '?')}` (test split), "
         f"seed {meta.get('seed', '?')}, depths {meta.get('depths', '?')}; trials per context that every column ran: "

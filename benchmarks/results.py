@@ -33,8 +33,8 @@ BIN = Path(sys.executable).parent
 STEPS = {
     # llama.cpp, onnxruntime-genai and CTranslate2 in venvs of their own (built once: PyPI must be reachable)
     # Our rows through the native step only (the eager loop's cost is the native-step table's); 64 new tokens
-    # (128 before; half the time, but not the same rates: llama.cpp's steps ran 10.5 ms over 64 tokens against 15.0 over
-    # 128 on the same code, ours 9.9 against 11.1, so the batch-1 ratios against it moved by 30%; RESULTS says so). --fresh: this run's rows alone (not merged with a run of
+    # (128 before; half the time, but not the same rates: on the AVX2 machine of 2026-12-04 llama.cpp's steps ran 10.5 ms
+    # over 64 tokens against 15.0 over 128 on the same code, ours 9.9 against 11.1). --fresh: this run's rows alone (not merged with a run of
     # other lengths); where no peer installs, peers.json stays as its last run wrote it (its date and commit in the table).
     "peers": ["benchmarks/bench_peers.py", "--steps", "native", "--new-tokens", "64", "--fresh", "--out", OUT],
     # Half the requests at each concurrency (8 / 32 / 64: still two full batches at 32 clients), 64 lossless tokens.
@@ -52,8 +52,8 @@ STEPS = {
                      "--best", "quest+page_size=2+block_pages=16,quest+page_size=2+block_pages=16+min_keys=1024+dense_prefill=1",
                      "--out", OUT],
     # One 2,048-token window (4,096 before, 2 x 4,096 before that): the same 31 rows in a third of the time (13 min
-    # against 40). KV levels are fractions of the window, but each saves less at the shorter context (within 1%: 8.1%
-    # of FLOPs here, 19.4% at 4,096 tokens); RESULTS shows both.
+    # against 40 on the AVX2 machine, float32). KV levels are fractions of the window, but each saves less at the shorter
+    # context (within 1% there: 8.1% of FLOPs at 2,048 tokens, 19.4% at 4,096); RESULTS shows both.
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "2048", "--max-tokens", "2048", "--output-dir", f"{OUT}/pareto_wiki"],
     # Compile off (the native step serves the presets that compile; compiled rows measured within noise of them),
     # 32 new tokens of each of the 8 prompts (128, then 64 before): every preset at batch 1 and 8 against HF `generate`.
