@@ -74,7 +74,8 @@ def run_both(shape, fmt, counts, slots, dtype=torch.float32, head=True, capacity
     k, v, pos = pool(shape, rows, capacity, dtype)
     k2, v2, pos2 = ([t.clone() for t in ts] for ts in (k, v, pos))
     c = torch.tensor([counts] * shape.n_layers) if per_layer else counts
-    ref = S.reference_step(shape, layers, h, cos, sin, positions, slots, c, k2, v2, pos2, final_norm, head_w)
+    ref = S.reference_step(shape, layers, h, cos, sin, positions, slots, c, k2, v2, pos2, final_norm, head_w,
+                           round_inputs=step.rounds_matmul_inputs)
     h_native = h.clone()
     out = step(h_native, cos, sin, positions, slots, c, step.bind(k, v, pos))
     return out, ref, (k, v, pos), (k2, v2, pos2)
@@ -130,7 +131,7 @@ def test_hidden_states_without_a_head_and_counts_per_layer():
 
 
 @needs_step
-@pytest.mark.parametrize("fmt", ["bf16", "q4"])
+@pytest.mark.parametrize("fmt", ["bf16", "i8", "q4"])
 def test_bfloat16_activations_store_bfloat16_and_compute_float32(fmt):
     logits, ref, caches, ref_caches = run_both(TINY, fmt, [5, 0, 19], [3, 0, 1], dtype=torch.bfloat16)
     assert close(logits, ref, 1e-5)
@@ -141,15 +142,15 @@ def test_bfloat16_activations_store_bfloat16_and_compute_float32(fmt):
 
 
 @needs_step
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_a_rows_result_does_not_depend_on_the_batch(fmt):
+@pytest.mark.parametrize("fmt,dtype", [(f, torch.float32) for f in FORMATS] + [(f, torch.bfloat16) for f in FORMATS[1:]])
+def test_a_rows_result_does_not_depend_on_the_batch(fmt, dtype):
     layers, final_norm, head = model(TINY, fmt)
-    step = S.NativeStep(TINY, layers, torch.float32, final_norm=final_norm, head=head)
+    step = S.NativeStep(TINY, layers, dtype, final_norm=final_norm, head=head)
     counts = [5, 0, 19, 7, 2, 11, 3, 9, 1]  # 9 rows: tiles of 8 rows and of 1
-    h, cos, sin, positions = inputs(TINY, counts, torch.float32)
-    k, v, pos = pool(TINY, len(counts), 24, torch.float32)
+    h, cos, sin, positions = inputs(TINY, counts, dtype)
+    k, v, pos = pool(TINY, len(counts), 24, dtype)
     together = step(h.clone(), cos, sin, positions, range(len(counts)), counts, step.bind(k, v, pos))
-    k, v, pos = pool(TINY, len(counts), 24, torch.float32)
+    k, v, pos = pool(TINY, len(counts), 24, dtype)
     cache = step.bind(k, v, pos)
     alone = torch.cat([step(h[b : b + 1].clone(), cos[b : b + 1], sin[b : b + 1], positions[b : b + 1], [b], [counts[b]], cache)
                        for b in range(len(counts))])

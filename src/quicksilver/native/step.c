@@ -9,7 +9,9 @@
    then, optionally, the final RMSNorm and the LM head (logits in float32).
 
    Arithmetic is float32 throughout (the residual stream too); with bfloat16 activations only
-   the cache entries and the step's input/output rows are bfloat16. Weights: float32 or
+   the cache entries and the step's input/output rows are bfloat16, and, on a CPU with AVX-512
+   BF16, each matmul's input rows (rounded once, as the model's bfloat16 linears see them; the
+   products are exact and summed in float32: see tile_dp). Weights: float32 or
    bfloat16 (the model's row-major tensors), int8 with one scale per output channel, or
    group-wise asymmetric 4-bit in groups of 32 (GGUF's block_q4_1: float16 scale d and minimum
    m, w = d * q + m, q in 0..15, 16 bytes of codes, byte j holding weight j in its low nibble
@@ -163,7 +165,7 @@ static inline float h2f(uint16_t h) { /* float16 bits -> float32, exact */
 }
 
 int qs_step_lanes(void) { return VW; }
-const char* qs_step_isa(void) { return QS_ISA; }
+
 
 /* ---- matmuls: y = x @ W^T for a few rows ------------------------------------------------- */
 
@@ -295,6 +297,124 @@ static void block(const qs_weight* w, int o0, int no, const float* X, size_t ldx
   }
 }
 
+/* ---- bfloat16 dot products (AVX-512 BF16): the matmuls of a step with bfloat16 activations ----
+   With bfloat16 activations and a CPU that has vdpbf16ps, a matmul's input rows are rounded to
+   bfloat16 once (as the model's own bfloat16 linears see them) and each weight chunk of 32 meets
+   them in one vdpbf16ps per row: 32 products, exact in float32, summed into 16 float32 lanes.
+   Weights: bfloat16 as they are; int8 codes converted to bfloat16 (exact: |q| <= 128), the scale
+   applied at the end; 4-bit codes q (exact in bfloat16) as d * (x . q) + m * (x . 1) per chunk.
+   The sums stay float32 in a fixed order, so a row's result still does not depend on the others. */
+#if VW == 16 && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define QS_DP 1
+static inline __m512bh dp_i8(const int8_t* p) {
+  __m256i b = _mm256_loadu_si256((const __m256i*)p);
+  __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(f1, f0);
+}
+static inline __m512bh dp_q4(const uint8_t* q, __m512i lut) { /* 16 bytes of codes: weights 0..15 low nibbles, 16..31 high */
+  __m128i b = _mm_loadu_si128((const __m128i*)q), m = _mm_set1_epi8(15);
+  __m256i n = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+  return (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(n), lut);
+}
+/* rows 0..rt-1 of X (bfloat16, row stride ldx) against outputs o0..o0+ot-1 -> res[r][o] */
+static inline __attribute__((always_inline)) void tile_dp(const qs_weight* w, int o0, const int ot, const uint16_t* X,
+                                                          size_t ldx, const int rt, float res[RB][OB]) {
+  const int nc = w->in / CH;
+  const uint8_t* p[OB];
+  size_t cs[OB];
+  ptrdiff_t ahead = 0; /* the same chunk of the next block of OB outputs: prefetched while this one computes */
+  __m512 acc[OB][RB];
+  for (int o = 0; o < ot; o++) {
+    p[o] = row_at(w, o0 + o, &cs[o]);
+    for (int r = 0; r < rt; r++) acc[o][r] = _mm512_setzero_ps();
+  }
+#ifndef QS_NO_AHEAD
+  if (o0 + 2 * OB <= w->out) { size_t cn; ahead = row_at(w, o0 + OB, &cn) - row_at(w, o0, &cn); }
+#endif
+#define XV(r) ((__m512bh)_mm512_loadu_si512(X + (r) * ldx + (size_t)c * CH))
+#define AHEAD(o) if (ahead) _mm_prefetch((const char*)p[o] + c * cs[o] + ahead, _MM_HINT_T0)
+  if (w->fmt == QS_BF16) {
+    for (int c = 0; c < nc; c++)
+      for (int o = 0; o < ot; o++) {
+        AHEAD(o);
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(p[o] + c * cs[o]);
+        for (int r = 0; r < rt; r++) acc[o][r] = _mm512_dpbf16_ps(acc[o][r], XV(r), wv);
+      }
+  } else if (w->fmt == QS_I8) {
+    for (int c = 0; c < nc; c++)
+      for (int o = 0; o < ot; o++) {
+        __m512bh wv = dp_i8((const int8_t*)(p[o] + c * cs[o]));
+        for (int r = 0; r < rt; r++) acc[o][r] = _mm512_dpbf16_ps(acc[o][r], XV(r), wv);
+      }
+  } else { /* QS_Q4 */
+    static const uint16_t lut16[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+    const __m512i lut = _mm512_loadu_si512(lut16);
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
+    for (int c = 0; c < nc; c++) {
+      __m512 sx[RB];
+      for (int r = 0; r < rt; r++) sx[r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), XV(r), ones);
+      for (int o = 0; o < ot; o++) {
+        const uint8_t* b = p[o] + c * cs[o];
+        __m512 dv = _mm512_set1_ps(h2f_at(b)), mv = _mm512_set1_ps(h2f_at(b + 2));
+        __m512bh wv = dp_q4(b + 4, lut);
+        for (int r = 0; r < rt; r++)
+          acc[o][r] = _mm512_fmadd_ps(dv, _mm512_dpbf16_ps(_mm512_setzero_ps(), XV(r), wv), _mm512_fmadd_ps(mv, sx[r], acc[o][r]));
+      }
+    }
+  }
+#undef XV
+#undef AHEAD
+  for (int o = 0; o < ot; o++) {
+    float s = w->fmt == QS_I8 ? w->scale[o0 + o] : 1.f, b = w->bias ? w->bias[o0 + o] : 0.f;
+    for (int r = 0; r < rt; r++) {
+      float y = hsum((vf)acc[o][r]);
+      res[r][o] = (w->fmt == QS_I8 ? y * s : y) + b;
+    }
+  }
+}
+/* block() for bfloat16 rows: 4 outputs x 1-2 rows, else 2 outputs x up to 8 rows (1 for an odd last one). */
+static void block_dp(const qs_weight* w, int o0, int no, const uint16_t* X, size_t ldx, int rt, float res[RB][OB]) {
+  float part[RB][OB];
+  for (int o = 0; o < no;) {
+    int take = rt <= 2 && no - o == OB ? OB : no - o >= 2 ? 2 : 1;
+    switch (take * 16 + rt) {
+      case 4 * 16 + 1: tile_dp(w, o0 + o, 4, X, ldx, 1, part); break;
+      case 4 * 16 + 2: tile_dp(w, o0 + o, 4, X, ldx, 2, part); break;
+      case 2 * 16 + 1: tile_dp(w, o0 + o, 2, X, ldx, 1, part); break;
+      case 2 * 16 + 2: tile_dp(w, o0 + o, 2, X, ldx, 2, part); break;
+      case 2 * 16 + 3: tile_dp(w, o0 + o, 2, X, ldx, 3, part); break;
+      case 2 * 16 + 4: tile_dp(w, o0 + o, 2, X, ldx, 4, part); break;
+      case 2 * 16 + 5: tile_dp(w, o0 + o, 2, X, ldx, 5, part); break;
+      case 2 * 16 + 6: tile_dp(w, o0 + o, 2, X, ldx, 6, part); break;
+      case 2 * 16 + 7: tile_dp(w, o0 + o, 2, X, ldx, 7, part); break;
+      case 2 * 16 + 8: tile_dp(w, o0 + o, 2, X, ldx, 8, part); break;
+      case 1 * 16 + 1: tile_dp(w, o0 + o, 1, X, ldx, 1, part); break;
+      case 1 * 16 + 2: tile_dp(w, o0 + o, 1, X, ldx, 2, part); break;
+      case 1 * 16 + 3: tile_dp(w, o0 + o, 1, X, ldx, 3, part); break;
+      case 1 * 16 + 4: tile_dp(w, o0 + o, 1, X, ldx, 4, part); break;
+      case 1 * 16 + 5: tile_dp(w, o0 + o, 1, X, ldx, 5, part); break;
+      case 1 * 16 + 6: tile_dp(w, o0 + o, 1, X, ldx, 6, part); break;
+      case 1 * 16 + 7: tile_dp(w, o0 + o, 1, X, ldx, 7, part); break;
+      default: tile_dp(w, o0 + o, 1, X, ldx, 8, part); break;
+    }
+    for (int j = 0; j < take; j++, o++)
+      for (int r = 0; r < rt; r++) res[r][o] = part[r][j];
+  }
+}
+/* X (R, K) float32 -> xb (R, K) bfloat16, rounded to nearest even (K % 32 == 0) */
+static void to_bf16_rows(const float* X, size_t ldx, int R, int K, uint16_t* xb) {
+  for (int r = 0; r < R; r++)
+    for (int k = 0; k < K; k += 32) {
+      const float* x = X + (size_t)r * ldx + k;
+      _mm512_storeu_si512(xb + (size_t)r * K + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x)));
+    }
+}
+#else
+#define QS_DP 0
+#endif
+
 /* Every row tile of X (R, K) packed into xp (this thread's R * K floats) when it has over 2 rows. */
 static void pack_all(const float* X, size_t ldx, int R, int K, float* xp) {
   for (int r0 = 0; r0 < R && R > 2; r0 += RB) pack_rows(X + (size_t)r0 * ldx, ldx, R - r0 < RB ? R - r0 : RB, K, xp + (size_t)r0 * K);
@@ -302,15 +422,38 @@ static void pack_all(const float* X, size_t ldx, int R, int K, float* xp) {
 
 /* Y[r][o] (=, or += with add) over every output channel; called inside a parallel region, xp:
    this thread's scratch of R * in floats. */
-static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float* Y, size_t ldy, int add, float* xp) {
+/* This thread's copy of the rows X (R, K) for w's tiles, in xp: rounded to bfloat16 when dp asks for
+   bfloat16 dot products and w is not float32 (returns 1), else packed as pack_all does (returns 0). */
+static int prep_rows(const qs_weight* w, const float* X, size_t ldx, int R, float* xp, int dp) {
+#if QS_DP
+  if (dp && w->fmt != QS_F32) { to_bf16_rows(X, ldx, R, w->in, (uint16_t*)xp); return 1; }
+#else
+  (void)dp;
+#endif
   pack_all(X, ldx, R, w->in, xp);
+  return 0;
+}
+
+/* block() of rows r0..r0+rt-1, from the rows prep_rows made (bf: it rounded them to bfloat16). */
+static inline void rows_block(const qs_weight* w, int o0, int no, const float* X, size_t ldx, const float* xp, int r0,
+                              int rt, int bf, float res[RB][OB]) {
+#if QS_DP
+  if (bf) { block_dp(w, o0, no, (const uint16_t*)xp + (size_t)r0 * w->in, w->in, rt, res); return; }
+#else
+  (void)bf;
+#endif
+  block(w, o0, no, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, res);
+}
+
+static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float* Y, size_t ldy, int add, float* xp, int dp) {
+  const int bf = prep_rows(w, X, ldx, R, xp, dp);
 #pragma omp for schedule(dynamic, GB)
   for (int b = 0; b < (w->out + OB - 1) / OB; b++) {
     int o0 = b * OB, no = w->out - o0 < OB ? w->out - o0 : OB;
     for (int r0 = 0; r0 < R; r0 += RB) {
       int rt = R - r0 < RB ? R - r0 : RB;
       float res[RB][OB];
-      block(w, o0, no, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, res);
+      rows_block(w, o0, no, X, ldx, xp, r0, rt, bf, res);
       for (int r = 0; r < rt; r++)
         for (int o = 0; o < no; o++) {
           float* y = Y + (size_t)(r0 + r) * ldy + o0 + o;
@@ -344,8 +487,8 @@ static inline vf exp_v(vf x) {
 
 /* A[r][j] = SiLU(gate_j . x_r) * (up_j . x_r), j < F: gate rows 0..F-1, up rows F..2F-1 of w.
    Chunks of GB blocks go to whichever thread is free; SiLU VW outputs at a time. */
-static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, int F, float* xp) {
-  pack_all(X, ldx, R, w->in, xp);
+static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, int F, float* xp, int dp) {
+  const int bf = prep_rows(w, X, ldx, R, xp, dp);
   const int nb = F / OB;
 #pragma omp for schedule(dynamic, 1)
   for (int ch = 0; ch < (nb + GB - 1) / GB; ch++) {
@@ -355,8 +498,8 @@ static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, 
       float g[RB][GB * OB], u[RB][GB * OB];
       for (int b = b0; b < b1; b++) {
         float gb[RB][OB], ub[RB][OB];
-        block(w, b * OB, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, gb);
-        block(w, F + b * OB, OB, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, ub);
+        rows_block(w, b * OB, OB, X, ldx, xp, r0, rt, bf, gb);
+        rows_block(w, F + b * OB, OB, X, ldx, xp, r0, rt, bf, ub);
         for (int r = 0; r < rt; r++)
           for (int o = 0; o < OB; o++) { g[r][(b - b0) * OB + o] = gb[r][o]; u[r][(b - b0) * OB + o] = ub[r][o]; }
       }
@@ -493,7 +636,7 @@ static size_t scratch_floats(const qs_shape* s, int B, int smax, int nt, size_t*
   const int G = s->n_heads / s->n_kv_heads, hd = s->head_dim;
   const size_t kmax = (size_t)(d > qd ? (d > F ? d : F) : (qd > F ? qd : F));
   /* each thread's own: normalized rows, merged attention rows, packed matmul rows, roped q and k, scores */
-  *per_thread = (size_t)B * d + (size_t)B * qd + (B > 2 ? B * kmax : 0) + (size_t)(G + 1) * hd + (size_t)G * KC;
+  *per_thread = (size_t)B * d + (size_t)B * qd + (size_t)B * kmax + (size_t)(G + 1) * hd + (size_t)G * KC;
   return (size_t)B * (d + qd + 2 * kd + F) + (size_t)B * s->n_kv_heads * smax * G * (hd + 2) + nt * *per_thread;
 }
 
@@ -529,6 +672,7 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
   if (rc) return rc;
   const int nl = s->n_layers, d = s->d, H = s->n_heads, Hkv = s->n_kv_heads, hd = s->head_dim, F = s->d_ff;
   const int G = H / Hkv, qd = H * hd, kd = Hkv * hd, ldq = qd + 2 * kd, bf = s->act_bf16;
+  const int dp = QS_DP && bf; /* bfloat16 dot products for the matmuls */
   if (head && (!weight_ok(head, head->out, d) || !final_norm || !logits)) return QS_ERR_WEIGHT;
   if (B < 1) return QS_ERR_SHAPE;
   int maxc = 0;
@@ -575,7 +719,7 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
     float* x = priv + (size_t)tid * per; /* normalized rows (B, d) */
     float* att = x + xlen;               /* merged attention rows (B, qd) */
     float* xp = att + (size_t)B * qd;    /* packed matmul rows */
-    float* qr = xp + (B > 2 ? B * kmax : 0); /* a unit's roped queries (G, hd), then its key (hd) */
+    float* qr = xp + (size_t)B * kmax; /* a unit's roped queries (G, hd), then its key (hd) */
     float* sc = qr + (size_t)(G + 1) * hd;   /* its scores (G, KC) */
 #ifdef QS_TIMING
     double t_last = omp_get_wtime(), t_first = t_last;
@@ -584,7 +728,7 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
       const qs_layer* y = L + l;
       const int32_t* cnt = counts + (size_t)l * counts_stride;
       rmsnorm(h32, B, d, y->attn_norm, s->eps, x);
-      matmul(&y->qkv, x, d, B, qkv, ldq, 0, xp);
+      matmul(&y->qkv, x, d, B, qkv, ldq, 0, xp, dp);
       PHASE(0);
       /* the unit holding a row's last entry first writes the step's key (roped) and value there */
 #pragma omp for schedule(dynamic, 1)
@@ -629,17 +773,17 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
           for (int e = 0; e < hd; e++) o[e] /= z;
         }
       PHASE(2);
-      matmul(&y->o, att, qd, B, h32, d, 1, xp);
+      matmul(&y->o, att, qd, B, h32, d, 1, xp, dp);
       PHASE(3);
       rmsnorm(h32, B, d, y->mlp_norm, s->eps, x);
-      gate_up_silu(&y->gate_up, x, d, B, act, F, xp);
+      gate_up_silu(&y->gate_up, x, d, B, act, F, xp, dp);
       PHASE(4);
-      matmul(&y->down, act, F, B, h32, d, 1, xp);
+      matmul(&y->down, act, F, B, h32, d, 1, xp, dp);
       PHASE(5);
     }
     if (head) {
       rmsnorm(h32, B, d, final_norm, s->eps, x);
-      matmul(head, x, d, B, logits, head->out, 0, xp);
+      matmul(head, x, d, B, logits, head->out, 0, xp, dp);
     }
     PHASE(6);
 #ifdef QS_TIMING
@@ -654,7 +798,11 @@ int qs_step(const qs_shape* s, const qs_layer* L, void* const* kc, void* const* 
   return 0;
 }
 
-/* y (R, w->out) float32 = x (R, w->in) float32 @ W^T (+ bias): one linear, as the step runs it. */
+const char* qs_step_isa(void) { return QS_ISA; }
+/* 1 when steps with bfloat16 activations run their matmuls as bfloat16 dot products (tile_dp) */
+int qs_step_bf16_dot(void) { return QS_DP; }
+
+/* y (R, w->out) float32 = x (R, w->in) float32 @ W^T (+ bias): one linear, as a float32 step runs it. */
 int qs_matmul(const qs_weight* w, const float* x, int R, float* y) {
   if (R < 1 || !weight_ok(w, w->out, w->in)) return QS_ERR_WEIGHT;
 #ifdef _OPENMP
@@ -671,7 +819,7 @@ int qs_matmul(const qs_weight* w, const float* x, int R, float* y) {
 #else
     int tid = 0;
 #endif
-    matmul(w, x, w->in, R, y, w->out, 0, xp + (size_t)tid * R * w->in);
+    matmul(w, x, w->in, R, y, w->out, 0, xp + (size_t)tid * R * w->in, 0);
   }
   free(xp);
   return 0;
@@ -683,6 +831,7 @@ int qs_step_matmuls(const qs_shape* s, const qs_layer* L, int B, const qs_weight
   int rc = qs_step_check(s, L);
   if (rc || B < 1) return rc ? rc : QS_ERR_SHAPE;
   const int d = s->d, qd = s->n_heads * s->head_dim, ldq = qd + 2 * s->n_kv_heads * s->head_dim, F = s->d_ff;
+  const int dp = QS_DP && s->act_bf16;
 #ifdef _OPENMP
   int nt = omp_get_max_threads();
 #else
@@ -702,12 +851,12 @@ int qs_step_matmuls(const qs_shape* s, const qs_layer* L, int B, const qs_weight
     float* xp = xps;
 #endif
     for (int l = 0; l < s->n_layers; l++) {
-      matmul(&L[l].qkv, x, d, B, qkv, ldq, 0, xp);
-      matmul(&L[l].o, att, qd, B, h32, d, 1, xp);
-      gate_up_silu(&L[l].gate_up, x, d, B, act, F, xp);
-      matmul(&L[l].down, act, F, B, h32, d, 1, xp);
+      matmul(&L[l].qkv, x, d, B, qkv, ldq, 0, xp, dp);
+      matmul(&L[l].o, att, qd, B, h32, d, 1, xp, dp);
+      gate_up_silu(&L[l].gate_up, x, d, B, act, F, xp, dp);
+      matmul(&L[l].down, act, F, B, h32, d, 1, xp, dp);
     }
-    if (head) matmul(head, x, d, B, logits, head->out, 0, xp);
+    if (head) matmul(head, x, d, B, logits, head->out, 0, xp, dp);
   }
   free(buf);
   return 0;

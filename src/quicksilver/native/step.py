@@ -79,6 +79,7 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qs_step_matmuls.restype = ctypes.c_int
     lib.qs_step_lanes.restype = ctypes.c_int
     lib.qs_step_isa.restype = ctypes.c_char_p
+    lib.qs_step_bf16_dot.restype = ctypes.c_int
     return lib
 
 
@@ -111,8 +112,10 @@ def available() -> bool:
 def describe() -> str:
     """One line for benchmark headers."""
     lib = library()
-    return (f"native step: {lib.qs_step_isa().decode()}, {32 * lib.qs_step_lanes()}-bit vectors" if lib is not None
-            else f"native step: unavailable ({why_not()})")
+    if lib is None:
+        return f"native step: unavailable ({why_not()})"
+    dot = "; bfloat16 matmuls as AVX-512 BF16 dot products" if lib.qs_step_bf16_dot() else ""
+    return f"native step: {lib.qs_step_isa().decode()}, {32 * lib.qs_step_lanes()}-bit vectors{dot}"
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,13 @@ class NativeStep:
             raise Unavailable(f"the native step refused the model: {ERRORS.get(rc, rc)}")
 
     @property
+    def rounds_matmul_inputs(self) -> bool:
+        """Whether the matmuls of weights other than float32 see their input rows rounded to bfloat16
+        (bfloat16 activations on a CPU with AVX-512 BF16: the step's bfloat16 dot products), as
+        ``reference_step(..., round_inputs=)`` does."""
+        return self.dtype == torch.bfloat16 and bool(self.lib.qs_step_bf16_dot())
+
+    @property
     def weight_bytes(self) -> int:
         """Weight bytes one step reads (the head included when there is one)."""
         total = sum(w.nbytes for lw in self.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
@@ -477,11 +487,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def reference_step(shape: StepShape, layers: list[LayerWeights], h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    positions: torch.Tensor, slots, counts, k: list[torch.Tensor], v: list[torch.Tensor],
                    pos: list[torch.Tensor], final_norm: torch.Tensor | None = None,
-                   head: LinearWeight | None = None) -> torch.Tensor:
+                   head: LinearWeight | None = None, round_inputs: bool = False) -> torch.Tensor:
     """``NativeStep.__call__`` with torch ops: the same arguments (cache buffers as lists), the same
     writes into the cache, the same float32 arithmetic (weights dequantized to float32; K/V rounded
-    to the cache's dtype when written). Returns the logits (float32) with a head, else the new h
-    (h itself is not modified)."""
+    to the cache's dtype when written; with ``round_inputs``, the input rows of each matmul whose weight
+    is not float32 rounded to bfloat16, as ``NativeStep.rounds_matmul_inputs`` says the step does). Returns the logits
+    (float32) with a head, else the new h (h itself is not modified)."""
     s = shape
     B = h.shape[0]
     slots = torch.as_tensor(slots).long().reshape(B)
@@ -490,7 +501,8 @@ def reference_step(shape: StepShape, layers: list[LayerWeights], h: torch.Tensor
     cos, sin = cos.reshape(B, s.head_dim).float(), sin.reshape(B, s.head_dim).float()
     x = h.float()
     qd, kd, G = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_heads // s.n_kv_heads
-    lin = lambda w, t: torch.nn.functional.linear(t, w.dequantized(), w.bias)  # noqa: E731
+    rnd = lambda w, t: t.bfloat16().float() if round_inputs and w.fmt != "f32" else t  # noqa: E731
+    lin = lambda w, t: torch.nn.functional.linear(rnd(w, t), w.dequantized(), w.bias)  # noqa: E731
     for l, lw in enumerate(layers):
         qkv = lin(lw.qkv, rms_norm(x, lw.attn_norm, s.eps))
         q, kk, vv = qkv.split([qd, kd, kd], dim=-1)
