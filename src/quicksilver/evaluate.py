@@ -9,6 +9,8 @@ in the first row, and every later row compares against those results.
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import re
 import resource
@@ -124,16 +126,11 @@ class BaselineCache:
             self.key, self.windows = key, {}
         return self.windows
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict:  # pickled (for a Ray task): empty
         return {"key": None, "windows": {}}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
 
 def _plan_key(runner, ids: torch.Tensor, window: int, stride: int, bos_id: int | None, device, part) -> tuple:
-    import hashlib
-
     digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
     first = next(runner.model.parameters())
     return (id(runner.model), first.data_ptr(), str(first.dtype), str(device), window, stride, bos_id, part, digest)
