@@ -172,7 +172,9 @@ int qs_step_lanes(void) { return VW; }
 #define OB 4  /* rows per interleaved block; output channels per tile for one or two rows */
 #define CH 32 /* weights per chunk, the unit of the layouts */
 #define RB 8  /* rows per tile, at most */
-#define GB 8  /* blocks of OB outputs a thread takes at a time */
+#ifndef GB
+#define GB 64 /* blocks of OB outputs a thread takes at a time, at most (see grab) */
+#endif
 
 /* Where row o's chunks of CH weights lie: its first chunk, and *cs the bytes from one chunk to the
    next. float32 and bfloat16 weights are row-major (the model's own tensors). int8 and 4-bit ones
@@ -323,7 +325,10 @@ static inline __attribute__((always_inline)) void tile_dp(const qs_weight* w, in
   const int nc = w->in / CH;
   const uint8_t* p[OB];
   size_t cs[OB];
-  ptrdiff_t ahead = 0; /* the same chunk of the next block of OB outputs: prefetched while this one computes */
+  /* bfloat16 rows (row-major: OB streams) prefetch the same chunk of the next block of OB outputs while
+     this one computes (the whole step's matmuls: 14.6 against 16.1 ms at one row; -DQS_NO_AHEAD leaves
+     it out). int8 and 4-bit blocks are one interleaved stream, which the hardware prefetches well. */
+  ptrdiff_t ahead = 0;
   __m512 acc[OB][RB];
   for (int o = 0; o < ot; o++) {
     p[o] = row_at(w, o0 + o, &cs[o]);
@@ -445,10 +450,23 @@ static inline void rows_block(const qs_weight* w, int o0, int no, const float* X
   block(w, o0, no, X + (size_t)r0 * ldx, ldx, xp + (size_t)r0 * w->in, rt, res);
 }
 
+/* Blocks of OB outputs a thread takes at a time, of nb: long contiguous runs, since the weights stream
+   from memory (8 blocks at a time measured 1.4x slower than 64 for int8 weights at one row, 2 threads),
+   yet at least two runs per thread where there are enough blocks; between 8 and GB. */
+static inline int grab(int nb) {
+#ifdef _OPENMP
+  const int nt = omp_get_num_threads();
+#else
+  const int nt = 1;
+#endif
+  const int g = nb / (2 * nt);
+  return g < 8 ? 8 : g > GB ? GB : g;
+}
+
 static void matmul(const qs_weight* w, const float* X, size_t ldx, int R, float* Y, size_t ldy, int add, float* xp, int dp) {
-  const int bf = prep_rows(w, X, ldx, R, xp, dp);
-#pragma omp for schedule(dynamic, GB)
-  for (int b = 0; b < (w->out + OB - 1) / OB; b++) {
+  const int bf = prep_rows(w, X, ldx, R, xp, dp), nb = (w->out + OB - 1) / OB, per = grab(nb);
+#pragma omp for schedule(dynamic, per)
+  for (int b = 0; b < nb; b++) {
     int o0 = b * OB, no = w->out - o0 < OB ? w->out - o0 : OB;
     for (int r0 = 0; r0 < R; r0 += RB) {
       int rt = R - r0 < RB ? R - r0 : RB;
@@ -486,13 +504,13 @@ static inline vf exp_v(vf x) {
 }
 
 /* A[r][j] = SiLU(gate_j . x_r) * (up_j . x_r), j < F: gate rows 0..F-1, up rows F..2F-1 of w.
-   Chunks of GB blocks go to whichever thread is free; SiLU VW outputs at a time. */
+   Runs of grab(F / OB) blocks go to whichever thread is free; SiLU VW outputs at a time. */
 static void gate_up_silu(const qs_weight* w, const float* X, size_t ldx, int R, float* A, int F, float* xp, int dp) {
   const int bf = prep_rows(w, X, ldx, R, xp, dp);
-  const int nb = F / OB;
+  const int nb = F / OB, per = grab(nb);
 #pragma omp for schedule(dynamic, 1)
-  for (int ch = 0; ch < (nb + GB - 1) / GB; ch++) {
-    int b0 = ch * GB, b1 = b0 + GB < nb ? b0 + GB : nb, n = (b1 - b0) * OB;
+  for (int ch = 0; ch < (nb + per - 1) / per; ch++) {
+    int b0 = ch * per, b1 = b0 + per < nb ? b0 + per : nb, n = (b1 - b0) * OB;
     for (int r0 = 0; r0 < R; r0 += RB) {
       int rt = R - r0 < RB ? R - r0 : RB;
       float g[RB][GB * OB], u[RB][GB * OB];
