@@ -105,3 +105,15 @@ def test_no_compile_is_measured_where_the_native_step_serves(monkeypatch):
         assert measured == [8]
     finally:
         kernels.set_kernel_table(None)
+
+
+def test_a_changed_native_step_is_measured_again(monkeypatch):
+    """The measured choices (native step against eager, kernels) are cached per machine key, which names
+    the step library's build: a new step.c must not inherit the old one's measured verdict."""
+    from quicksilver import kernels
+    from quicksilver.native import step as native_step
+
+    before = kernels.machine_key()
+    monkeypatch.setattr(native_step, "build_id", lambda: "another-build")
+    monkeypatch.setattr(native_step, "available", lambda: True)
+    assert kernels.machine_key() != before

@@ -383,8 +383,11 @@ def machine_key() -> str:
     from . import native
 
     feats = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    # the native library's build (source, compiler, flags): a changed kernel is measured again
+    # the native libraries' builds (source, compiler, flags): a changed kernel or decode step is measured again
+    from .native import step as native_step
+
     build = native.build_id() if native.available() else "none"
+    build += "+" + (native_step.build_id() if native_step.available() else "none")
     text = f"{cpu_model()}|{' '.join(feats)}|{torch.__version__}|{torch.get_num_threads()}|{build}|cold"
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 

@@ -104,10 +104,11 @@ def library():
     return lib
 
 
-def build_id() -> str:
-    """What the loaded library was built from (source, compiler, flags, CPU), as a short hash."""
+def build_id(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> str:
+    """What a library is built from (``source``, compiler, flags, CPU), as a short hash: the kernel
+    library's by default."""
     cc = compiler()
-    return "none" if cc is None else _library_path(cc).stem.removeprefix("qsk-")
+    return "none" if cc is None else _library_path(cc, source, flags).stem.split("-")[-1]
 
 
 def available() -> bool:

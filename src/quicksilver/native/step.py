@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from . import FLAGS, load
+from . import build_id as native_build_id
 
 SOURCE = Path(__file__).with_name("step.c")
 FORMATS = {"f32": 0, "bf16": 1, "i8": 2, "q4": 3}
@@ -83,13 +84,23 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=None)
-def _library(defines: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
+def _flags(defines: tuple[str, ...]) -> tuple[str, ...]:
     flags = FLAGS + ("-ffp-contract=off",)
     if "QS_PORTABLE=1" in defines:  # the build of a CPU the compiler knows nothing of: baseline x86-64
         flags = tuple("-march=x86-64" if f == "-march=native" else f for f in flags)
-    lib, why = load(SOURCE, flags + tuple(f"-D{d}" for d in defines))
+    return flags + tuple(f"-D{d}" for d in defines)
+
+
+@functools.lru_cache(maxsize=None)
+def _library(defines: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
+    lib, why = load(SOURCE, _flags(defines))
     return (None if lib is None else _setup(lib)), why
+
+
+def build_id() -> str:
+    """What the step library is built from (source, compiler, flags, CPU), as a short hash: a changed
+    step.c is measured again wherever a choice was measured against it (``kernels.machine_key``)."""
+    return native_build_id(SOURCE, _flags(()))
 
 
 def library(defines: tuple[str, ...] = ()):
