@@ -58,8 +58,8 @@ STEPS = {
     "pareto": ["quicksilver", "sweep", "--corpus", "wiki", "--window", "2048", "--max-tokens", "2048", "--output-dir", f"{OUT}/pareto_wiki"],
     # Compile off (the native step serves the presets that compile; compiled rows measured within noise of them),
     # 32 new tokens of each of the 8 prompts (128, then 64 before): every preset at batch 1 and 8 against HF `generate`,
-    # HF timed once per model and batch (--hf-once, since 2026-12-04 afternoon: about 2.3 of the step's 5.8 minutes were HF
-    # beside every row at batch 1), interleaved with the first preset.
+    # HF timed once per model and batch (--hf-once, since 2026-12-04 afternoon), interleaved with the first preset: the
+    # step took 5.8 minutes before, 3.3 after (docs/results/make_results.md of the two runs).
     "decode": ["benchmarks/bench_decode.py", "--steps", "eager", "--new-tokens", "32", "--hf-once", "--out", OUT],
     "fast": ["benchmarks/bench_fast.py", "--tokens", "4096", "--out", OUT],
     "kernels": ["benchmarks/bench_kernels.py", "--out", OUT],
