@@ -206,3 +206,15 @@ def test_the_engine_decodes_through_the_native_kernels_in_bfloat16(monkeypatch):
     K.set_kernel_table(None)
     got = Engine(model)(ids).logits.float()  # prefill rows > 8: torch kernels, native causal attention
     assert snr_db(ref, got) > 30
+
+
+def test_a_build_covers_the_files_its_source_includes(tmp_path):
+    """step.c includes step_matmul.h: a change to the included file is a new build (a new library
+    path, so the cached one is not reused, and a new build id for the measured kernel choices)."""
+    (tmp_path / "part.h").write_text("static int f(void) { return 1; }\n")
+    source = tmp_path / "main.c"
+    source.write_text('#include "part.h"\nint g(void) { return f(); }\n')
+    before = native._library_path("cc", source)
+    (tmp_path / "part.h").write_text("static int f(void) { return 2; }\n")
+    assert native._library_path("cc", source) != before
+    assert native._library_path("cc", source) == native._library_path("cc", source)  # the same files: the same build

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -48,7 +49,10 @@ def _library_path(cc: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS
     from ..hardware import cpu_flags, cpu_model
     from ..paths import cache_dir
 
-    text = b"|".join([source.read_bytes(), cc.encode(), " ".join(flags).encode(), cpu_model().encode(),
+    code = source.read_bytes()
+    # the local files it includes (#include "name", beside it) are part of what it is built from
+    parts = [code, *((source.parent / name.decode()).read_bytes() for name in re.findall(rb'^#include "([^"]+)"', code, re.M))]
+    text = b"|".join([*parts, cc.encode(), " ".join(flags).encode(), cpu_model().encode(),
                       " ".join(sorted(cpu_flags())).encode()])
     return cache_dir() / "native" / f"{source.stem}-{hashlib.sha1(text).hexdigest()[:16]}.so"
 
