@@ -80,7 +80,7 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
         for n in (1, 8, 24, 64, 160, 512):  # 512: the prefill bucket
             engines.get("off", Engine(model))(torch.arange(n) % 1000)
     for batch in args.batches:
-        for i, kind in enumerate(args.kinds):
+        for kind_no, kind in enumerate(args.kinds):
             group_all = [p["ids"] for p in prompts if p["kind"] == kind]
             groups = [group_all[i : i + batch] for i in range(0, len(group_all), batch)]
             if batch > 1 and len(group_all) < batch:  # fill a batch of 8 by repeating the kind's prompts
@@ -89,7 +89,7 @@ def run_dtype(dtype: str, args, log) -> list[dict]:
             # kind; for the later kinds on the group's prompts cut to 16 tokens: each system's path once more, without
             # their prefills of about 600 tokens a prompt (8 prompts at batch 8). The warm-ups took 128 of 267 s of a
             # profiled run at 8 new tokens (2026-12-04), most of them in those prefills; make results' step took 9.1 min.
-            warm = groups[0] if i == 0 else [p[:16] for p in groups[0]]
+            warm = groups[0] if kind_no == 0 else [p[:16] for p in groups[0]]
             hf_generate(model, warm, 4, pad_id(tok))
             for e in engines.values():
                 generate(e, [torch.tensor(p) for p in warm], 12)
