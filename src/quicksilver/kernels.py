@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import native
+from .hardware import cpu_flags, cpu_model
+from .native import step as native_step
 from .quant import slice_codes
 
 ROW_BUCKETS = (1, 8, 64, 512)
@@ -122,8 +125,6 @@ def _layout_native8(w: NestedWeight, dtype):
 
 
 def _layout_native4(w: NestedWeight, dtype):
-    from . import native
-
     return native.pack_u4(w.codes), w.scales[:, 0].float().contiguous()
 
 
@@ -151,15 +152,11 @@ def run_int4pack(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_native8(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
-    from . import native
-
     codes, scales = w.layout("native8", x.dtype)
     return _bias(native.linear("i8", codes, scales, x.contiguous()), w)
 
 
 def run_native4(w: NestedWeight, x: torch.Tensor) -> torch.Tensor:
-    from . import native
-
     packed, scales = w.layout("native4", x.dtype)
     return _bias(native.linear("u4", packed, scales, x.contiguous()), w)
 
@@ -168,8 +165,6 @@ def _native_applies(w: NestedWeight, dtype) -> bool:
     """The C kernels (``quicksilver.native``): bfloat16 activations, per-channel scales, their tiles."""
     if not (w.on_cpu and dtype == torch.bfloat16 and w.group_size is None):
         return False
-    from . import native
-
     return native.applies(*w.shape) and native.available()
 
 
@@ -236,8 +231,8 @@ def _unmeasured_choice(names: list[str], rows: int, weights: int = 0) -> str:
         return names[0]
     if weights > UNMEASURED_PACKED_MAX and not any(n.startswith("native") for n in names):
         return names[0]
-    native = [n for n in names if n.startswith("native")]
-    return native[0] if native else names[min(1, len(names) - 1)]
+    natives = [n for n in names if n.startswith("native")]
+    return natives[0] if natives else names[min(1, len(names) - 1)]
 
 
 def bucket(rows: int) -> int:
@@ -378,14 +373,8 @@ class KernelTable:
 
 def machine_key() -> str:
     """What a kernel timing depends on: CPU model and features, torch version, threads."""
-    from .hardware import cpu_flags, cpu_model
-
-    from . import native
-
     feats = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
     # the native libraries' builds (source, compiler, flags): a changed kernel or decode step is measured again
-    from .native import step as native_step
-
     build = native.build_id() if native.available() else "none"
     build += "+" + (native_step.build_id() if native_step.available() else "none")
     text = f"{cpu_model()}|{' '.join(feats)}|{torch.__version__}|{torch.get_num_threads()}|{build}|cold"
@@ -442,16 +431,12 @@ def dense_candidates(weight: torch.Tensor, dtype: torch.dtype) -> list[str]:
     """``torch`` always; ``native16`` for contiguous bfloat16 CPU weights on bfloat16 activations."""
     if dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
         return ["torch"]
-    from . import native
-
     if not (weight.is_contiguous() and native.applies(*weight.shape) and native.available()):
         return ["torch"]
     return ["torch", "native16"]
 
 
 def _native16(x, weight, bias=None):
-    from . import native
-
     y = native.linear("bf16", weight, None, x.contiguous())
     return y if bias is None else y + bias
 

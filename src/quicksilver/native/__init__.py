@@ -112,7 +112,12 @@ def build_id(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> str:
     """What a library is built from (``source``, compiler, flags, CPU), as a short hash: the kernel
     library's by default."""
     cc = compiler()
-    return "none" if cc is None else _library_path(cc, source, flags).stem.split("-")[-1]
+    if cc is None:
+        return "none"
+    try:
+        return _library_path(cc, source, flags).stem.split("-")[-1]
+    except OSError:  # the source or a file it includes is missing: nothing to build from
+        return "none"
 
 
 def available() -> bool:

@@ -65,6 +65,14 @@ static inline __attribute__((always_inline)) void tile_##RT(int fmt, const uint8
           acc[o][r] = _mm512_dpbf16_ps(acc[o][r], (__m512bh)xa[r], (__m512bh)lo);                   \
           acc[o][r] = _mm512_dpbf16_ps(acc[o][r], (__m512bh)xb[r], (__m512bh)hi); } }             \
     }                                                                                              \
+  } else if (fmt == FMT_BF16 && RT <= 2) {                                                        \
+    /* 1-2 rows of row-major bf16: each output's row read whole (one sequential stream, as the     \
+       native step's ROW_BY_ROW), not chunk by chunk across four rows; same sums, same order. */   \
+    for (int o = 0; o < OB; o++)                                                                   \
+      for (int k = 0; k < K; k += 32) {                                                            \
+        __m512bh w = (__m512bh)_mm512_loadu_si512(W + o * ldw + 2 * (size_t)k);                    \
+        for (int r = 0; r < RT; r++)                                                               \
+          acc[o][r] = _mm512_dpbf16_ps(acc[o][r], (__m512bh)_mm512_loadu_si512(X + (size_t)r * K + k), w); } \
   } else {                                                                                         \
     for (int k = 0; k < K; k += 32) {                                                              \
       if (Wn) {                                                                                    \
