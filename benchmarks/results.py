@@ -40,6 +40,9 @@ STEPS = {
     # Half the requests at each concurrency (8 / 32 / 64: still two full batches at 32 clients), 64 lossless tokens.
     "serve": ["benchmarks/bench_serve.py", "--requests", "8,32,64", "--lossless-tokens", "64", "--out", OUT],
     "native-step": ["benchmarks/bench_native_step.py", "--out", OUT],
+    # Where a 1,024-token prefill's milliseconds go (issue #25's prefill bar): about half a minute. Added after the
+    # 17:16 UTC run of 2026-12-04, so that run's total (79.3 minutes) does not count it.
+    "prefill": ["benchmarks/bench_prefill.py", "--out", OUT],
     # long-context first: the kvpress tables read our columns (the window and the bare rule) from its long_context.json.
     # 4,096 tokens only (the first page's context), 25% of keys, 5 trials and 2 continuation chunks per cell, the window,
     # the rule and the kvskip preset (the rule with min_keys and an exact prefill): the cells the first page, the bars and
