@@ -127,9 +127,15 @@ def main() -> None:
         sys.exit("error: --dtypes takes float32 and/or bfloat16, --tokens at least 2, --reps at least 1")
     torch.set_num_threads(args.threads)
     meta = harness.run_meta(tokens=args.tokens, reps=args.reps)
+    from bench_peers import BenchError
+    from quicksilver import QuicksilverError
+
     rows = []
     for d in dtypes:
-        rows.append(measure(d, args.tokens, args.reps))
+        try:
+            rows.append(measure(d, args.tokens, args.reps))
+        except (BenchError, QuicksilverError) as e:
+            sys.exit(f"error: {e}")
         print(f"{d}: {rows[-1]['tokens_per_s']:,.0f} tok/s, matmuls {rows[-1]['matmul_ms']:.0f} ms at "
               f"{rows[-1]['matmul_gflop_s']:.0f} GFLOP/s", flush=True)
     data = {"meta": meta, "rows": rows}
