@@ -154,10 +154,13 @@ def main() -> None:
         md = [head, ""]
         for s in chosen:
             base = s["rows"][0]["baseline_perplexity"]
+            # fewer tokens than the window: the rows ran over one window of those tokens, not windows of the plan's size
+            span = (f"one {args.tokens}-token window (the plan's {s['window']}-token windows)" if args.tokens and args.tokens < s["window"]
+                    else f"{s['window']}-token windows")
             if kind == "ablation":
-                md.append(ablation_markdown(f"Ablation, `{args.corpus}` test split, {s['window']}-token windows", s["rows"], base))
+                md.append(ablation_markdown(f"Ablation, `{args.corpus}` test split, {span}", s["rows"], base))
             else:
-                md.append(markdown(f"{names[kind]}, {s['window']}-token windows", s["rows"], base))
+                md.append(markdown(f"{names[kind]}, {span}", s["rows"], base))
         write_atomic(out / f"sweep_{kind}{'' if args.corpus == 'wiki' else '_' + args.corpus}.md", "\n".join(md))
 
 
