@@ -123,8 +123,8 @@ def main() -> None:
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
-    if bad or not dtypes or args.tokens < 2 or args.reps < 1:
-        sys.exit("error: --dtypes takes float32 and/or bfloat16, --tokens at least 2, --reps at least 1")
+    if bad or not dtypes or args.tokens < 2 or args.reps < 1 or args.threads < 1:
+        sys.exit("error: --dtypes takes float32 and/or bfloat16, --tokens at least 2, --reps and --threads at least 1")
     torch.set_num_threads(args.threads)
     meta = harness.run_meta(tokens=args.tokens, reps=args.reps)
     from bench_peers import BenchError
