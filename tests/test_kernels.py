@@ -71,6 +71,18 @@ def test_dispatch_takes_the_fastest_measured_kernel_per_row_bucket(tmp_path, mon
     assert [K.bucket(n) for n in (1, 2, 8, 22, 64, 181, 2000)] == [1, 1, 8, 8, 64, 64, 512]
 
 
+def test_a_near_tie_goes_to_the_first_candidate_so_a_new_measurement_cannot_flip_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUICKSILVER_KERNELS", raising=False)
+    _, nw = _weight(None)
+    table = K.KernelTable(tmp_path / "k.json")
+    key = table.key(nw, 8, torch.float32)
+    first, second, *rest = K.candidates(nw, 8, torch.float32)
+    slow = {name: 100.0 for name in rest}
+    table.entries[key] = {"1": {first: 30.0, second: 29.0, **slow}, "8": {first: 30.0, second: 29.5, **slow},
+                          "64": {first: 30.0, second: 25.0, **slow}, "512": {first: 29.0, second: 30.0, **slow}}
+    assert [table.choose(nw, 8, n, torch.float32) for n in (1, 8, 64, 512)] == [first, first, second, first]
+
+
 def test_missing_shapes_are_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.delenv("QUICKSILVER_KERNELS", raising=False)
     _, nw = _weight(None, out_f=32, in_f=64)

@@ -218,6 +218,7 @@ def candidates(w: NestedWeight, bits: int, dtype: torch.dtype = torch.float32) -
     return [name for name, (_, applies) in KERNELS[bits].items() if applies(w, dtype)]
 
 
+NEAR_TIE = 0.05  # timings within 5% of the fastest count as a tie (the measured runs' noise is of that order)
 UNMEASURED_PACKED_MAX = 1 << 20  # weights (elements) up to which unmeasured choices run the packed kernels
 
 
@@ -346,7 +347,10 @@ class KernelTable:
         if timings is None or not set(names) <= set(timings):
             timings = self.entries[key][cell] = measure()
             self.save()
-        return min((t, name) for name, t in timings.items() if name in names)[1]
+        best = min(t for name, t in timings.items() if name in names)
+        # a near-tie goes to the first of ``names`` (a fixed preference), so that measuring again cannot flip a
+        # choice between kernels within noise of each other (in bfloat16 they round differently)
+        return next(n for n in names if n in timings and timings[n] <= best * (1 + NEAR_TIE))
 
     def choose_dense(self, weight: torch.Tensor, rows: int, dtype: torch.dtype) -> str:
         """The kernel for a full-precision linear (the stock weights) at ``rows`` rows."""
