@@ -74,6 +74,9 @@ def test_fast4_reads_the_q4_grid_natively_and_decodes_as_eagerly(monkeypatch):
     native = Engine(model, "fast4")
     step = native_decode.native_step(native)
     assert step is not None and {lw.qkv.fmt for lw in step.layers} == {"q4"} and step.head.fmt == "i8"
+    # the step's own 4-bit and int8 copies lie in one mapping (quicksilver.arena), and still decode as eagerly
+    mats = [w for lw in step.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [step.head]
+    assert len({w.data.untyped_storage().data_ptr() for w in mats}) == 1
     prompts = [torch.randint(0, 99, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 9)]
     out = generate(native, prompts, 10)
     monkeypatch.setenv("QUICKSILVER_NATIVE_STEP", "0")

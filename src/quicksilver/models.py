@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import gguf_files
+from . import arena, gguf_files
 from .adapters import SUPPORTED_FAMILIES  # HF model types load_model accepts: those an adapter reads
 from .errors import QuicksilverError
 from .gguf_files import CACHE_FORMAT, MANIFEST  # noqa: F401  (re-exported)
@@ -345,6 +345,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "au
     check_weights_readable(model)
     model.eval()
     model.requires_grad_(False)
+    if device_map is None:
+        arena.rehome(model.parameters())  # one mapping in huge pages: a decode step streams them at the memory's read rate
     model.quicksilver_name = str(name_or_path)
     loaded = LoadedModel.of(model, tokenizer, str(name_or_path))
     if isinstance(device_map, str):  # Ray workers spread the model the same way

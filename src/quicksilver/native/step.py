@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .. import arena
 from . import FLAGS, load
 from . import build_id as native_build_id
 
@@ -336,6 +337,10 @@ class NativeStep:
                        for lw in layers]
         self.final_norm = None if final_norm is None else norm(final_norm)
         self.head = head
+        # the int8 and 4-bit copies are this step's own: one mapping in huge pages, in the order a step reads them
+        # (the stock weights of a dense step are the model's, homed by ``models.load_model``)
+        mats = [w for lw in self.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)] + ([] if head is None else [head])
+        arena.rehome(w.data for w in mats if w.fmt in ("i8", "q4"))
         self._shape = _Shape(s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.d_ff,
                              int(dtype == torch.bfloat16), s.eps, s.attn_scale)
         self._layers = (_Layer * s.n_layers)(*[
