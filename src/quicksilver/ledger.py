@@ -94,14 +94,15 @@ class Ledger:
         for b_val, count in zip(*torch.unique(rows["mlp"], return_counts=True)):
             self.bits_hist[int(b_val)] += int(count)
 
-    def merge(self, other: "Ledger") -> None:
+    def merge(self, other: "Ledger", times: int = 1) -> None:
+        """Add ``other``'s counts (``times`` over: layers that all counted alike)."""
         for k in self.flops:
-            self.flops[k] += other.flops[k]
+            self.flops[k] += times * other.flops[k]
         for name in ("tokens", "attn_rows", "mlp_rows", "kv_written", "pairs_seen", "pairs_full", "exit_layer_sum",
                      "halted_tokens", "bit_linear_flops", "weight_bytes", "fused_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            setattr(self, name, getattr(self, name) + times * getattr(other, name))
         for k in self.bits_hist:
-            self.bits_hist[k] += other.bits_hist[k]
+            self.bits_hist[k] += times * other.bits_hist[k]
 
 
 def _mean_bits(hist: dict) -> float:
