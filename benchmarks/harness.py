@@ -261,12 +261,17 @@ def measure_decode(runners: dict, prompts: Sequence[Sequence[int]], prefill: Seq
 
 
 def copy_bandwidth(mb: int = 512, reps: int = 5) -> float:
-    """GB/s of a plain copy of ``mb`` MB with torch's threads (bytes read + bytes written), median of ``reps``."""
+    """GB/s of a plain copy of ``mb`` MB with torch's threads (bytes read + bytes written), median of ``reps``.
+    Both buffers lie where ``load_model`` homes a model's weights (``quicksilver.arena``: huge pages where the
+    kernel grants them), so a step's share of it compares like with like."""
     import torch
 
+    from quicksilver import arena
+
     a = torch.empty(mb * 2**20, dtype=torch.uint8)
-    a.fill_(1)
     b = torch.empty_like(a)
+    arena.rehome([a, b])
+    a.fill_(1)
     b.copy_(a)  # touch every page of both before timing
     times = sorted(timed(lambda: b.copy_(a))[1] for _ in range(reps))
     return 2 * a.numel() / times[len(times) // 2] / 1e9
