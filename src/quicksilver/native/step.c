@@ -138,12 +138,34 @@ static inline vf fmadd(vf a, vf b, vf c) {
 #endif
 }
 /* The sum of the lanes, as a tree (halves added, then their halves...): a fixed order. */
+/* The sum of v's lanes, pairwise: lane i += lane i + w for w = VW/2, ..., 1. In vector shuffles (the scalar
+   tree through memory, HSUM_SCALAR, measured slower: it runs once per output and row of every matmul and per
+   score of attention); the same additions in the same order, so the same sum either way. */
 static inline float hsum(vf v) {
+#if defined(HSUM_SCALAR) || !(VW == 4 || VW == 8 || VW == 16)
   float a[VW];
   memcpy(a, &v, sizeof v);
   for (int w = VW / 2; w >= 1; w /= 2)
     for (int i = 0; i < w; i++) a[i] += a[i + w];
   return a[0];
+#else
+#define SH(...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#if VW == 16
+  v += SH(8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+  v += SH(4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
+  v += SH(2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+  v += SH(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1);
+#elif VW == 8
+  v += SH(4, 5, 6, 7, 4, 5, 6, 7);
+  v += SH(2, 3, 2, 3, 2, 3, 2, 3);
+  v += SH(1, 1, 1, 1, 1, 1, 1, 1);
+#else
+  v += SH(2, 3, 2, 3);
+  v += SH(1, 1, 1, 1);
+#endif
+#undef SH
+  return v[0];
+#endif
 }
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
