@@ -9,6 +9,8 @@ entries, the hidden states handed back) may differ by one rounding: 2^-8 of the 
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -264,3 +266,30 @@ def test_bad_calls_are_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="cache buffers"):
         step.bind([t.bfloat16() for t in k], v, pos)
     assert all(torch.equal(a, b) for a, b in zip(k, before))
+
+
+@needs_step
+def test_the_vector_lane_sum_is_the_scalar_trees_sum_bit_for_bit():
+    """hsum in vector shuffles adds the same pairs in the same order as the scalar tree (HSUM_SCALAR)."""
+    for fmt in FORMATS:
+        layers, final_norm, head = model(TINY, fmt)
+        h, cos, sin, positions = inputs(TINY, [5, 0, 19, 70], torch.float32)
+        outs = [S.NativeStep(TINY, layers, torch.float32, final_norm=final_norm, head=head, defines=d)
+                for d in ((), ("HSUM_SCALAR=1",))]
+        got = [s(h.clone(), cos, sin, positions, [0, 1, 2, 3], [5, 0, 19, 70], s.bind(*pool(TINY, 4, 96, torch.float32)))
+               for s in outs]
+        assert torch.equal(got[0], got[1]), fmt
+
+
+@needs_step
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_step_keeps_its_own_weights_when_another_step_is_built_from_the_same_ones(fmt):
+    layers, final_norm, head = model(TINY, fmt)
+    h, cos, sin, positions = inputs(TINY, [5, 0, 19], torch.float32)
+    first = S.NativeStep(TINY, layers, torch.float32, final_norm=final_norm, head=head)
+    run = lambda s: s(h.clone(), cos, sin, positions, [0, 1, 2], [5, 0, 19], s.bind(*pool(TINY, 3, 24, torch.float32)))  # noqa: E731
+    before = run(first)
+    for _ in range(3):
+        S.NativeStep(TINY, layers, torch.float32, final_norm=final_norm, head=head)
+    gc.collect()
+    assert torch.equal(run(first), before)

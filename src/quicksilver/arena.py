@@ -48,28 +48,40 @@ def _mapping(nbytes: int) -> torch.Tensor | None:
     return raw[start:start + nbytes]
 
 
+def copies(tensors) -> list[torch.Tensor]:
+    """New tensors with the values of ``tensors`` (CPU), back to back in one mapping, in the given order; the
+    same tensors back where it cannot (turned off, a non-CPU tensor, no anonymous mmap)."""
+    todo = list(tensors)
+    if not enabled() or not todo or any(t.device.type != "cpu" or t.is_quantized or t.is_sparse for t in todo):
+        return todo
+    sizes = [-(-t.numel() * t.element_size() // GAP) * GAP for t in todo]
+    raw = _mapping(max(sum(sizes), GAP))
+    if raw is None:
+        return todo
+    out, at = [], 0
+    with torch.no_grad():
+        for t, size in zip(todo, sizes):
+            view = raw[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            view.copy_(t.detach())
+            out.append(view)
+            at += size
+    return out
+
+
 def rehome(tensors) -> int:
     """Move CPU tensors (parameters or plain tensors, each once; duplicates and non-CPU ones are skipped)
-    into one mapping, in the given order; returns the bytes moved (0 when nothing moved)."""
-    if not enabled():
-        return 0
+    into one mapping, in the given order, re-pointing each (``t.data``); returns the bytes moved (0 when
+    nothing moved). Only for tensors no native code holds a pointer into: their old storage may be freed."""
     seen, todo = set(), []
     for t in tensors:
         if t is None or id(t) in seen or t.device.type != "cpu" or t.numel() == 0 or t.is_quantized or t.is_sparse:
             continue
         seen.add(id(t))
         todo.append(t)
-    if not todo:
+    homed = copies(todo)
+    if not todo or homed[0] is todo[0]:
         return 0
-    sizes = [-(-t.numel() * t.element_size() // GAP) * GAP for t in todo]
-    raw = _mapping(sum(sizes))
-    if raw is None:
-        return 0
-    at = 0
     with torch.no_grad():
-        for t, size in zip(todo, sizes):
-            view = raw[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            view.copy_(t.detach())
-            t.data = view
-            at += size
-    return at
+        for t, h in zip(todo, homed):
+            t.data = h
+    return sum(-(-t.numel() * t.element_size() // GAP) * GAP for t in todo)

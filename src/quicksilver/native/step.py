@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -332,21 +332,23 @@ class NativeStep:
         if head is not None:
             _linear_check("head", head, head.out_features, s.d_model)
         self.lib, self.shape, self.dtype = lib, shape, dtype
+        # the int8 and 4-bit weights are copies made for these kernels: this step's own, in one mapping in huge pages,
+        # in the order a step reads them (the stock weights of a dense step are the model's, homed by load_model)
+        mats = [w for lw in layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)] + ([] if head is None else [head])
+        packed = [w for w in mats if w.fmt in ("i8", "q4")]
+        own = dict(zip(map(id, packed), (replace(w, data=d) for w, d in zip(packed, arena.copies(w.data for w in packed)))))
+        mine = lambda w: own.get(id(w), w)  # noqa: E731
         norm = lambda t: t.detach().float().contiguous()  # noqa: E731
-        self.layers = [LayerWeights(lw.qkv, lw.o, lw.gate_up, lw.down, norm(lw.attn_norm), norm(lw.mlp_norm))
-                       for lw in layers]
+        self.layers = [LayerWeights(mine(lw.qkv), mine(lw.o), mine(lw.gate_up), mine(lw.down), norm(lw.attn_norm),
+                                    norm(lw.mlp_norm)) for lw in layers]
         self.final_norm = None if final_norm is None else norm(final_norm)
-        self.head = head
-        # the int8 and 4-bit copies are this step's own: one mapping in huge pages, in the order a step reads them
-        # (the stock weights of a dense step are the model's, homed by ``models.load_model``)
-        mats = [w for lw in self.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)] + ([] if head is None else [head])
-        arena.rehome(w.data for w in mats if w.fmt in ("i8", "q4"))
+        self.head = None if head is None else mine(head)
         self._shape = _Shape(s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.d_ff,
                              int(dtype == torch.bfloat16), s.eps, s.attn_scale)
         self._layers = (_Layer * s.n_layers)(*[
             _Layer(lw.qkv._struct(), lw.o._struct(), lw.gate_up._struct(), lw.down._struct(),
                    lw.attn_norm.data_ptr(), lw.mlp_norm.data_ptr()) for lw in self.layers])
-        self._head = None if head is None else head._struct()
+        self._head = None if head is None else self.head._struct()
         self._shape_ptr, self._layers_ptr = ctypes.addressof(self._shape), ctypes.addressof(self._layers)
         self._head_ptr = None if self._head is None else ctypes.addressof(self._head)
         self._final_norm_ptr = None if self.final_norm is None else self.final_norm.data_ptr()
