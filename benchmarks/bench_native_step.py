@@ -54,18 +54,6 @@ from quicksilver.quant_q4 import quantize_q4
 EAGER_PRESET = {"dense": "off", "i8": "fast", "q4": "int4"}
 
 
-def copy_bandwidth(mib: int = 256, reps: int = 10) -> float:
-    """GB/s of a large tensor copy (bytes read + bytes written), best of ``reps``, torch's threads."""
-    a = torch.ones(mib * 2**18)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(reps + 2):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.nbytes / best / 1e9
-
-
 def linear_weight(w: torch.Tensor, fmt: str) -> LinearWeight:
     if fmt == "dense":
         return LinearWeight.dense(w)
@@ -188,7 +176,7 @@ def main() -> None:
     if not native_step.available():
         sys.exit(f"error: {native_step.describe()}")
     meta = harness.run_meta(native=native_step.describe(), keys=args.keys, reps=args.reps)
-    copy_gbs = copy_bandwidth()
+    copy_gbs = harness.copy_bandwidth()  # in the weights' own kind of memory, as the peers table's
     what = (f"{native_step.describe()}; copy bandwidth ({args.threads} threads, read + write) {copy_gbs:.1f} GB/s; "
             f"one pooled decode step over {args.keys} cached entries per row, median of {args.reps} alternating reps")
     print(harness.header(meta, what), flush=True)
