@@ -54,6 +54,7 @@ def main() -> None:
     compiled = torch.compile(layer_rest, dynamic=False)
     rows_out = []
     for n in (1, 8):
+        torch.manual_seed(n)  # the same inputs every run: a verdict that moves is the code's, not the draw's
         inputs = (torch.randn(n, d, dtype=dt), torch.randn(n, d, dtype=dt), torch.randn(n, 2 * ff, dtype=dt),
                   torch.randn(n, H, hd, dtype=dt), torch.randn(n, Hkv, hd, dtype=dt),
                   torch.randn(n, 1, hd, dtype=dt), torch.randn(n, 1, hd, dtype=dt),
@@ -63,15 +64,20 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         eager_us = time_call(lambda: layer_rest(*inputs), reps=200, budget_s=1.0) * 1e6
         comp_us = time_call(lambda: compiled(*inputs), reps=200, budget_s=1.0) * 1e6
-        same = all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
-                   for a, b in zip(layer_rest(*inputs), compiled(*inputs)))
-        rows_out.append((n, eager_us, comp_us, compile_s, same))
+        # bfloat16 rounds each eager op, while the compiled graph keeps float32 between ops and rounds once, so
+        # the two part by a few bfloat16 ulps; judged as fidelity is: each one's largest error against the same
+        # work in float32 (a fixed tolerance between the two failed for 7 of 20 random draws at 8 rows)
+        ref = layer_rest(*[x.float() for x in inputs])
+        err = lambda outs: max((a.float() - r).abs().max().item() for a, r in zip(outs, ref))  # noqa: E731
+        e_err, c_err = err(layer_rest(*inputs)), err(compiled(*inputs))
+        rows_out.append((n, eager_us, comp_us, compile_s, e_err, c_err))
     head = header(run_meta(), "one layer of smollm2-135m's non-matmul decode work (2 RMSNorms, RoPE on q and k, SiLU * up, "
-                              "2 residual adds), bfloat16, medians.")
+                              "2 residual adds), bfloat16, medians; inputs seeded (torch.manual_seed(rows)); errors: the largest absolute "
+                              "difference of any output from the same work in float32.")
     table = markdown_table(["rows", "eager us per layer", "torch.compile us per layer", "speedup", "x 30 layers saves ms per step",
-                            "first compile s", "same values"],
-                           [(n, f"{e:.0f}", f"{c:.0f}", f"{e / c:.2f}x", f"{(e - c) * 30 / 1e3:.2f}", f"{cs:.1f}", "yes" if same else "NO")
-                            for n, e, c, cs, same in rows_out])
+                            "first compile s", "largest error vs float32: eager", "compiled", "compiled as close"],
+                           [(n, f"{e:.0f}", f"{c:.0f}", f"{e / c:.2f}x", f"{(e - c) * 30 / 1e3:.2f}", f"{cs:.1f}", f"{ee:.4f}",
+                             f"{ce:.4f}", "yes" if ce <= ee else "NO") for n, e, c, cs, ee, ce in rows_out])
     text = head + "\n\n" + table
     write_results(Path(args.out), "compile_probe", {"header": head, "rows": rows_out}, text)
     print(text)
